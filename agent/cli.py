@@ -1,0 +1,190 @@
+"""Command line: argument parsing, exit codes, logging setup. The work is done elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from agent import __version__
+from agent.config import DEFAULT_CONFIG_PATH, Config, load_config, render_config
+from agent.errors import EX_CONFIG, EX_FAILURE, EX_OK, AgentError
+from agent.logs import setup_logging
+
+log = logging.getLogger("agent")
+
+EX_TIMEOUT = 2
+
+_CONFIG_HELP = (
+    f"path of the TOML configuration (default: $MQTT_AGENT_CONFIG or {DEFAULT_CONFIG_PATH}); "
+    "a commented example is etc/mqtt-agent.toml"
+)
+
+_EXIT_CODES = """exit codes:
+  0   clean stop / success
+  1   any other failure
+  78  invalid configuration (sysexits EX_CONFIG; systemd does not restart on it)
+"""
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", metavar="FILE", type=Path,
+                   default=Path(os.environ.get("MQTT_AGENT_CONFIG", DEFAULT_CONFIG_PATH)), help=_CONFIG_HELP)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mqtt-agent",
+        description="Device agent for Linux IoT gateways: keeps an MQTT session over TLS with a broker "
+        "(Eclipse Hono, mosquitto, EMQX, HiveMQ), runs the commands it receives and answers them.",
+        epilog=_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"mqtt-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser(
+        "run",
+        help="run the agent in the foreground (systemd starts it this way)",
+        description="Run the agent in the foreground until SIGTERM or SIGINT. On stop it takes no new "
+        "commands, lets running ones finish within agent.shutdown_grace, publishes their responses and "
+        "disconnects cleanly. Commands that arrive meanwhile are journalled in agent.state_dir and run at "
+        "the next start.",
+        epilog=_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config(run)
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                     help="override agent.log_level from the config")
+
+    check = sub.add_parser(
+        "check-config",
+        help="validate a configuration and print the effective one",
+        description="Validate the configuration (every problem at once, each with its key path), load the "
+        "TLS certificates exactly as the agent would, and print the effective configuration with defaults "
+        "filled in and secrets redacted. Exit 0 if valid, 78 if not.",
+        epilog=_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config(check)
+    check.add_argument("--quiet", "-q", action="store_true", help="print nothing when the config is valid")
+
+    send = sub.add_parser(
+        "send",
+        help="send one command to the agent and print its response",
+        description="Publish one command on the topic the agent subscribes to (mqtt.command_topic), as "
+        "the broker would deliver it, and wait for the response. Uses the broker, credentials and "
+        "certificates of the given config, with its own client id (CLIENT_ID-send-RANDOM), so it does not "
+        "disturb the running agent. Prints the status on the first line and the body after it.",
+        epilog="exit codes:\n  0  response status 2xx (or a one-way command was delivered)\n"
+        "  1  response status 4xx/5xx, or the broker could not be reached\n"
+        "  2  no response within --timeout\n"
+        "  78 invalid configuration\n\n"
+        "examples:\n  mqtt-agent send ping\n  mqtt-agent send --payload '{\"echo\": 1}' ping\n"
+        "  mqtt-agent send --payload @firmware.json update\n  mqtt-agent send --device sensor-7 ping"
+        "   (gateway: command//+/req/#)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config(send)
+    send.add_argument("name", metavar="COMMAND", help="command name, e.g. ping, info or a [commands.NAME]")
+    send.add_argument("--device", metavar="ID",
+                      help="device behind a gateway (fills the + in command//+/req/#)")
+    send.add_argument("--payload", metavar="JSON|@FILE", default="",
+                      help="request payload, sent verbatim; @FILE reads it from FILE (default: empty)")
+    send.add_argument("--timeout", metavar="S", type=float, default=10.0,
+                      help="seconds to wait for the response (default: 10)")
+    send.add_argument("--req-id", metavar="ID", help="request id to use (default: random); "
+                      "sending the same id twice shows the agent's duplicate handling")
+    send.add_argument("--one-way", action="store_true",
+                      help="send a one-way command (empty request id): it runs, nothing comes back")
+    return parser
+
+
+def _load(path: Path) -> Config:
+    return load_config(path)
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from agent.tls import build_context
+
+    cfg = _load(args.config)
+    if cfg.tls.enabled:
+        build_context(cfg.tls)
+    if not args.quiet:
+        print(f"# {args.config}: valid")
+        print(render_config(cfg), end="")
+    if cfg.tls.enabled and cfg.tls.insecure:
+        print("warning: tls.insecure = true skips the broker host-name check; prefer tls.server_name",
+              file=sys.stderr)
+    return EX_OK
+
+
+def _cmd_send(args: argparse.Namespace) -> int:
+    from agent.sender import send_command
+
+    cfg = _load(args.config)
+    payload_arg: str = args.payload
+    if payload_arg.startswith("@"):
+        try:
+            payload = Path(payload_arg[1:]).read_bytes()
+        except OSError as exc:
+            print(f"mqtt-agent send: cannot read payload file {payload_arg[1:]}: {exc.strerror}", file=sys.stderr)
+            return EX_FAILURE
+    else:
+        payload = payload_arg.encode()
+    result = send_command(cfg, args.name, payload, device=args.device, timeout=args.timeout,
+                          req_id=args.req_id, one_way=args.one_way)
+    if args.one_way:
+        print(f"one-way command {args.name} delivered to the broker on {result.topic}; no response is sent")
+        return EX_OK
+    if result.status is None:
+        print(f"mqtt-agent send: no response to {result.topic} within {args.timeout:g} s "
+              "(is the agent running and connected to the same broker?)", file=sys.stderr)
+        return EX_TIMEOUT
+    print(result.status)
+    body = result.body.decode("utf-8", "replace")
+    if body:
+        print(body)
+    return EX_OK if 200 <= result.status < 300 else EX_FAILURE
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from agent.app import Agent
+
+    cfg = _load(args.config)
+    setup_logging(args.log_level or cfg.agent.log_level)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            log.warning("received %s again while stopping; still waiting for running commands",
+                        signal.Signals(signum).name)
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return Agent(cfg).run(stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "run":
+        setup_logging("warning")
+    handlers = {"run": _cmd_run, "check-config": _cmd_check_config, "send": _cmd_send}
+    try:
+        return handlers[args.command](args)
+    except AgentError as exc:
+        prefix = "mqtt-agent" if args.command == "run" else f"mqtt-agent {args.command}"
+        print(f"{prefix}: {exc}", file=sys.stderr)
+        return exc.exit_code if exc.exit_code in (EX_CONFIG, EX_FAILURE) else EX_FAILURE
+    except KeyboardInterrupt:
+        return EX_FAILURE

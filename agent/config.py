@@ -1,0 +1,658 @@
+"""TOML configuration -> frozen dataclasses.
+
+Validation collects every problem at once, each prefixed with its dotted key path
+(`tls.security_level: must be 0..5, got 7`). Unknown keys are errors with a did-you-mean.
+Nothing downstream sees the raw TOML dictionary.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import pwd
+import re
+import shutil
+import stat
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from agent.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.9/3.10 only
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = Path("/etc/mqtt-agent/mqtt-agent.toml")
+BUILTIN_COMMANDS = frozenset({"ping", "info"})
+COMMAND_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Characters that would break an MQTT topic segment or a client id used in one.
+_TOPIC_UNSAFE = re.compile(r"[/+#\x00]")
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device_id: str
+    state_dir: Path = Path("/var/lib/mqtt-agent")
+    log_level: str = "info"
+    shutdown_grace: float = 10.0
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    hosts: tuple[HostPort, ...]
+    client_id: str
+    protocol: str = "3.1.1"
+    keepalive: int = 60
+    clean_session: bool = False
+    session_expiry: int = 86400
+    username: str | None = None
+    password_file: Path | None = None
+    password: str | None = field(default=None, repr=False)
+    qos: int = 1
+    command_topic: str = "command///req/#"
+    connect_timeout: float = 10.0
+    max_inflight: int = 100
+
+    @property
+    def is_v5(self) -> bool:
+        return self.protocol == "5"
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    enabled: bool = True
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    key_password_file: Path | None = None
+    security_level: int = 2
+    server_name: str = ""
+    insecure: bool = False
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_concurrent_commands: int = 4
+    max_queued_commands: int = 64
+    max_payload_bytes: int = 65536
+    command_timeout: float = 30.0
+    max_command_age: float = 300.0
+    dedupe_retention: float = 86400.0
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    """An exec command: argv run directly (never through a shell), payload on stdin."""
+
+    name: str
+    argv: tuple[str, ...]
+    timeout: float
+    max_output_bytes: int = 65536
+
+
+@dataclass(frozen=True)
+class ReconnectConfig:
+    min_delay: float = 1.0
+    max_delay: float = 120.0
+    stable_after: float = 60.0
+    jitter: bool = True
+
+
+@dataclass(frozen=True)
+class KeepaliveTuningConfig:
+    enabled: bool = True
+    drops: int = 3
+    window: float = 900.0
+    min: int = 10
+    probe_after: float = 86400.0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = "127.0.0.1:9883"
+
+    @property
+    def endpoint(self) -> HostPort | None:
+        if not self.listen:
+            return None
+        return parse_host_port(self.listen, default_port=None)
+
+
+@dataclass(frozen=True)
+class Config:
+    agent: AgentConfig
+    mqtt: MqttConfig
+    tls: TlsConfig
+    limits: LimitsConfig
+    commands: Mapping[str, CommandSpec]
+    reconnect: ReconnectConfig
+    keepalive_tuning: KeepaliveTuningConfig
+    metrics: MetricsConfig
+    source: Path | None = None
+
+
+# --- parsing helpers -------------------------------------------------------------------------
+
+_MISSING: Any = object()
+T = TypeVar("T")
+
+
+def parse_host_port(text: str, default_port: int | None) -> HostPort:
+    """Parse `host:port`, `[v6]:port` or (with a default port) a bare host. Raises ValueError."""
+    text = text.strip()
+    if not text:
+        raise ValueError("empty address")
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"unclosed '[' in {text!r}")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"expected ':port' after ']' in {text!r}")
+        port_text = rest[1:] if rest else ""
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif text.count(":") > 1:
+        raise ValueError(f"IPv6 address {text!r} must be written as [address]:port")
+    else:
+        host, port_text = text, ""
+    if not host:
+        raise ValueError(f"missing host in {text!r}")
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f"missing port in {text!r} (write host:port)")
+        return HostPort(host, default_port)
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"port must be 1..65535, got {port_text!r}")
+    return HostPort(host, int(port_text))
+
+
+def _type_name(value: object) -> str:
+    names = {str: "string", bool: "boolean", int: "integer", float: "number", list: "array", dict: "table"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _describe_unreadable(path: Path) -> str | None:
+    """Why `path` cannot be read by this process, in words; None if it can."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        parent = path.parent
+        if not parent.exists():
+            return f"{path} does not exist (nor does its directory {parent})"
+        return f"{path} does not exist"
+    except PermissionError:
+        return f"{path} cannot be reached: permission denied on a parent directory"
+    if stat.S_ISDIR(st.st_mode):
+        return f"{path} is a directory, expected a file"
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except PermissionError:
+        try:
+            owner = pwd.getpwuid(st.st_uid).pw_name
+        except KeyError:
+            owner = str(st.st_uid)
+        return (
+            f"{path} is not readable: permission denied (owner {owner}, mode "
+            f"{stat.S_IMODE(st.st_mode):04o}; the agent runs as uid {os.geteuid()})"
+        )
+    except OSError as exc:
+        return f"{path} cannot be read: {exc.strerror or exc}"
+    return None
+
+
+class _Table:
+    """Reads one TOML table, remembering which keys were consumed and collecting problems."""
+
+    def __init__(self, data: Mapping[str, Any], path: str, problems: list[str], base_dir: Path) -> None:
+        self.data = data
+        self.path = path
+        self.problems = problems
+        self.base_dir = base_dir
+        self.known: list[str] = []
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def error(self, name: str, message: str) -> None:
+        self.problems.append(f"{self.key(name)}: {message}")
+
+    def _get(self, name: str, default: Any, kinds: tuple[type, ...], expected: str) -> Any:
+        self.known.append(name)
+        if name not in self.data:
+            if default is _MISSING:
+                self.error(name, "is required")
+                return None
+            return default
+        value = self.data[name]
+        # bool is a subclass of int: refuse `keepalive = true`.
+        if isinstance(value, bool) and bool not in kinds:
+            self.error(name, f"must be {expected}, got boolean {str(value).lower()}")
+            return None
+        if not isinstance(value, kinds):
+            self.error(name, f"must be {expected}, got {_type_name(value)} {value!r}")
+            return None
+        return value
+
+    def string(self, name: str, default: Any = _MISSING, choices: tuple[str, ...] = ()) -> Any:
+        value = self._get(name, default, (str,), "a string")
+        if isinstance(value, str) and choices and value not in choices:
+            self.error(name, f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+            return None
+        return value
+
+    def boolean(self, name: str, default: Any = _MISSING) -> Any:
+        return self._get(name, default, (bool,), "true or false")
+
+    def integer(self, name: str, default: Any, lo: int, hi: int) -> Any:
+        value = self._get(name, default, (int,), "an integer")
+        if isinstance(value, int) and not lo <= value <= hi:
+            self.error(name, f"must be {lo}..{hi}, got {value}")
+            return None
+        return value
+
+    def number(self, name: str, default: Any, lo: float, hi: float) -> Any:
+        value = self._get(name, default, (int, float), "a number")
+        if isinstance(value, (int, float)) and not lo <= value <= hi:
+            self.error(name, f"must be {lo:g}..{hi:g}, got {value:g}")
+            return None
+        return float(value) if value is not None else None
+
+    def string_list(self, name: str, default: Any = _MISSING) -> Any:
+        value = self._get(name, default, (list,), "an array of strings")
+        if not isinstance(value, list):
+            return value
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                self.error(f"{name}[{i}]", f"must be a string, got {_type_name(item)} {item!r}")
+                return None
+        return value
+
+    def file(self, name: str, default: Any = None) -> Path | None:
+        """An optional path to a file that must exist and be readable. Relative to the config file."""
+        value = self.string(name, default if default is not None else "")
+        if not value:
+            return None
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            path = self.base_dir / path
+        why = _describe_unreadable(path)
+        if why:
+            self.error(name, why)
+            return None
+        return path
+
+    def table(self, name: str) -> _Table:
+        self.known.append(name)
+        value = self.data.get(name, {})
+        if not isinstance(value, dict):
+            self.error(name, f"must be a table ([{self.key(name)}]), got {_type_name(value)}")
+            value = {}
+        return _Table(value, self.key(name), self.problems, self.base_dir)
+
+    def finish(self) -> None:
+        for name in self.data:
+            if name in self.known:
+                continue
+            hint = difflib.get_close_matches(name, self.known, n=1, cutoff=0.6)
+            where = f"[{self.path}]" if self.path else "the top level"
+            msg = f"unknown key in {where}"
+            if hint:
+                msg += f"; did you mean {self.key(hint[0])!r}?"
+            else:
+                msg += f" (known: {', '.join(sorted(self.known))})"
+            self.error(name, msg)
+
+
+def _valid(value: T | None, check: Callable[[T], str | None], table: _Table, name: str) -> T | None:
+    if value is None:
+        return None
+    problem = check(value)
+    if problem:
+        table.error(name, problem)
+        return None
+    return value
+
+
+def _check_device_id(value: str) -> str | None:
+    if not value:
+        return "must not be empty"
+    if _TOPIC_UNSAFE.search(value):
+        return f"must not contain '/', '+', '#' or NUL (it is used in MQTT topics), got {value!r}"
+    return None
+
+
+def check_command_topic(value: str) -> str | None:
+    """The subscription must be one of the Hono command forms; returns a problem or None."""
+    parts = value.split("/")
+    forms = "'command///req/#', 'command//+/req/#' (gateway), 'command/TENANT/DEVICE/req/#' or 'c///q/#'"
+    if len(parts) != 5 or parts[0] not in ("command", "c") or parts[3] not in ("req", "q") or parts[4] != "#":
+        return f"must be a Hono command subscription such as {forms}, got {value!r}"
+    for segment in parts[1:3]:
+        if segment != "+" and ("+" in segment or "#" in segment):
+            return f"wildcards must fill a whole segment, got {value!r}"
+    if parts[1] == "+":
+        return f"the tenant segment cannot be a wildcard, got {value!r}"
+    return None
+
+
+# --- sections --------------------------------------------------------------------------------
+
+
+def _agent(t: _Table) -> AgentConfig | None:
+    device_id = _valid(t.string("device_id"), _check_device_id, t, "device_id")
+    state_dir_text = t.string("state_dir", "/var/lib/mqtt-agent")
+    state_dir = None
+    if isinstance(state_dir_text, str):
+        if not state_dir_text:
+            t.error("state_dir", "must not be empty")
+        else:
+            state_dir = Path(state_dir_text).expanduser()
+            if not state_dir.is_absolute():
+                state_dir = t.base_dir / state_dir
+            if state_dir.exists() and not state_dir.is_dir():
+                t.error("state_dir", f"{state_dir} exists and is not a directory")
+                state_dir = None
+    log_level = t.string("log_level", "info", choices=("debug", "info", "warning", "error"))
+    grace = t.number("shutdown_grace", 10.0, 0.0, 3600.0)
+    t.finish()
+    if None in (device_id, state_dir, log_level, grace):
+        return None
+    assert state_dir is not None
+    return AgentConfig(device_id=device_id, state_dir=state_dir, log_level=log_level, shutdown_grace=grace)
+
+
+def _mqtt(t: _Table, device_id: str | None, tls_enabled: bool) -> MqttConfig | None:
+    default_port = 8883 if tls_enabled else 1883
+    raw_hosts = t.string_list("hosts")
+    hosts: list[HostPort] = []
+    if isinstance(raw_hosts, list):
+        if not raw_hosts:
+            t.error("hosts", "must list at least one broker as \"host:port\"")
+        for i, text in enumerate(raw_hosts):
+            try:
+                hosts.append(parse_host_port(text, default_port))
+            except ValueError as exc:
+                t.error(f"hosts[{i}]", str(exc))
+    client_id = t.string("client_id", device_id or "")
+    if isinstance(client_id, str) and not client_id:
+        t.error("client_id", "must not be empty")
+        client_id = None
+    protocol = t.string("protocol", "3.1.1", choices=("3.1.1", "5"))
+    keepalive = t.integer("keepalive", 60, 1, 65535)
+    clean_session = t.boolean("clean_session", False)
+    session_expiry = t.integer("session_expiry", 86400, 0, 0xFFFFFFFF)
+    username = t.string("username", "")
+    password = t.string("password", "")
+    password_file = t.file("password_file")
+    if password and password_file:
+        t.error("password", "set either mqtt.password or mqtt.password_file, not both")
+    if (password or password_file) and not username:
+        t.error("username", "is required when a password is configured")
+    qos = t.integer("qos", 1, 0, 1)
+    command_topic = _valid(t.string("command_topic", "command///req/#"), check_command_topic, t, "command_topic")
+    connect_timeout = t.number("connect_timeout", 10.0, 0.5, 300.0)
+    max_inflight = t.integer("max_inflight", 100, 1, 65535)
+    t.finish()
+    values = (client_id, protocol, keepalive, clean_session, session_expiry, qos, command_topic, connect_timeout)
+    if not hosts or len(hosts) != len(raw_hosts or []) or None in values or max_inflight is None:
+        return None
+    return MqttConfig(
+        hosts=tuple(hosts),
+        client_id=client_id,
+        protocol=protocol,
+        keepalive=keepalive,
+        clean_session=clean_session,
+        session_expiry=session_expiry,
+        username=username or None,
+        password_file=password_file,
+        password=password or None,
+        qos=qos,
+        command_topic=command_topic,
+        connect_timeout=connect_timeout,
+        max_inflight=max_inflight,
+    )
+
+
+def _tls(t: _Table) -> TlsConfig | None:
+    enabled = t.boolean("enabled", True)
+    ca_file = t.file("ca_file")
+    cert_file = t.file("cert_file")
+    key_file = t.file("key_file")
+    key_password_file = t.file("key_password_file")
+    security_level = t.integer("security_level", 2, 0, 5)
+    server_name = t.string("server_name", "")
+    insecure = t.boolean("insecure", False)
+    raw = t.data
+    if bool(raw.get("cert_file")) != bool(raw.get("key_file")):
+        missing = "key_file" if raw.get("cert_file") else "cert_file"
+        t.error(missing, "is required when tls.cert_file or tls.key_file is set (mutual TLS needs both)")
+    if raw.get("key_password_file") and not raw.get("key_file"):
+        t.error("key_password_file", "is set but tls.key_file is not")
+    if enabled is False and any(raw.get(k) for k in ("ca_file", "cert_file", "key_file", "server_name")):
+        t.error("enabled", "is false, but TLS files or server_name are set: remove them or set tls.enabled = true")
+    if isinstance(server_name, str) and server_name and insecure:
+        t.error("insecure", "set tls.server_name or tls.insecure, not both (server_name keeps the check, use it)")
+    t.finish()
+    if None in (enabled, security_level, server_name, insecure):
+        return None
+    if any(raw.get(k) and v is None for k, v in (("ca_file", ca_file), ("cert_file", cert_file),
+                                                  ("key_file", key_file), ("key_password_file", key_password_file))):
+        return None
+    return TlsConfig(
+        enabled=enabled,
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
+        key_password_file=key_password_file,
+        security_level=security_level,
+        server_name=server_name,
+        insecure=insecure,
+    )
+
+
+def _limits(t: _Table) -> LimitsConfig | None:
+    values = dict(
+        max_concurrent_commands=t.integer("max_concurrent_commands", 4, 1, 256),
+        max_queued_commands=t.integer("max_queued_commands", 64, 0, 100000),
+        max_payload_bytes=t.integer("max_payload_bytes", 65536, 1, 268435455),
+        command_timeout=t.number("command_timeout", 30.0, 0.1, 86400.0),
+        max_command_age=t.number("max_command_age", 300.0, 0.0, 31536000.0),
+        dedupe_retention=t.number("dedupe_retention", 86400.0, 60.0, 31536000.0),
+    )
+    t.finish()
+    if None in values.values():
+        return None
+    return LimitsConfig(**values)
+
+
+def _commands(t: _Table, default_timeout: float) -> dict[str, CommandSpec] | None:
+    specs: dict[str, CommandSpec] = {}
+    ok = True
+    for name in list(t.data):
+        sub = t.table(name)
+        if not COMMAND_NAME_RE.match(name):
+            t.error(name, "command names may use letters, digits, '_', '.', '-' (1-64 characters)")
+            ok = False
+        elif name in BUILTIN_COMMANDS:
+            t.error(name, f"{name!r} is a built-in command and cannot be redefined")
+            ok = False
+        argv = sub.string_list("argv")
+        timeout = sub.number("timeout", default_timeout, 0.1, 86400.0)
+        max_output = sub.integer("max_output_bytes", 65536, 1, 268435455)
+        sub.finish()
+        if isinstance(argv, list):
+            if not argv or not argv[0]:
+                sub.error("argv", "must name a program: argv = [\"/path/to/program\", \"arg\", ...]")
+                argv = None
+            elif "/" in argv[0]:
+                prog = Path(argv[0])
+                if not prog.is_absolute():
+                    sub.error("argv", f"program path {argv[0]!r} must be absolute or a bare name found in PATH")
+                    argv = None
+                elif not (prog.is_file() and os.access(prog, os.X_OK)):
+                    sub.error("argv", f"{prog} does not exist or is not executable")
+                    argv = None
+            elif shutil.which(argv[0]) is None:
+                sub.error("argv", f"program {argv[0]!r} is not found in PATH; give its absolute path")
+                argv = None
+        if argv is None or timeout is None or max_output is None:
+            ok = False
+            continue
+        specs[name] = CommandSpec(name=name, argv=tuple(argv), timeout=timeout, max_output_bytes=max_output)
+    return specs if ok else None
+
+
+def _reconnect(t: _Table) -> ReconnectConfig | None:
+    min_delay = t.number("min_delay", 1.0, 0.01, 3600.0)
+    max_delay = t.number("max_delay", 120.0, 0.01, 86400.0)
+    stable_after = t.number("stable_after", 60.0, 0.0, 86400.0)
+    jitter = t.boolean("jitter", True)
+    t.finish()
+    if min_delay is not None and max_delay is not None and max_delay < min_delay:
+        t.error("max_delay", f"must be >= reconnect.min_delay ({min_delay:g}), got {max_delay:g}")
+        return None
+    if None in (min_delay, max_delay, stable_after, jitter):
+        return None
+    return ReconnectConfig(min_delay=min_delay, max_delay=max_delay, stable_after=stable_after, jitter=jitter)
+
+
+def _tuning(t: _Table, keepalive: int | None) -> KeepaliveTuningConfig | None:
+    enabled = t.boolean("enabled", True)
+    drops = t.integer("drops", 3, 1, 100)
+    window = t.number("window", 900.0, 1.0, 604800.0)
+    minimum = t.integer("min", 10, 1, 65535)
+    probe_after = t.number("probe_after", 86400.0, 1.0, 31536000.0)
+    t.finish()
+    if minimum is not None and keepalive is not None and minimum > keepalive:
+        t.error("min", f"must not exceed mqtt.keepalive ({keepalive}), got {minimum}")
+        return None
+    if None in (enabled, drops, window, minimum, probe_after):
+        return None
+    return KeepaliveTuningConfig(enabled=enabled, drops=drops, window=window, min=minimum, probe_after=probe_after)
+
+
+def _metrics(t: _Table) -> MetricsConfig | None:
+    listen = t.string("listen", "127.0.0.1:9883")
+    t.finish()
+    if isinstance(listen, str) and listen:
+        try:
+            parse_host_port(listen, default_port=None)
+        except ValueError as exc:
+            t.error("listen", f"{exc} (use \"127.0.0.1:9883\", or \"\" to disable)")
+            return None
+    return None if listen is None else MetricsConfig(listen=listen)
+
+
+def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
+    """Validate a decoded TOML document. Raises ConfigError listing every problem."""
+    problems: list[str] = []
+    base_dir = source.parent if source else Path.cwd()
+    root = _Table(data, "", problems, base_dir)
+    agent = _agent(root.table("agent"))
+    tls = _tls(root.table("tls"))
+    raw_tls = data.get("tls")
+    tls_enabled = tls.enabled if tls else not (isinstance(raw_tls, dict) and raw_tls.get("enabled") is False)
+    mqtt = _mqtt(root.table("mqtt"), agent.device_id if agent else None, tls_enabled)
+    limits = _limits(root.table("limits"))
+    commands = _commands(root.table("commands"), limits.command_timeout if limits else 30.0)
+    reconnect = _reconnect(root.table("reconnect"))
+    tuning = _tuning(root.table("keepalive_tuning"), mqtt.keepalive if mqtt else None)
+    metrics = _metrics(root.table("metrics"))
+    root.finish()
+    if mqtt and tls and mqtt.password and not tls.enabled:
+        problems.append("mqtt.password: would be sent in clear text because tls.enabled = false")
+    if problems:
+        raise ConfigError(problems, str(source) if source else "")
+    assert agent and mqtt and tls and limits and commands is not None and reconnect and tuning and metrics
+    return Config(agent, mqtt, tls, limits, commands, reconnect, tuning, metrics, source)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate the TOML file at `path`. Raises ConfigError."""
+    path = Path(path)
+    why = _describe_unreadable(path)
+    if why:
+        raise ConfigError([f"config file {why}"], str(path))
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"not valid TOML: {exc}"], str(path)) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"not valid UTF-8: {exc}"], str(path)) from exc
+    return parse_config(data, path.resolve())
+
+
+def read_secret(path: Path) -> str:
+    """Read a one-line secret file (password, key passphrase), without the trailing newline."""
+    return path.read_text(encoding="utf-8").rstrip("\r\n")
+
+
+# --- rendering (check-config) ----------------------------------------------------------------
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    text = str(value)
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def render_config(cfg: Config) -> str:
+    """The effective configuration as TOML, defaults filled in and secrets redacted."""
+    out: list[str] = []
+
+    def section(title: str, items: list[tuple[str, object]]) -> None:
+        out.append(f"[{title}]")
+        for key, value in items:
+            if value is None:
+                out.append(f"# {key} is not set")
+            else:
+                out.append(f"{key} = {_toml_value(value)}")
+        out.append("")
+
+    a, m, t, lim = cfg.agent, cfg.mqtt, cfg.tls, cfg.limits
+    section("agent", [("device_id", a.device_id), ("state_dir", a.state_dir), ("log_level", a.log_level),
+                      ("shutdown_grace", a.shutdown_grace)])
+    section("mqtt", [
+        ("hosts", [str(h) for h in m.hosts]), ("client_id", m.client_id), ("protocol", m.protocol),
+        ("keepalive", m.keepalive), ("clean_session", m.clean_session), ("session_expiry", m.session_expiry),
+        ("username", m.username), ("password_file", m.password_file),
+        ("password", "<redacted>" if m.password else None), ("qos", m.qos),
+        ("command_topic", m.command_topic), ("connect_timeout", m.connect_timeout),
+        ("max_inflight", m.max_inflight),
+    ])
+    section("tls", [
+        ("enabled", t.enabled), ("ca_file", t.ca_file), ("cert_file", t.cert_file), ("key_file", t.key_file),
+        ("key_password_file", t.key_password_file), ("security_level", t.security_level),
+        ("server_name", t.server_name), ("insecure", t.insecure),
+    ])
+    section("limits", [(k, getattr(lim, k)) for k in LimitsConfig.__dataclass_fields__])
+    section("reconnect", [(k, getattr(cfg.reconnect, k)) for k in ReconnectConfig.__dataclass_fields__])
+    section("keepalive_tuning",
+            [(k, getattr(cfg.keepalive_tuning, k)) for k in KeepaliveTuningConfig.__dataclass_fields__])
+    section("metrics", [("listen", cfg.metrics.listen)])
+    for spec in cfg.commands.values():
+        section(f"commands.{spec.name}", [("argv", list(spec.argv)), ("timeout", spec.timeout),
+                                           ("max_output_bytes", spec.max_output_bytes)])
+    return "\n".join(out).rstrip() + "\n"

@@ -1,0 +1,493 @@
+"""Dispatch: limits, dedupe, a bounded worker pool, timeouts, and outcomes turned into responses.
+
+`accept()` runs on the MQTT network thread: it parses, checks limits, journals the command and
+hands it to a worker, then returns so paho can send the PUBACK. Handlers only run on workers.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from collections.abc import Mapping
+from typing import Callable, Protocol
+
+from agent.config import LimitsConfig
+from agent.handlers import Handler
+from agent.protocol import (
+    GONE,
+    INTERNAL_ERROR,
+    NOT_FOUND,
+    PAYLOAD_TOO_LARGE,
+    TIMEOUT,
+    TOO_MANY_REQUESTS,
+    CommandError,
+    Inbound,
+    ReplyRoute,
+    Request,
+    Response,
+    is_valid_status,
+)
+from agent.store import QUEUED, RUNNING, CommandStore
+from agent.topics import CommandTopic, parse_request
+
+log = logging.getLogger(__name__)
+
+# Past its timeout, a handler that stops itself (exec) gets this long to report before the
+# dispatcher answers 504 on its behalf and writes its worker off.
+ENFORCED_TIMEOUT_GRACE = 2.0
+
+
+class Publisher(Protocol):
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        *,
+        correlation_data: bytes | None = None,
+        user_properties: tuple[tuple[str, str], ...] = (),
+        content_type: str | None = None,
+    ) -> None: ...
+
+
+class DispatchObserver:
+    """Hooks for metrics and logs; the default does nothing. Must not block or raise."""
+
+    def command_started(self, command: str) -> None:
+        pass
+
+    def command_finished(self, command: str, status: int, seconds: float) -> None:
+        pass
+
+    def command_rejected(self, command: str, reason: str) -> None:
+        pass
+
+
+def publish_response(publisher: Publisher, route: ReplyRoute, response: Response) -> None:
+    """Send `response` to the Hono response topic and, for MQTT 5 requests, to their Response Topic."""
+    if route.topic_base is not None:
+        publisher.publish(f"{route.topic_base}/{response.status}", response.body, 1,
+                          content_type=response.content_type)
+    if route.response_topic:
+        publisher.publish(
+            route.response_topic,
+            response.body,
+            1,
+            correlation_data=route.correlation_data,
+            user_properties=(("status", str(response.status)), *response.headers),
+            content_type=response.content_type,
+        )
+
+
+@dataclass(eq=False)
+class _Job:
+    journal_key: str
+    dedupe_key: str | None
+    topic: CommandTopic
+    msg: Inbound
+    handler: Handler
+    route: ReplyRoute
+    device_id: str
+    waiters: list[ReplyRoute] = field(default_factory=list)
+    done: bool = False
+    started: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class _WorkerPool:
+    """N threads taking jobs from one queue. A worker stuck in a timed-out handler is replaced,
+    and retires when (if ever) its handler returns, so the pool keeps serving at full width."""
+
+    def __init__(self, size: int, run: Callable[[_Job], None]) -> None:
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._run = run
+        self._lock = threading.Lock()
+        self._excess = 0
+        self._threads: list[threading.Thread] = []
+        self._seq = itertools.count(1)
+        for _ in range(size):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        t = threading.Thread(target=self._loop, name=f"worker-{next(self._seq)}", daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def submit(self, job: _Job) -> None:
+        self._queue.put(job)
+
+    def replace_stuck(self) -> None:
+        with self._lock:
+            self._excess += 1
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._spawn()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            self._run(job)
+            with self._lock:
+                if self._excess:
+                    self._excess -= 1
+                    return
+
+    def stop(self) -> None:
+        with self._lock:
+            threads = [t for t in self._threads if t.is_alive()]
+        for _ in threads:
+            self._queue.put(None)
+
+
+@dataclass
+class DispatchStats:
+    received: int = 0
+    executed: int = 0
+    duplicates: int = 0
+    by_status: Counter[int] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)
+
+
+class Dispatcher:
+    """Turns inbound command messages into executed handlers and published responses."""
+
+    def __init__(
+        self,
+        *,
+        registry: Mapping[str, Handler],
+        limits: LimitsConfig,
+        publisher: Publisher,
+        store: CommandStore,
+        device_id: str,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        observer: DispatchObserver | None = None,
+    ) -> None:
+        self._registry = registry
+        self.limits = limits
+        self._publisher = publisher
+        self._store = store
+        self._device_id = device_id
+        self._clock = clock
+        self._wall = wall
+        self.observer = observer or DispatchObserver()
+        self._lock = threading.Lock()
+        self._active: dict[str, _Job] = {}  # dedupe key -> job queued or running
+        self._pending = 0  # queued + running
+        self._running = 0
+        self._accepting = False
+        self._idle = threading.Condition(self._lock)
+        self._timeouts: list[tuple[float, int, _Job]] = []
+        self._timeout_seq = itertools.count()
+        self._timeout_cond = threading.Condition()
+        self._stopped = False
+        self.stats = DispatchStats()
+        self.last_progress = clock()
+        self._pool: _WorkerPool | None = None
+        self._monitor: threading.Thread | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def set_registry(self, registry: Mapping[str, Handler]) -> None:
+        """Swap the handler table (config reload): new commands apply to the next message."""
+        self._registry = registry
+
+    def start(self) -> None:
+        """Start workers, then resume what the journal says was left unfinished."""
+        self._pool = _WorkerPool(self.limits.max_concurrent_commands, self._run)
+        self._monitor = threading.Thread(target=self._watch_timeouts, name="command-timeouts", daemon=True)
+        self._monitor.start()
+        self._accepting = True
+        self._recover()
+
+    def stop_accepting(self) -> None:
+        """New commands are journalled but not started: they run at the next start."""
+        self._accepting = False
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until no handler is running (queued ones are deferred). True if drained in time."""
+        end = self._clock() + timeout
+        with self._idle:
+            while self._running:
+                left = end - self._clock()
+                if left <= 0:
+                    return False
+                self._idle.wait(min(left, 0.5))
+        return True
+
+    def close(self) -> None:
+        self._stopped = True
+        if self._pool:
+            self._pool.stop()
+        with self._timeout_cond:
+            self._timeout_cond.notify_all()
+
+    @property
+    def in_flight(self) -> int:
+        return self._running
+
+    @property
+    def queued(self) -> int:
+        return self._pending - self._running
+
+    # --- intake (MQTT thread) --------------------------------------------------------------------
+
+    def accept(self, msg: Inbound) -> None:
+        """Called for every message on the command subscription. Never raises."""
+        try:
+            self._accept(msg)
+        except Exception:  # noqa: BLE001 - an exception here would kill paho's network thread
+            log.exception("internal error while accepting a command on %s; it was dropped", msg.topic)
+
+    def _reply(self, route: ReplyRoute, response: Response) -> None:
+        if route.silent:
+            return
+        try:
+            publish_response(self._publisher, route, response)
+        except Exception:  # noqa: BLE001 - publishing must never take a worker or the MQTT thread down
+            log.exception("could not publish a %d response", response.status)
+
+    def _reject(self, topic: CommandTopic, route: ReplyRoute, status: int, reason: str, message: str,
+                journal_key: str | None = None) -> None:
+        with self._lock:
+            self.stats.rejected[reason] += 1
+            self.stats.by_status[status] += 1
+        self.observer.command_rejected(topic.command, reason)
+        log.warning("command %s (req %s) rejected with %d: %s", topic.command, topic.req_id or "-", status, message,
+                    extra={"COMMAND": topic.command, "REQ_ID": topic.req_id, "STATUS": status})
+        response = Response.error(status, message)
+        if journal_key:
+            self._store.finish(journal_key, response)
+        self._reply(route, response)
+
+    def _route(self, topic: CommandTopic, msg: Inbound) -> ReplyRoute:
+        if topic.one_way:
+            return ReplyRoute(None)
+        return ReplyRoute(topic.response_base, msg.response_topic, msg.correlation_data)
+
+    def _accept(self, msg: Inbound, recovered_key: str | None = None) -> None:
+        topic = parse_request(msg.topic)
+        if topic is None:
+            self.stats.rejected["malformed_topic"] += 1
+            self.observer.command_rejected("", "malformed_topic")
+            log.warning("ignored a message on %r: not a command request topic (command/TENANT/DEVICE/req/REQ_ID/NAME)",
+                        msg.topic[:200])
+            return
+        self.stats.received += 1
+        route = self._route(topic, msg)
+        if len(msg.payload) > self.limits.max_payload_bytes:
+            self._reject(topic, route, PAYLOAD_TOO_LARGE, "payload_too_large",
+                         f"payload is {len(msg.payload)} bytes, over limits.max_payload_bytes "
+                         f"({self.limits.max_payload_bytes})", recovered_key)
+            return
+        handler = self._registry.get(topic.command)
+        if handler is None:
+            self._reject(topic, route, NOT_FOUND, "unknown_command",
+                         f"unknown command {topic.command!r}; this agent serves: "
+                         + ", ".join(sorted(self._registry)), recovered_key)
+            return
+        dedupe_key = None if topic.one_way else topic.dedupe_key
+        if dedupe_key and recovered_key is None:
+            with self._lock:
+                running = self._active.get(dedupe_key)
+                if running is not None:
+                    running.waiters.append(route)
+            if running is not None:
+                self.stats.duplicates += 1
+                log.info("command %s req %s redelivered while it runs: it will be answered, not run again",
+                         topic.command, topic.req_id, extra={"COMMAND": topic.command, "REQ_ID": topic.req_id})
+                return
+            record = self._store.lookup(dedupe_key)
+            if record is not None:
+                self.stats.duplicates += 1
+                if record.response is not None:
+                    log.info("command %s req %s was already executed: re-sending its %d response",
+                             topic.command, topic.req_id, record.response.status,
+                             extra={"COMMAND": topic.command, "REQ_ID": topic.req_id})
+                    self._reply(route, record.response)
+                else:
+                    log.info("command %s req %s is already journalled and will run at the next start",
+                             topic.command, topic.req_id)
+                return
+        capacity = self.limits.max_concurrent_commands + self.limits.max_queued_commands
+        if recovered_key is None and self._pending >= capacity:
+            self._reject(topic, route, TOO_MANY_REQUESTS, "queue_full",
+                         f"too many commands waiting ({self.limits.max_queued_commands} queued, "
+                         f"limits.max_queued_commands); retry later")
+            return
+        journal_key = recovered_key or dedupe_key or f"one-way:{uuid.uuid4().hex}"
+        if recovered_key is None:
+            self._store.add(journal_key, msg)
+        job = _Job(journal_key, dedupe_key, topic, msg, handler, route,
+                   device_id=topic.device or self._device_id)
+        if not self._accepting:
+            log.info("command %s req %s received during shutdown: journalled, runs at the next start",
+                     topic.command, topic.req_id or "-")
+            return
+        with self._lock:
+            if dedupe_key:
+                self._active[dedupe_key] = job
+            self._pending += 1
+        assert self._pool is not None
+        self._pool.submit(job)
+
+    def _recover(self) -> None:
+        for record in self._store.pending():
+            topic = parse_request(record.inbound.topic)
+            if topic is None:
+                self._store.discard(record.key)
+                continue
+            route = self._route(topic, record.inbound)
+            if record.state == RUNNING:
+                response = Response.error(
+                    INTERNAL_ERROR,
+                    "the agent stopped while this command was running; it may or may not have taken effect, "
+                    "and it is not run again",
+                )
+                log.warning("command %s req %s was interrupted by an agent stop; answering 500",
+                            topic.command, topic.req_id or "-")
+                self._store.finish(record.key, response)
+                self._reply(route, response)
+            elif record.state == QUEUED:
+                log.info("resuming command %s req %s received before the last stop", topic.command,
+                         topic.req_id or "-")
+                self._accept(record.inbound, recovered_key=record.key)
+
+    # --- execution (worker threads) --------------------------------------------------------------
+
+    def _expired(self, job: _Job) -> str | None:
+        now = self._wall()
+        age = now - job.msg.received_wall
+        if self.limits.max_command_age and age > self.limits.max_command_age:
+            return f"command is {age:.1f} s old, older than limits.max_command_age ({self.limits.max_command_age:g} s)"
+        if job.msg.message_expiry is not None and age > job.msg.message_expiry:
+            return f"the request's message expiry ({job.msg.message_expiry} s) passed before it could run"
+        return None
+
+    def _run(self, job: _Job) -> None:
+        self.last_progress = self._clock()
+        if not self._accepting:
+            with self._lock:
+                self._pending -= 1
+                if job.dedupe_key:
+                    self._active.pop(job.dedupe_key, None)
+            return  # stays queued in the journal; runs at the next start
+        expired = self._expired(job)
+        if expired:
+            with self._lock:
+                self._running += 1
+            job.started = self._clock()
+            with self._lock:
+                self.stats.rejected["expired"] += 1
+            self.observer.command_rejected(job.topic.command, "expired")
+            self._complete(job, Response.error(GONE, expired))
+            return
+        timeout = getattr(job.handler, "timeout", None) or self.limits.command_timeout
+        job.started = self._clock()
+        deadline = job.started + timeout
+        grace = ENFORCED_TIMEOUT_GRACE if getattr(job.handler, "enforces_timeout", False) else 0.0
+        with self._lock:
+            self._running += 1
+        self._store.mark_running(job.journal_key)
+        self._schedule_timeout(deadline + grace, job)
+        self.observer.command_started(job.topic.command)
+        request = Request(
+            command=job.topic.command,
+            req_id=job.topic.req_id,
+            device_id=job.device_id,
+            payload=job.msg.payload,
+            via_gateway=bool(job.topic.device),
+            content_type=job.msg.content_type,
+            user_properties=job.msg.user_properties,
+            deadline=deadline,
+        )
+        try:
+            response = job.handler.handle(request)
+            if not isinstance(response, Response) or not is_valid_status(response.status):
+                raise TypeError(f"handler returned {response!r}; expected a Response with status 2xx/4xx/5xx")
+        except CommandError as exc:
+            response = exc.response()
+        except Exception as exc:  # noqa: BLE001 - a handler bug must become a 500, not a dead worker
+            error_id = uuid.uuid4().hex[:12]
+            log.error("command %s req %s failed with an internal error (error id %s): %s: %s",
+                      job.topic.command, job.topic.req_id or "-", error_id, type(exc).__name__, exc,
+                      exc_info=True, extra={"COMMAND": job.topic.command, "REQ_ID": job.topic.req_id,
+                                            "ERROR_ID": error_id})
+            response = Response.error(INTERNAL_ERROR, f"internal error in command {job.topic.command!r}",
+                                      error_id=error_id)
+        if not self._complete(job, response):
+            log.warning("command %s req %s finished after it had been answered 504; its result is discarded",
+                        job.topic.command, job.topic.req_id or "-")
+
+    def _complete(self, job: _Job, response: Response) -> bool:
+        """Record and send the outcome once; False if the job was already answered (timeout)."""
+        with job.lock:
+            if job.done:
+                return False
+            job.done = True
+        seconds = self._clock() - job.started
+        try:
+            self._store.finish(job.journal_key, response)
+        except Exception:  # noqa: BLE001 - answering matters more than the journal
+            log.exception("could not journal the response of %s", job.journal_key)
+        with self._lock:
+            if job.dedupe_key:
+                self._active.pop(job.dedupe_key, None)
+            waiters, job.waiters = job.waiters, []
+            self._running -= 1
+            self._pending -= 1
+            self._idle.notify_all()
+            self.stats.executed += 1
+            self.stats.by_status[response.status] += 1
+        self.last_progress = self._clock()
+        self.observer.command_finished(job.topic.command, response.status, seconds)
+        level = logging.INFO if response.status < 500 else logging.WARNING
+        log.log(level, "command %s req %s -> %d in %.1f ms%s", job.topic.command, job.topic.req_id or "-",
+                response.status, seconds * 1000, f" (+{len(waiters)} duplicate)" if waiters else "",
+                extra={"COMMAND": job.topic.command, "REQ_ID": job.topic.req_id, "STATUS": response.status})
+        self._reply(job.route, response)
+        for route in waiters:
+            self._reply(route, response)
+        return True
+
+    # --- timeouts --------------------------------------------------------------------------------
+
+    def _schedule_timeout(self, when: float, job: _Job) -> None:
+        with self._timeout_cond:
+            heapq.heappush(self._timeouts, (when, next(self._timeout_seq), job))
+            if len(self._timeouts) > 4 * self.limits.max_concurrent_commands + 64:
+                # Finished jobs linger until their deadline; drop them so the heap stays small.
+                self._timeouts = [e for e in self._timeouts if not e[2].done]
+                heapq.heapify(self._timeouts)
+            self._timeout_cond.notify()
+
+    def _watch_timeouts(self) -> None:
+        while not self._stopped:
+            with self._timeout_cond:
+                if not self._timeouts:
+                    self._timeout_cond.wait(5.0)
+                    continue
+                when, _, job = self._timeouts[0]
+                wait = when - self._clock()
+                if wait > 0:
+                    self._timeout_cond.wait(min(wait, 5.0))
+                    continue
+                heapq.heappop(self._timeouts)
+            if job.done:
+                continue
+            timeout = getattr(job.handler, "timeout", None) or self.limits.command_timeout
+            if self._complete(job, Response.error(TIMEOUT, f"command {job.topic.command!r} did not finish "
+                                                           f"within {timeout:g} s")):
+                log.error("command %s req %s is still running past its %g s timeout: answered 504; "
+                          "its worker is written off and replaced", job.topic.command, job.topic.req_id or "-",
+                          timeout)
+                assert self._pool is not None
+                self._pool.replace_stuck()

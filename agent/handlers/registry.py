@@ -1,0 +1,67 @@
+"""The one place where every handler is registered: built-ins, exec commands, plugins."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable, Mapping
+from typing import Any, Callable
+
+from agent.config import CommandSpec
+from agent.errors import AgentError
+from agent.handlers import DuplicateHandlerError, Handler, HandlerRegistry
+from agent.handlers.builtin import InfoHandler, PingHandler
+from agent.handlers.exec import ExecHandler
+
+log = logging.getLogger(__name__)
+
+PLUGIN_GROUP = "mqtt_agent.handlers"
+
+
+def _entry_points() -> Iterable[Any]:
+    from importlib import metadata
+
+    if sys.version_info >= (3, 10):
+        return metadata.entry_points(group=PLUGIN_GROUP)
+    return metadata.entry_points().get(PLUGIN_GROUP, [])  # pragma: no cover - Python 3.9
+
+
+def load_plugin(entry_point: Any) -> Handler:
+    """An entry point names a Handler instance, or a class/factory called without arguments."""
+    obj = entry_point.load()
+    if isinstance(obj, Handler) and not isinstance(obj, type):
+        return obj
+    if callable(obj):
+        made = obj()
+        if isinstance(made, Handler):
+            return made
+        raise AgentError(f"plugin {entry_point.name!r} ({entry_point.value}) returned {made!r}, not a handler")
+    raise AgentError(f"plugin {entry_point.name!r} ({entry_point.value}) is neither a handler nor a factory")
+
+
+def build_registry(
+    commands: Mapping[str, CommandSpec],
+    status: Callable[[], dict[str, Any]],
+    *,
+    plugins: Iterable[Any] | None = None,
+    ping: PingHandler | None = None,
+) -> HandlerRegistry:
+    """Built-ins first, then exec commands from the config, then plugins.
+
+    A plugin that fails to load or clashes with an earlier name is logged as an error and skipped:
+    a broken Python package must not take the device's remote management down with it.
+    """
+    registry = HandlerRegistry()
+    registry.register("ping", ping or PingHandler(), "built-in")
+    registry.register("info", InfoHandler(status), "built-in")
+    for spec in commands.values():
+        registry.register(spec.name, ExecHandler(spec), f"[commands.{spec.name}]")
+    for ep in _entry_points() if plugins is None else plugins:
+        source = f"plugin {ep.value}"
+        try:
+            registry.register(ep.name, load_plugin(ep), source)
+        except DuplicateHandlerError as exc:
+            log.error("%s", exc)
+        except Exception as exc:  # noqa: BLE001 - any import-time error of third-party code
+            log.error("plugin %r (%s) could not be loaded and is ignored: %s", ep.name, ep.value, exc)
+    return registry

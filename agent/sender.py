@@ -1,0 +1,105 @@
+"""`mqtt-agent send`: publish one command where the agent listens and wait for its response.
+
+An operator and test tool for brokers such as mosquitto. (With Eclipse Hono, commands are sent
+through Hono's northbound API instead; the agent's side is the same.)
+"""
+
+from __future__ import annotations
+
+import queue
+import secrets
+import ssl
+import uuid
+from dataclasses import dataclass, replace
+from typing import Any
+
+from agent.config import Config
+from agent.errors import AgentError
+from agent.session import new_client
+from agent.tls import build_context, explain_handshake_error, fetch_peer_certificate
+from agent.topics import parse_response, request_topic, response_filter
+
+
+@dataclass(frozen=True)
+class SendResult:
+    status: int | None  # None: no response within the timeout (or one-way)
+    body: bytes
+    topic: str
+
+
+def send_command(
+    cfg: Config,
+    command: str,
+    payload: bytes = b"",
+    *,
+    device: str | None = None,
+    timeout: float = 10.0,
+    req_id: str | None = None,
+    one_way: bool = False,
+) -> SendResult:
+    """Send one command and wait up to `timeout` s for its response. Raises AgentError if the
+    broker cannot be reached."""
+    ctx = build_context(cfg.tls) if cfg.tls.enabled else None
+    mqtt_cfg = replace(cfg.mqtt, clean_session=True)
+    client_id = f"{cfg.mqtt.client_id}-send-{secrets.token_hex(4)}"
+    client = new_client(mqtt_cfg, client_id, ctx)
+    rid = "" if one_way else (req_id or uuid.uuid4().hex[:16])
+    try:
+        topic = request_topic(cfg.mqtt.command_topic, rid, command, device)
+    except ValueError as exc:
+        raise AgentError(str(exc)) from exc
+    results: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+    def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            results.put(("error", f"the broker refused the connection: {reason}"))
+        elif one_way:
+            c.publish(topic, payload, qos=1)
+        else:
+            c.subscribe(response_filter(topic), qos=1)
+
+    def on_subscribe(c: Any, userdata: Any, mid: int, codes: list[Any], props: Any) -> None:
+        if codes and codes[0].is_failure:
+            results.put(("error", f"the broker refused the subscription to {response_filter(topic)}: {codes[0]}"))
+        else:
+            c.publish(topic, payload, qos=1)
+
+    def on_publish(c: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        if one_way:
+            results.put(("sent", None))
+
+    def on_message(c: Any, userdata: Any, msg: Any) -> None:
+        parsed = parse_response(msg.topic)
+        if parsed and parsed[0] == rid:
+            results.put(("response", (parsed[1], bytes(msg.payload), msg.topic)))
+
+    client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
+    client.on_publish = on_publish
+    client.on_message = on_message
+    last_error = ""
+    for host in cfg.mqtt.hosts:
+        try:
+            client.connect(host.host, host.port, keepalive=30)
+            break
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            peer = fetch_peer_certificate(host, cfg.tls) if getattr(exc, "verify_code", None) else None
+            last_error = str(explain_handshake_error(exc, host, cfg.tls, peer))
+        except OSError as exc:
+            last_error = f"cannot connect to {host}: {exc.strerror or exc}"
+    else:
+        raise AgentError(last_error)
+    client.loop_start()
+    try:
+        kind, value = results.get(timeout=timeout)
+    except queue.Empty:
+        return SendResult(None, b"", topic)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    if kind == "error":
+        raise AgentError(str(value))
+    if kind == "sent":
+        return SendResult(None, b"", topic)
+    status, body, resp_topic = value
+    return SendResult(int(status), body, resp_topic)

@@ -1,0 +1,606 @@
+"""The MQTT session: the only module that talks to paho.
+
+The agent owns the network thread (`client.loop()` in a loop of its own) instead of paho's
+loop_start(), so that the reconnect policy, failover and keepalive are the agent's decisions.
+Every paho callback only translates into the agent's own types and hands off; each is guarded,
+because an exception in a paho callback kills the network thread.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent.backoff import Backoff, HostRotation
+from agent.config import HostPort, MqttConfig, ReconnectConfig, TlsConfig, read_secret
+from agent.errors import TLSSetupError
+from agent.protocol import Inbound
+from agent.tls import explain_handshake_error, fetch_peer_certificate
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., None])
+
+# MQTT 5 reason codes (paho maps MQTT 3.1.1 CONNACK codes onto these as well).
+RC_CONNECTION_LOST = 0x80  # paho: "Unspecified error", the socket closed without a DISCONNECT
+RC_KEEPALIVE_TIMEOUT = 0x8D
+RC_SESSION_TAKEN_OVER = 0x8E
+AUTH_FAILURE_CODES = frozenset({0x86, 0x87, 0x8C})  # bad user name or password, not authorized, bad auth method
+
+# What ended a connection, as far as the session alone can tell. The disconnect classifier refines
+# "connection_lost" (idle timeout? duplicate client id?) using the connection history.
+SHUTDOWN = "shutdown"
+RECONNECT_REQUESTED = "reconnect_requested"
+AUTH_FAILED = "auth_failed"
+REFUSED = "refused"
+TLS_ERROR = "tls_error"
+NETWORK_ERROR = "network_error"
+CONNECTION_LOST = "connection_lost"
+KEEPALIVE_TIMEOUT = "keepalive_timeout"
+SESSION_TAKEN_OVER = "session_taken_over"
+SERVER_DISCONNECT = "server_disconnect"
+
+
+def _guarded(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - never let an exception reach paho's network loop
+            log.exception("internal error in MQTT callback %s (the connection keeps running)", fn.__name__)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class _TrackedClient(mqtt.Client):
+    """paho client that records when bytes last went in and out: the idle time at a drop is the
+    evidence the keepalive tuner needs, and paho's own timestamps are reset by its ping logic."""
+
+    last_in = 0.0
+    last_out = 0.0
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        data: bytes = super()._sock_recv(bufsize)
+        if data:
+            self.last_in = time.monotonic()
+        return data
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        sent: int = super()._sock_send(buf)
+        self.last_out = time.monotonic()
+        return sent
+
+    def ping_outstanding_since(self) -> float | None:
+        """When the unanswered PINGREQ was sent (time.monotonic), or None."""
+        return self._ping_t or None  # type: ignore[no-any-return]
+
+
+def new_client(mqtt_cfg: MqttConfig, client_id: str, ssl_context: ssl.SSLContext | None) -> _TrackedClient:
+    """A configured paho client (used by the session and by `mqtt-agent send`)."""
+    protocol = mqtt.MQTTv5 if mqtt_cfg.is_v5 else mqtt.MQTTv311
+    kwargs: dict[str, Any] = {}
+    if not mqtt_cfg.is_v5:
+        kwargs["clean_session"] = mqtt_cfg.clean_session
+    client = _TrackedClient(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol, **kwargs)
+    client.connect_timeout = mqtt_cfg.connect_timeout
+    client.max_inflight_messages_set(mqtt_cfg.max_inflight)
+    if mqtt_cfg.username:
+        password = mqtt_cfg.password
+        if mqtt_cfg.password_file:
+            password = read_secret(mqtt_cfg.password_file)
+        client.username_pw_set(mqtt_cfg.username, password)
+    if ssl_context is not None:
+        client.tls_set_context(ssl_context)
+    # With a register-write callback set, paho never writes to the socket from the publishing
+    # thread; all socket I/O stays on the network thread, which select() wakes for writes.
+    client.on_socket_register_write = lambda *_: None
+    client.on_socket_unregister_write = lambda *_: None
+    client.on_socket_open = _set_nodelay
+    return client
+
+
+@_guarded
+def _set_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    # paho leaves Nagle on: with it, a command round trip on loopback costs ~44-88 ms instead of ~0.5 ms.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def connect_properties(mqtt_cfg: MqttConfig) -> Properties | None:
+    if not mqtt_cfg.is_v5:
+        return None
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 0 if mqtt_cfg.clean_session else mqtt_cfg.session_expiry
+    return props
+
+
+def publish_properties(
+    correlation_data: bytes | None, user_properties: Sequence[tuple[str, str]], content_type: str | None
+) -> Properties | None:
+    if correlation_data is None and not user_properties and content_type is None:
+        return None
+    props = Properties(PacketTypes.PUBLISH)
+    if correlation_data is not None:
+        props.CorrelationData = correlation_data
+    if user_properties:
+        props.UserProperty = list(user_properties)
+    if content_type is not None:
+        props.ContentType = content_type
+    return props
+
+
+def inbound_from(msg: mqtt.MQTTMessage, wall: float, mono: float) -> Inbound:
+    props = getattr(msg, "properties", None)
+    user = getattr(props, "UserProperty", None) or []
+    return Inbound(
+        topic=msg.topic,
+        payload=bytes(msg.payload),
+        qos=msg.qos,
+        dup=bool(msg.dup),
+        received_wall=wall,
+        received_mono=mono,
+        response_topic=getattr(props, "ResponseTopic", None),
+        correlation_data=getattr(props, "CorrelationData", None),
+        user_properties=tuple((str(k), str(v)) for k, v in user),
+        message_expiry=getattr(props, "MessageExpiryInterval", None),
+        content_type=getattr(props, "ContentType", None),
+    )
+
+
+@dataclass(frozen=True)
+class ConnectionEnded:
+    """How one connection (or connection attempt) ended: the raw evidence for classification."""
+
+    host: HostPort
+    kind: str
+    reason: str
+    attempt_started: float
+    ended_at: float
+    connected_at: float | None = None
+    last_in: float | None = None
+    last_out: float | None = None
+    reason_code: int | None = None
+    from_server: bool = False
+    keepalive: int = 0
+    error: str = ""
+
+    @property
+    def uptime(self) -> float | None:
+        return None if self.connected_at is None else self.ended_at - self.connected_at
+
+    @property
+    def idle_for(self) -> float | None:
+        """Seconds since the last byte received when the connection ended."""
+        return None if self.last_in is None else self.ended_at - self.last_in
+
+
+class SessionListener:
+    """Observes the session (metrics, systemd status, classifier). Default: nothing. Must not block."""
+
+    def connecting(self, host: HostPort, attempt: int) -> None:
+        pass
+
+    def connected(self, host: HostPort, keepalive: int, session_present: bool) -> None:
+        pass
+
+    def connection_ended(self, ended: ConnectionEnded) -> None:
+        pass
+
+    def reconnect_scheduled(self, delay: float, ended: ConnectionEnded) -> None:
+        pass
+
+    def subscribed(self, topic: str, granted: bool, reason: str) -> None:
+        pass
+
+
+@dataclass
+class _Conn:
+    host: HostPort
+    attempt_started: float
+    keepalive: int
+    connected_at: float | None = None
+    ended: ConnectionEnded | None = None
+    refused: tuple[int, str] | None = None
+    close_reason: tuple[str, str] | None = None  # set when the agent closes the socket itself
+
+
+@dataclass(frozen=True)
+class SessionState:
+    connected: bool
+    host: HostPort | None
+    protocol: str
+    keepalive: int | None
+    connected_since: float | None
+    connects: int
+    attempts: int
+    last_end: ConnectionEnded | None
+    subscribed: bool
+
+
+@dataclass
+class _SubscribeState:
+    pending_mid: int | None = None
+    granted: bool = False
+    failures: int = 0
+    retry_at: float | None = None
+    extra: list[str] = field(default_factory=list)
+
+
+class Session:
+    """Keeps one MQTT session up, subscribed to the command topic, and hands messages to `on_message`."""
+
+    def __init__(
+        self,
+        mqtt_cfg: MqttConfig,
+        tls_cfg: TlsConfig,
+        reconnect_cfg: ReconnectConfig,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        on_message: Callable[[Inbound], None],
+        keepalive: Callable[[], int] | None = None,
+        backoff: Backoff | None = None,
+        listeners: Sequence[SessionListener] = (),
+        client_id: str | None = None,
+        topics: Sequence[str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = mqtt_cfg
+        self.tls_cfg = tls_cfg
+        self._ssl_context = ssl_context
+        self._on_message = on_message
+        self._keepalive = keepalive or (lambda: mqtt_cfg.keepalive)
+        self.backoff = backoff or Backoff(reconnect_cfg)
+        self.listeners = list(listeners)
+        self.client_id = client_id or mqtt_cfg.client_id
+        self.topics = list(topics if topics is not None else [mqtt_cfg.command_topic])
+        self._clock = clock
+        self._wall = wall
+        self._hosts = HostRotation(mqtt_cfg.hosts)
+        self._client = new_client(mqtt_cfg, self.client_id, ssl_context)
+        self._client.on_connect = self._handle_connect
+        self._client.on_disconnect = self._handle_disconnect
+        self._client.on_message = self._handle_message
+        self._client.on_subscribe = self._handle_subscribe
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._reconnect_reason: str | None = None
+        self._thread: threading.Thread | None = None
+        self._conn: _Conn | None = None
+        self._sub: dict[str, _SubscribeState] = {}
+        self._connects = 0
+        self._attempts = 0
+        self._last_end: ConnectionEnded | None = None
+        self._tls_explained: dict[tuple[str, str], str] = {}
+        self.heartbeat = clock()  # updated by every turn of the network loop (watchdog evidence)
+
+    # --- public API (any thread) -----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="mqtt-network", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Disconnect cleanly (DISCONNECT sent) and end the network thread."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout)
+
+    def request_reconnect(self, reason: str) -> None:
+        """Close the current connection cleanly and connect again now (e.g. after a config reload)."""
+        self._reconnect_reason = reason
+        self._wake.set()
+
+    def add_listener(self, listener: SessionListener) -> None:
+        self.listeners.append(listener)
+
+    @property
+    def thread_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        *,
+        correlation_data: bytes | None = None,
+        user_properties: tuple[tuple[str, str], ...] = (),
+        content_type: str | None = None,
+    ) -> None:
+        """Queue a message. QoS 1 messages published while offline are sent after the next CONNACK."""
+        props = publish_properties(correlation_data, user_properties, content_type) if self.cfg.is_v5 else None
+        info = self._client.publish(topic, payload, qos, properties=props)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            log.error("could not queue a message for %s: %s", topic, mqtt.error_string(info.rc))
+
+    def unacknowledged(self) -> int:
+        """QoS 1 messages not yet acknowledged by the broker."""
+        return len(self._client._out_messages)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every queued QoS 1 message is acknowledged, or `timeout` passes."""
+        end = self._clock() + timeout
+        while self.unacknowledged():
+            if self._clock() >= end or not self.state().connected:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def state(self) -> SessionState:
+        conn = self._conn
+        connected = bool(conn and conn.connected_at is not None and conn.ended is None)
+        return SessionState(
+            connected=connected,
+            host=conn.host if conn else None,
+            protocol="5" if self.cfg.is_v5 else "3.1.1",
+            keepalive=conn.keepalive if conn else None,
+            connected_since=conn.connected_at if connected and conn else None,
+            connects=self._connects,
+            attempts=self._attempts,
+            last_end=self._last_end,
+            subscribed=connected and all(s.granted for s in self._sub.values()),
+        )
+
+    def link_times(self) -> tuple[float, float]:
+        """(last byte in, last byte out) as time.monotonic() values."""
+        return self._client.last_in, self._client.last_out
+
+    # --- network thread --------------------------------------------------------------------------
+
+    def _notify(self, method: str, *args: Any) -> None:
+        for listener in self.listeners:
+            try:
+                getattr(listener, method)(*args)
+            except Exception:  # noqa: BLE001 - an observer bug must not stop the connection
+                log.exception("session listener %r failed in %s", listener, method)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            self._reconnect_reason = None
+            ended = self._connect_and_serve()
+            self._last_end = ended
+            self._notify("connection_ended", ended)
+            if self._stop.is_set():
+                break
+            if ended.kind == RECONNECT_REQUESTED:
+                self.backoff.reset()
+                continue
+            if ended.connected_at is None:
+                if self._hosts.failed():
+                    log.warning("%s failed repeatedly; failing over to %s", ended.host, self._hosts.current)
+            self.backoff.connection_ended(ended.uptime)
+            delay = self.backoff.next_delay()
+            self._notify("reconnect_scheduled", delay, ended)
+            log.info("reconnecting in %.1f s (%s)", delay, ended.kind, extra={"MQTT_REASON": ended.kind})
+            self._wake.wait(delay)
+
+    def _connect_and_serve(self) -> ConnectionEnded:
+        host = self._hosts.current
+        keepalive = self._keepalive()
+        self._attempts += 1
+        conn = self._conn = _Conn(host, self._clock(), keepalive)
+        self._sub = {t: _SubscribeState() for t in self.topics}
+        self._notify("connecting", host, self._attempts)
+        log.debug("connecting to %s as %s (keepalive %d s)", host, self.client_id, keepalive)
+        try:
+            self._client.connect(
+                host.host,
+                host.port,
+                keepalive=keepalive,
+                clean_start=self.cfg.clean_session if self.cfg.is_v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                properties=connect_properties(self.cfg),
+            )
+        except Exception as exc:  # noqa: BLE001 - every failure to connect is classified, none is fatal
+            return self._connect_failed(conn, exc)
+        self._serve(conn)
+        assert conn.ended is not None
+        return conn.ended
+
+    def _serve(self, conn: _Conn) -> None:
+        disconnect_deadline: float | None = None
+        while conn.ended is None:
+            now = self._clock()
+            self.heartbeat = now
+            if disconnect_deadline is None and (self._stop.is_set() or self._reconnect_reason):
+                conn.close_reason = (
+                    (SHUTDOWN, "agent stopping") if self._stop.is_set()
+                    else (RECONNECT_REQUESTED, self._reconnect_reason or "")
+                )
+                disconnect_deadline = now + 2.0
+                if conn.connected_at is None:
+                    self._close(conn)
+                    break
+                self._client.disconnect()
+            elif disconnect_deadline is not None and now > disconnect_deadline:
+                self._close(conn)
+                break
+            if conn.connected_at is None and now - conn.attempt_started > self.cfg.connect_timeout:
+                conn.close_reason = (NETWORK_ERROR, f"no CONNACK within {self.cfg.connect_timeout:g} s")
+                self._close(conn)
+                break
+            self._retry_subscriptions(now)
+            rc = self._client.loop(timeout=0.5)
+            if rc != mqtt.MQTT_ERR_SUCCESS and conn.ended is None and self._client.socket() is None:
+                self._end(conn, False, None, mqtt.error_string(rc))
+
+    def _close(self, conn: _Conn) -> None:
+        """Close the socket ourselves; paho calls no on_disconnect for that, so end the record here."""
+        self._client._sock_close()
+        if conn.ended is None:
+            self._end(conn, False, None, "closed by the agent")
+
+    def _connect_failed(self, conn: _Conn, exc: Exception) -> ConnectionEnded:
+        host = conn.host
+        if isinstance(exc, (ssl.SSLError, ssl.CertificateError)):
+            kind, reason = TLS_ERROR, self._explain_tls(host, exc)
+        elif isinstance(exc, ConnectionRefusedError):
+            kind, reason = REFUSED, f"connection refused by {host}: nothing listens on that port"
+        elif isinstance(exc, socket.gaierror):
+            kind, reason = NETWORK_ERROR, f"cannot resolve {host.host}: {exc.strerror or exc}"
+        elif isinstance(exc, (socket.timeout, TimeoutError)):
+            kind, reason = NETWORK_ERROR, f"{host} did not answer within {self.cfg.connect_timeout:g} s"
+        elif isinstance(exc, OSError):
+            kind, reason = NETWORK_ERROR, f"cannot reach {host}: {exc.strerror or exc}"
+        else:
+            kind, reason = NETWORK_ERROR, f"connecting to {host} failed: {exc}"
+        try:
+            self._client._sock_close()
+        except Exception:  # noqa: BLE001 - best effort cleanup of a half-open socket
+            pass
+        ended = ConnectionEnded(host=host, kind=kind, reason=reason, attempt_started=conn.attempt_started,
+                                ended_at=self._clock(), keepalive=conn.keepalive, error=repr(exc))
+        conn.ended = ended
+        if kind != TLS_ERROR:
+            log.warning("%s", reason, extra={"MQTT_REASON": kind})
+        return ended
+
+    def _explain_tls(self, host: HostPort, exc: Exception) -> str:
+        key = (str(host), f"{type(exc).__name__}:{getattr(exc, 'verify_code', '')}:{getattr(exc, 'reason', '')}")
+        known = self._tls_explained.get(key)
+        if known:
+            log.error("TLS handshake with %s failed again: %s", host, known, extra={"MQTT_REASON": TLS_ERROR})
+            return known
+        peer = None
+        if getattr(exc, "verify_code", None) is not None:
+            peer = fetch_peer_certificate(host, self.tls_cfg, timeout=self.cfg.connect_timeout)
+        err: TLSSetupError = explain_handshake_error(exc, host, self.tls_cfg, peer)
+        text = str(err)
+        self._tls_explained[key] = text
+        log.error("TLS handshake with %s failed: %s", host, text, extra={"MQTT_REASON": TLS_ERROR})
+        return text
+
+    def _end(self, conn: _Conn, from_server: bool, code: int | None, text: str) -> None:
+        """Record the end of `conn` once (paho may report one disconnect twice)."""
+        if conn.ended is not None:
+            return
+        if conn.close_reason is not None:
+            kind, reason = conn.close_reason
+        elif conn.refused is not None:
+            refused_code, refused_text = conn.refused
+            kind = AUTH_FAILED if refused_code in AUTH_FAILURE_CODES else REFUSED
+            reason = f"the broker refused the connection: {refused_text} (CONNACK 0x{refused_code:02X})"
+            code = refused_code
+        elif from_server:
+            kind = SESSION_TAKEN_OVER if code == RC_SESSION_TAKEN_OVER else SERVER_DISCONNECT
+            reason = f"the broker sent DISCONNECT: {text}"
+        elif code == RC_KEEPALIVE_TIMEOUT:
+            kind, reason = KEEPALIVE_TIMEOUT, f"no answer to our PINGREQ within the keepalive ({conn.keepalive} s)"
+        else:
+            kind, reason = CONNECTION_LOST, f"connection lost ({text})"
+        last_in, last_out = self._client.last_in, self._client.last_out
+        conn.ended = ConnectionEnded(
+            host=conn.host,
+            kind=kind,
+            reason=reason,
+            attempt_started=conn.attempt_started,
+            ended_at=self._clock(),
+            connected_at=conn.connected_at,
+            last_in=last_in if last_in >= conn.attempt_started else None,
+            last_out=last_out if last_out >= conn.attempt_started else None,
+            reason_code=code,
+            from_server=from_server,
+            keepalive=conn.keepalive,
+        )
+        ended = conn.ended
+        if kind == SHUTDOWN:
+            log.info("disconnected from %s", conn.host)
+        else:
+            up = f" after {ended.uptime:.1f} s" if ended.uptime is not None else ""
+            idle = f", {ended.idle_for:.1f} s after the last byte received" if ended.idle_for is not None else ""
+            level = logging.ERROR if kind in (AUTH_FAILED, REFUSED, SESSION_TAKEN_OVER) else logging.WARNING
+            log.log(level, "connection to %s ended%s%s: %s", conn.host, up, idle, reason,
+                    extra={"MQTT_REASON": kind, "MQTT_RC": code})
+
+    # --- paho callbacks (network thread) ---------------------------------------------------------
+
+    @_guarded
+    def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                        properties: Any) -> None:
+        conn = self._conn
+        if conn is None or conn.ended is not None:
+            return
+        if reason.is_failure:
+            conn.refused = (int(reason.value), str(reason))
+            return
+        if conn.connected_at is not None:
+            return  # tolerate a repeated callback
+        conn.connected_at = self._clock()
+        server_keepalive = getattr(properties, "ServerKeepAlive", None)
+        if server_keepalive is not None:
+            conn.keepalive = int(server_keepalive)
+        self._connects += 1
+        self._hosts.succeeded()
+        present = bool(getattr(flags, "session_present", False))
+        log.info("connected to %s as %s (MQTT %s, keepalive %d s, session %s)", conn.host, self.client_id,
+                 "5" if self.cfg.is_v5 else "3.1.1", conn.keepalive, "resumed" if present else "new",
+                 extra={"KEEPALIVE": conn.keepalive})
+        for topic in self._sub:
+            self._subscribe(topic)
+        self._notify("connected", conn.host, conn.keepalive, present)
+
+    def _subscribe(self, topic: str) -> None:
+        rc, mid = self._client.subscribe(topic, qos=self.cfg.qos)
+        state = self._sub[topic]
+        state.pending_mid = mid if rc == mqtt.MQTT_ERR_SUCCESS else None
+        state.retry_at = None
+
+    def _retry_subscriptions(self, now: float) -> None:
+        for topic, state in self._sub.items():
+            if state.retry_at is not None and now >= state.retry_at:
+                log.info("retrying the subscription to %s", topic)
+                self._subscribe(topic)
+
+    @_guarded
+    def _handle_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode],
+                          properties: Any) -> None:
+        for topic, state in self._sub.items():
+            if state.pending_mid != mid:
+                continue
+            state.pending_mid = None
+            code = reason_codes[0] if reason_codes else None
+            if code is not None and not code.is_failure:
+                state.granted = True
+                state.failures = 0
+                log.info("subscribed to %s (QoS %d)", topic, int(code.value))
+                self._notify("subscribed", topic, True, str(code))
+                continue
+            state.granted = False
+            state.failures += 1
+            delay = min(60.0, 2.0 ** state.failures)
+            state.retry_at = self._clock() + delay
+            log.error("the broker refused the subscription to %s (SUBACK %s): commands cannot arrive; check the "
+                      "broker ACL for client %s; retrying in %.0f s", topic,
+                      f"0x{int(code.value):02X} {code}" if code is not None else "missing", self.client_id, delay,
+                      extra={"MQTT_REASON": "subscribe_failed"})
+            self._notify("subscribed", topic, False, str(code))
+
+    @_guarded
+    def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                           properties: Any) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        from_server = bool(getattr(flags, "is_disconnect_packet_from_server", False))
+        self._end(conn, from_server, int(reason.value), str(reason))
+
+    @_guarded
+    def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.retain:
+            log.warning("ignored a retained message on %s: a retained command would run again at every "
+                        "reconnect; publish commands without the retain flag", msg.topic)
+            return
+        self._on_message(inbound_from(msg, self._wall(), self._clock()))

@@ -1,0 +1,171 @@
+"""Persistent command journal in `state_dir` (SQLite).
+
+Every two-way command is recorded before the broker gets its PUBACK (paho acknowledges when
+`on_message` returns), so neither a crash nor a stop loses it, and a redelivered REQ_ID is
+recognised after an agent restart:
+
+    queued   received, not started          -> executed at the next start
+    running  handler started                -> if the agent died: answered 500 "interrupted", not re-run
+    done     response stored                -> a duplicate gets the stored response again
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from typing import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.protocol import Inbound, Response
+
+QUEUED = "queued"
+RUNNING = "running"
+DONE = "done"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS commands (
+    key          TEXT PRIMARY KEY,
+    state        TEXT NOT NULL,
+    received     REAL NOT NULL,
+    topic        TEXT NOT NULL,
+    payload      BLOB,
+    meta         TEXT NOT NULL,
+    status       INTEGER,
+    body         BLOB,
+    content_type TEXT,
+    finished     REAL
+);
+CREATE INDEX IF NOT EXISTS commands_finished ON commands (finished);
+"""
+
+
+@dataclass(frozen=True)
+class Record:
+    key: str
+    state: str
+    inbound: Inbound
+    response: Response | None
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Create `path` (mode 0700) if needed. Raises OSError with the reason."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+class CommandStore:
+    """Thread-safe; one connection guarded by a lock (writes are tiny, WAL keeps them cheap)."""
+
+    def __init__(self, path: Path, *, wall: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self._wall = wall
+        ensure_private_dir(path.parent)
+        # Create the file 0600 before SQLite opens it: it holds command payloads.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a commit survives a process crash; only an OS crash may lose the last ones.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            yield self._db
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def lookup(self, key: str) -> Record | None:
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT key, state, received, topic, payload, meta, status, body, content_type"
+                " FROM commands WHERE key = ?",
+                (key,),
+            ).fetchone()
+        return _record(row) if row else None
+
+    def add(self, key: str, msg: Inbound) -> None:
+        """Record a newly received command as queued (replacing nothing: keys are new)."""
+        meta = {
+            "qos": msg.qos,
+            "response_topic": msg.response_topic,
+            "correlation_data": msg.correlation_data.hex() if msg.correlation_data is not None else None,
+            "user_properties": [list(p) for p in msg.user_properties],
+            "message_expiry": msg.message_expiry,
+            "content_type": msg.content_type,
+        }
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO commands (key, state, received, topic, payload, meta)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (key, QUEUED, msg.received_wall, msg.topic, msg.payload, json.dumps(meta)),
+            )
+
+    def mark_running(self, key: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE commands SET state = ? WHERE key = ?", (RUNNING, key))
+
+    def finish(self, key: str, response: Response) -> None:
+        """Store the response; the payload is no longer needed and is dropped."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE commands SET state = ?, payload = NULL, status = ?, body = ?, content_type = ?,"
+                " finished = ? WHERE key = ?",
+                (DONE, response.status, response.body, response.content_type, self._wall(), key),
+            )
+
+    def discard(self, key: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM commands WHERE key = ?", (key,))
+
+    def pending(self) -> list[Record]:
+        """Commands not finished, oldest first (after a restart: queued ones to run, running ones interrupted)."""
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT key, state, received, topic, payload, meta, status, body, content_type"
+                " FROM commands WHERE state != ? ORDER BY received",
+                (DONE,),
+            ).fetchall()
+        return [_record(r) for r in rows]
+
+    def prune(self, retention: float) -> int:
+        """Forget finished commands older than `retention` seconds; returns how many."""
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM commands WHERE state = ? AND finished < ?", (DONE, self._wall() - retention))
+            return cur.rowcount
+
+    def count(self) -> int:
+        with self._tx() as db:
+            return int(db.execute("SELECT COUNT(*) FROM commands").fetchone()[0])
+
+
+def _record(row: tuple[object, ...]) -> Record:
+    key, state, received, topic, payload, meta_text, status, body, content_type = row
+    meta = json.loads(str(meta_text))
+    corr = meta.get("correlation_data")
+    inbound = Inbound(
+        topic=str(topic),
+        payload=bytes(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else b"",
+        qos=int(meta.get("qos", 1)),
+        received_wall=float(received),  # type: ignore[arg-type]
+        response_topic=meta.get("response_topic"),
+        correlation_data=bytes.fromhex(corr) if corr is not None else None,
+        user_properties=tuple((str(k), str(v)) for k, v in meta.get("user_properties", [])),
+        message_expiry=meta.get("message_expiry"),
+        content_type=meta.get("content_type"),
+    )
+    response = None
+    if state == DONE and status is not None:
+        response = Response(int(status), bytes(body) if body is not None else b"",  # type: ignore[call-overload]
+                            str(content_type) if content_type is not None else None)
+    return Record(str(key), str(state), inbound, response)

@@ -1,0 +1,93 @@
+"""Pure parsing and building of Eclipse Hono command topics.
+
+Request:  command/TENANT/DEVICE/req/REQ_ID/COMMAND   (short form c/TENANT/DEVICE/q/REQ_ID/COMMAND)
+Response: command/TENANT/DEVICE/res/REQ_ID/STATUS    (short form c/TENANT/DEVICE/s/REQ_ID/STATUS)
+
+TENANT and DEVICE are empty for an authenticated device (`command///req/...`); a gateway receives
+`command//CHILD/req/...` for the devices behind it. An empty REQ_ID marks a one-way command.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_RESPONSE_ACTION = {"req": "res", "q": "s"}
+_PREFIXES = ("command", "c")
+
+
+@dataclass(frozen=True)
+class CommandTopic:
+    """A parsed request topic. `response_base + "/" + status` is where the response goes."""
+
+    prefix: str
+    tenant: str
+    device: str
+    action: str
+    req_id: str
+    command: str
+
+    @property
+    def one_way(self) -> bool:
+        return self.req_id == ""
+
+    @property
+    def response_base(self) -> str:
+        return "/".join((self.prefix, self.tenant, self.device, _RESPONSE_ACTION[self.action], self.req_id))
+
+    def response_topic(self, status: int) -> str:
+        return f"{self.response_base}/{status}"
+
+    @property
+    def dedupe_key(self) -> str:
+        """Identifies a request across redeliveries: the same REQ_ID for another child is another request."""
+        return f"{self.tenant}/{self.device}/{self.req_id}"
+
+
+def parse_request(topic: str) -> CommandTopic | None:
+    """Parse a command request topic; None if it is not one (the message cannot be answered)."""
+    parts = topic.split("/")
+    if len(parts) < 6:
+        return None
+    prefix, tenant, device, action, req_id = parts[:5]
+    command = "/".join(parts[5:])
+    if prefix not in _PREFIXES or action not in _RESPONSE_ACTION or not command:
+        return None
+    if any(ch in topic for ch in "+#\x00"):
+        return None
+    return CommandTopic(prefix, tenant, device, action, req_id, command)
+
+
+def request_topic(subscription: str, req_id: str, command: str, device: str | None = None) -> str:
+    """The topic an operator publishes to so that an agent subscribed with `subscription` receives it.
+
+    `device` fills a `+` device segment (gateway subscriptions) and must be given for those.
+    """
+    prefix, tenant, sub_device, action, _ = subscription.split("/")
+    if sub_device == "+":
+        if not device:
+            raise ValueError(f"the agent subscribes to {subscription!r} (gateway mode): name the device")
+        sub_device = device
+    elif device and device != sub_device:
+        if sub_device:
+            raise ValueError(f"the agent subscribes to {subscription!r}, which serves device {sub_device!r} only")
+        raise ValueError(f"the agent subscribes to {subscription!r}, which is not a gateway subscription; "
+                         "use the agent's own device (omit --device)")
+    return "/".join((prefix, tenant, sub_device, action, req_id, command))
+
+
+def response_filter(request: str) -> str:
+    """The subscription that receives every status of the response to `request`."""
+    parsed = parse_request(request)
+    if parsed is None or parsed.one_way:
+        raise ValueError(f"{request!r} is not a two-way command request topic")
+    return parsed.response_base + "/+"
+
+
+def parse_response(topic: str) -> tuple[str, int] | None:
+    """(req_id, status) from a response topic, or None."""
+    parts = topic.split("/")
+    if len(parts) != 6 or parts[0] not in _PREFIXES or parts[3] not in ("res", "s"):
+        return None
+    if not parts[5].isdigit():
+        return None
+    return parts[4], int(parts[5])

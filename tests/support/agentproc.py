@@ -1,0 +1,118 @@
+"""Run the real agent (`python -m agent run`) as a child process and watch its log lines."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    """Write {"agent": {...}, "commands.echo": {...}} as TOML."""
+    lines: list[str] = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+class AgentProcess:
+    def __init__(self, config: Path, *, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
+        self.config = config
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.args = args
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self.proc: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
+
+    def start(self) -> AgentProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(self.config), *self.args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=self.env,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        assert self.proc and self.proc.stdout
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def mark(self) -> int:
+        with self._cond:
+            return len(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 15.0, since: int = 0) -> re.Match[str]:
+        """Wait for a log line matching `pattern` (regex) at or after line `since`."""
+        rx = re.compile(pattern)
+        end = time.monotonic() + timeout
+        with self._cond:
+            i = since
+            while True:
+                while i < len(self.lines):
+                    m = rx.search(self.lines[i])
+                    if m:
+                        return m
+                    i += 1
+                left = end - time.monotonic()
+                if left <= 0 or (self.proc and self.proc.poll() is not None and i >= len(self.lines)):
+                    raise AssertionError(f"no log line matching {pattern!r} within {timeout} s; log:\n"
+                                         + "\n".join(self.lines[-60:]))
+                self._cond.wait(min(left, 0.2))
+
+    def count(self, pattern: str) -> int:
+        rx = re.compile(pattern)
+        with self._cond:
+            return sum(1 for line in self.lines if rx.search(line))
+
+    @property
+    def output(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        assert self.proc
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        if self._reader:
+            self._reader.join(5)
+        return rc
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self._reader:
+            self._reader.join(5)
