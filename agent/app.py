@@ -121,7 +121,7 @@ class Agent:
             pruned = self.store.prune(self.cfg.limits.dedupe_retention)
             if pruned:
                 log.debug("forgot %d finished commands older than limits.dedupe_retention", pruned)
-        except Exception:  # noqa: BLE001 - housekeeping must not stop the agent
+        except Exception:
             log.exception("journal housekeeping failed")
 
     def shutdown(self) -> None:

@@ -24,7 +24,7 @@ from agent.errors import ConfigError
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.9/3.10 only
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
 DEFAULT_CONFIG_PATH = Path("/etc/mqtt-agent/mqtt-agent.toml")
 BUILTIN_COMMANDS = frozenset({"ping", "info"})
@@ -370,9 +370,8 @@ def _agent(t: _Table) -> AgentConfig | None:
     log_level = t.string("log_level", "info", choices=("debug", "info", "warning", "error"))
     grace = t.number("shutdown_grace", 10.0, 0.0, 3600.0)
     t.finish()
-    if None in (device_id, state_dir, log_level, grace):
+    if device_id is None or state_dir is None or log_level is None or grace is None:
         return None
-    assert state_dir is not None
     return AgentConfig(device_id=device_id, state_dir=state_dir, log_level=log_level, shutdown_grace=grace)
 
 
@@ -411,6 +410,7 @@ def _mqtt(t: _Table, device_id: str | None, tls_enabled: bool) -> MqttConfig | N
     values = (client_id, protocol, keepalive, clean_session, session_expiry, qos, command_topic, connect_timeout)
     if not hosts or len(hosts) != len(raw_hosts or []) or None in values or max_inflight is None:
         return None
+    assert command_topic is not None
     return MqttConfig(
         hosts=tuple(hosts),
         client_id=client_id,

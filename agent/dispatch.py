@@ -14,8 +14,8 @@ import threading
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from agent.config import LimitsConfig
@@ -244,7 +244,7 @@ class Dispatcher:
         """Called for every message on the command subscription. Never raises."""
         try:
             self._accept(msg)
-        except Exception:  # noqa: BLE001 - an exception here would kill paho's network thread
+        except Exception:
             log.exception("internal error while accepting a command on %s; it was dropped", msg.topic)
 
     def _reply(self, route: ReplyRoute, response: Response) -> None:
@@ -252,7 +252,7 @@ class Dispatcher:
             return
         try:
             publish_response(self._publisher, route, response)
-        except Exception:  # noqa: BLE001 - publishing must never take a worker or the MQTT thread down
+        except Exception:
             log.exception("could not publish a %d response", response.status)
 
     def _reject(self, topic: CommandTopic, route: ReplyRoute, status: int, reason: str, message: str,
@@ -415,7 +415,7 @@ class Dispatcher:
                 raise TypeError(f"handler returned {response!r}; expected a Response with status 2xx/4xx/5xx")
         except CommandError as exc:
             response = exc.response()
-        except Exception as exc:  # noqa: BLE001 - a handler bug must become a 500, not a dead worker
+        except Exception as exc:
             error_id = uuid.uuid4().hex[:12]
             log.error("command %s req %s failed with an internal error (error id %s): %s: %s",
                       job.topic.command, job.topic.req_id or "-", error_id, type(exc).__name__, exc,
@@ -436,7 +436,7 @@ class Dispatcher:
         seconds = self._clock() - job.started
         try:
             self._store.finish(job.journal_key, response)
-        except Exception:  # noqa: BLE001 - answering matters more than the journal
+        except Exception:
             log.exception("could not journal the response of %s", job.journal_key)
         with self._lock:
             if job.dedupe_key:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -58,7 +59,7 @@ def _guarded(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> None:
         try:
             fn(*args, **kwargs)
-        except Exception:  # noqa: BLE001 - never let an exception reach paho's network loop
+        except Exception:
             log.exception("internal error in MQTT callback %s (the connection keeps running)", fn.__name__)
 
     return wrapper  # type: ignore[return-value]
@@ -84,7 +85,7 @@ class _TrackedClient(mqtt.Client):
 
     def ping_outstanding_since(self) -> float | None:
         """When the unanswered PINGREQ was sent (time.monotonic), or None."""
-        return self._ping_t or None  # type: ignore[no-any-return]
+        return self._ping_t or None
 
 
 def new_client(mqtt_cfg: MqttConfig, client_id: str, ssl_context: ssl.SSLContext | None) -> _TrackedClient:
@@ -93,7 +94,7 @@ def new_client(mqtt_cfg: MqttConfig, client_id: str, ssl_context: ssl.SSLContext
     kwargs: dict[str, Any] = {}
     if not mqtt_cfg.is_v5:
         kwargs["clean_session"] = mqtt_cfg.clean_session
-    client = _TrackedClient(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol, **kwargs)
+    client = _TrackedClient(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol, **kwargs)
     client.connect_timeout = mqtt_cfg.connect_timeout
     client.max_inflight_messages_set(mqtt_cfg.max_inflight)
     if mqtt_cfg.username:
@@ -120,7 +121,7 @@ def _set_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
 def connect_properties(mqtt_cfg: MqttConfig) -> Properties | None:
     if not mqtt_cfg.is_v5:
         return None
-    props = Properties(PacketTypes.CONNECT)
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = 0 if mqtt_cfg.clean_session else mqtt_cfg.session_expiry
     return props
 
@@ -130,7 +131,7 @@ def publish_properties(
 ) -> Properties | None:
     if correlation_data is None and not user_properties and content_type is None:
         return None
-    props = Properties(PacketTypes.PUBLISH)
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     if correlation_data is not None:
         props.CorrelationData = correlation_data
     if user_properties:
@@ -364,7 +365,7 @@ class Session:
         for listener in self.listeners:
             try:
                 getattr(listener, method)(*args)
-            except Exception:  # noqa: BLE001 - an observer bug must not stop the connection
+            except Exception:
                 log.exception("session listener %r failed in %s", listener, method)
 
     def _run(self) -> None:
@@ -379,9 +380,8 @@ class Session:
             if ended.kind == RECONNECT_REQUESTED:
                 self.backoff.reset()
                 continue
-            if ended.connected_at is None:
-                if self._hosts.failed():
-                    log.warning("%s failed repeatedly; failing over to %s", ended.host, self._hosts.current)
+            if ended.connected_at is None and self._hosts.failed():
+                log.warning("%s failed repeatedly; failing over to %s", ended.host, self._hosts.current)
             self.backoff.connection_ended(ended.uptime)
             delay = self.backoff.next_delay()
             self._notify("reconnect_scheduled", delay, ended)

@@ -17,10 +17,10 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from typing import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from agent.protocol import Inbound, Response
 

@@ -67,7 +67,7 @@ class _NamedTLSContext(ssl.SSLContext):
 
     verify_name: str = ""
 
-    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
+    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
         if self.verify_name and not kwargs.get("server_side"):
             kwargs["server_hostname"] = self.verify_name
         return super().wrap_socket(sock, *args, **kwargs)
@@ -114,7 +114,7 @@ def _utc(cert: x509.Certificate, attr: str) -> datetime.datetime:
 
 def cert_info(cert: x509.Certificate) -> CertInfo:
     oid = cert.signature_algorithm_oid.dotted_string
-    signature = _SIG_NAMES.get(oid) or getattr(cert.signature_algorithm_oid, "_name", oid)
+    signature = _SIG_NAMES.get(oid) or str(getattr(cert.signature_algorithm_oid, "_name", oid))
     names: list[str] = []
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

@@ -61,7 +61,8 @@ class ExecHandler:
         outcome = _communicate(proc, request.payload, request.deadline, self.spec.max_output_bytes)
         if outcome.timed_out:
             raise CommandTimeout(
-                f"command {self.spec.name!r} did not finish within {self.spec.timeout:g} s; its process group was killed"
+                f"command {self.spec.name!r} did not finish within {self.spec.timeout:g} s; "
+                "its process group was killed"
             )
         if outcome.truncated:
             log.warning(

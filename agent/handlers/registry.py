@@ -21,9 +21,9 @@ PLUGIN_GROUP = "mqtt_agent.handlers"
 def _entry_points() -> Iterable[Any]:
     from importlib import metadata
 
-    if sys.version_info >= (3, 10):
-        return metadata.entry_points(group=PLUGIN_GROUP)
-    return metadata.entry_points().get(PLUGIN_GROUP, [])  # pragma: no cover - Python 3.9
+    if sys.version_info < (3, 10):  # pragma: no cover - Python 3.9 has no selection API
+        return metadata.entry_points().get(PLUGIN_GROUP, [])  # type: ignore[attr-defined,no-any-return,unused-ignore]
+    return metadata.entry_points(group=PLUGIN_GROUP)
 
 
 def load_plugin(entry_point: Any) -> Handler:

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Set up everything the test suite needs on Debian / Ubuntu / Raspberry Pi OS and run it.
+#   ./scripts/test.sh                 # lint, type-check, all tests
+#   ./scripts/test.sh -k tls -x       # extra arguments go to pytest
+# Installs (if missing): mosquitto, mosquitto-clients, prometheus (promtool), systemd (systemd-analyze),
+# libsystemd-dev + pkg-config (to build systemd-python), openssl, shellcheck; a virtualenv in .venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+missing=()
+command -v mosquitto >/dev/null || missing+=(mosquitto)
+command -v mosquitto_rr >/dev/null || missing+=(mosquitto-clients)
+command -v promtool >/dev/null || missing+=(prometheus)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v openssl >/dev/null || missing+=(openssl)
+command -v shellcheck >/dev/null || missing+=(shellcheck)
+command -v pkg-config >/dev/null || missing+=(pkg-config)
+pkg-config --exists libsystemd 2>/dev/null || missing+=(libsystemd-dev)
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "installing Debian packages: ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The Debian package starts a system-wide mosquitto on port 1883 where systemd runs; tests use their own.
+
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv || { $SUDO apt-get install -y -qq python3-venv >/dev/null && "$PYTHON" -m venv .venv; }
+fi
+.venv/bin/pip install -q --upgrade pip >/dev/null
+.venv/bin/pip install -q -e '.[test,systemd]'
+
+echo "== ruff"; .venv/bin/ruff check agent tests scripts
+echo "== mypy"; .venv/bin/mypy
+echo "== pytest"; .venv/bin/python -m pytest "$@"
