@@ -204,6 +204,20 @@ class SessionListener:
     def subscribed(self, topic: str, granted: bool, reason: str) -> None:
         pass
 
+    # Events of the resilience layer (keepalive tuner, takeover detection, outbox).
+
+    def keepalive_changed(self, old: int, new: int, direction: str, evidence: str) -> None:
+        """The keepalive for the next CONNECT changed; direction is "down" or "up"."""
+
+    def session_takeover(self, client_id: str) -> None:
+        """Another client with the same client id took the session over."""
+
+    def outbox_changed(self, size: int) -> None:
+        """Responses waiting in the persistent outbox."""
+
+    def outbox_dropped(self, count: int) -> None:
+        """Responses dropped because the outbox was full (oldest first)."""
+
 
 @dataclass
 class _Conn:
