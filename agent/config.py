@@ -364,8 +364,12 @@ def _agent(t: _Table) -> AgentConfig | None:
             state_dir = Path(state_dir_text).expanduser()
             if not state_dir.is_absolute():
                 state_dir = t.base_dir / state_dir
-            if state_dir.exists() and not state_dir.is_dir():
-                t.error("state_dir", f"{state_dir} exists and is not a directory")
+            try:
+                if state_dir.exists() and not state_dir.is_dir():
+                    t.error("state_dir", f"{state_dir} exists and is not a directory")
+                    state_dir = None
+            except OSError as exc:  # e.g. a parent directory the agent's user cannot enter
+                t.error("state_dir", f"{state_dir} cannot be reached: {exc.strerror or exc}")
                 state_dir = None
     log_level = t.string("log_level", "info", choices=("debug", "info", "warning", "error"))
     grace = t.number("shutdown_grace", 10.0, 0.0, 3600.0)

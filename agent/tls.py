@@ -181,12 +181,24 @@ def build_context(tls: TlsConfig) -> ssl.SSLContext:
             "point tls.ca_file at the PEM file of the CA that issued the broker certificate",
         ) from exc
     if tls.cert_file and tls.key_file:
-        password = read_secret(tls.key_password_file) if tls.key_password_file else None
+        if not tls.key_password_file and _is_encrypted_key(tls.key_file):
+            raise _setup_error(f"tls.key_file {tls.key_file} is encrypted and no passphrase is configured",
+                               "set tls.key_password_file to a file holding the key's passphrase")
+        secret = read_secret(tls.key_password_file) if tls.key_password_file else ""
         try:
-            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file), password=password)
+            # A callable, never None: with None, OpenSSL would prompt on the terminal and block the daemon.
+            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file), password=lambda: secret)
         except (ssl.SSLError, OSError) as exc:
             raise explain_chain_error(exc, tls) from exc
     return ctx
+
+
+def _is_encrypted_key(path: Path) -> bool:
+    try:
+        head = path.read_bytes()[:4096]
+    except OSError:
+        return False
+    return b"ENCRYPTED" in head
 
 
 def _setup_error(cause: str, remedy: str) -> TLSSetupError:
@@ -220,7 +232,10 @@ def explain_chain_error(exc: BaseException, tls: TlsConfig) -> TLSSetupError:
             f"tls.key_file {tls.key_file} is not the private key of tls.cert_file {cert_path} (key values mismatch)",
             "point tls.key_file at the key the certificate was issued for",
         )
-    if reason in ("BAD_DECRYPT", "BAD_PASSWORD_READ") or "bad decrypt" in str(exc):
+    assert tls.key_file is not None
+    if reason in ("BAD_DECRYPT", "BAD_PASSWORD_READ") or "bad decrypt" in str(exc) or (
+        _is_encrypted_key(tls.key_file) and reason in ("PEM_LIB", "")
+    ):
         return _setup_error(
             f"tls.key_file {tls.key_file} is encrypted and could not be decrypted",
             "set tls.key_password_file to a file holding the key's passphrase"

@@ -1,0 +1,330 @@
+"""Dispatcher (pure core with a recording publisher and a real SQLite journal): limits, dedupe,
+timeouts, restart recovery, and a fuzz run showing that no input makes an exception escape."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.config import LimitsConfig
+from agent.dispatch import Dispatcher
+from agent.handlers import HandlerRegistry
+from agent.handlers.builtin import PingHandler
+from agent.protocol import BadRequest, Inbound, Request, Response
+from agent.store import CommandStore
+
+
+class Recorder:
+    """A Publisher that records what would go to the broker."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, dict[str, Any]]] = []
+        self.cond = threading.Condition()
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, **kwargs: Any) -> None:
+        with self.cond:
+            self.sent.append((topic, payload, kwargs))
+            self.cond.notify_all()
+
+    def wait(self, n: int, timeout: float = 5.0) -> list[tuple[str, bytes, dict[str, Any]]]:
+        end = time.monotonic() + timeout
+        with self.cond:
+            while len(self.sent) < n:
+                left = end - time.monotonic()
+                assert left > 0, f"expected {n} publishes, got {self.sent}"
+                self.cond.wait(left)
+            return list(self.sent)
+
+    def statuses(self) -> list[int]:
+        return [int(t.rsplit("/", 1)[1]) for t, _, _ in self.sent if t.startswith(("command/", "c/"))]
+
+
+class Gate:
+    """A handler that blocks until released, counting its runs."""
+
+    def __init__(self, timeout: float | None = None) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.runs = 0
+        if timeout is not None:
+            self.timeout = timeout
+
+    def handle(self, request: Request) -> Response:
+        self.runs += 1
+        self.entered.set()
+        self.release.wait(10)
+        return Response.ok({"runs": self.runs})
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def handle(self, request: Request) -> Response:
+        self.runs += 1
+        return Response.ok({"device": request.device_id, "gateway": request.via_gateway,
+                            "props": [list(p) for p in request.user_properties]})
+
+
+class Boom:
+    def handle(self, request: Request) -> Response:
+        raise RuntimeError("handler bug with secret payload")
+
+
+class Picky:
+    def handle(self, request: Request) -> Response:
+        if request.json() is None:
+            raise BadRequest("needs a payload")
+        return Response(299, b"odd but valid")
+
+
+class WrongStatus:
+    def handle(self, request: Request) -> Response:
+        return Response(302, b"")
+
+
+def msg(topic: str, payload: bytes = b"", **kw: Any) -> Inbound:
+    kw.setdefault("received_wall", time.time())
+    return Inbound(topic=topic, payload=payload, **kw)
+
+
+@pytest.fixture
+def parts(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    made: list[Dispatcher] = []
+    store = CommandStore(tmp_path / "commands.sqlite3")
+
+    def make(limits: LimitsConfig | None = None, handlers: dict[str, Any] | None = None,
+             wall: Any = time.time) -> tuple[Dispatcher, Recorder]:
+        reg = HandlerRegistry()
+        reg.register("ping", PingHandler(), "built-in")
+        for name, h in (handlers or {}).items():
+            reg.register(name, h, "test")
+        rec = Recorder()
+        d = Dispatcher(registry=reg, limits=limits or LimitsConfig(), publisher=rec, store=store,
+                       device_id="gw", wall=wall)
+        d.start()
+        made.append(d)
+        return d, rec
+
+    yield {"make": make, "store": store}
+    for d in made:
+        d.close()
+    store.close()
+
+
+def test_ping_is_answered_on_the_mirrored_topic(parts: dict[str, Any]) -> None:
+    d, rec = parts["make"]()
+    d.accept(msg("command///req/r1/ping"))
+    topic, body, _ = rec.wait(1)[0]
+    assert topic == "command///res/r1/200"
+    assert json.loads(body)["device_id"] == "gw"
+
+
+def test_gateway_child_gets_its_own_device_id(parts: dict[str, Any]) -> None:
+    counter = Counter()
+    d, rec = parts["make"](handlers={"count": counter})
+    d.accept(msg("command//child-9/req/r1/count"))
+    topic, body, _ = rec.wait(1)[0]
+    assert topic == "command//child-9/res/r1/200"
+    assert json.loads(body) == {"device": "child-9", "gateway": True, "props": []}
+
+
+def test_one_way_command_runs_and_publishes_nothing(parts: dict[str, Any]) -> None:
+    counter = Counter()
+    d, rec = parts["make"](handlers={"count": counter})
+    d.accept(msg("command///req//count"))
+    assert d.drain(5)
+    deadline = time.monotonic() + 5
+    while counter.runs == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert counter.runs == 1
+    assert rec.sent == []
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "status", "error"),
+    [
+        ("command///req/r/nope", b"", 404, "unknown command 'nope'; this agent serves: boom, picky, ping, wrong"),
+        ("command///req/r/ping", b"x" * 11, 413, "payload is 11 bytes, over limits.max_payload_bytes (10)"),
+        ("command///req/r/ping", b"[1]", 400, 'ping takes no payload or a JSON object such as {"echo": "hello"}'),
+        ("command///req/r/picky", b"", 400, "needs a payload"),
+        ("command///req/r/wrong", b"", 500, "internal error in command 'wrong'"),
+        ("command///req/r/boom", b"", 500, "internal error in command 'boom'"),
+    ],
+)
+def test_error_statuses(parts: dict[str, Any], caplog: pytest.LogCaptureFixture, topic: str, payload: bytes,
+                        status: int, error: str) -> None:
+    d, rec = parts["make"](LimitsConfig(max_payload_bytes=10),
+                           handlers={"boom": Boom(), "picky": Picky(), "wrong": WrongStatus()})
+    d.accept(msg(topic, payload))
+    sent_topic, body, _ = rec.wait(1)[0]
+    assert sent_topic == f"command///res/r/{status}"
+    data = json.loads(body)
+    assert data["error"] == error
+    if "boom" in topic:
+        assert data["error_id"] in caplog.text  # the id in the response is also in the log
+        assert "secret payload" not in body.decode()
+
+
+def test_handler_status_299_passes_through(parts: dict[str, Any]) -> None:
+    d, rec = parts["make"](handlers={"picky": Picky()})
+    d.accept(msg("command///req/r/picky", b"{}"))
+    assert rec.wait(1)[0][0] == "command///res/r/299"
+
+
+def test_queue_limit_answers_429(parts: dict[str, Any]) -> None:
+    gate = Gate()
+    d, rec = parts["make"](LimitsConfig(max_concurrent_commands=1, max_queued_commands=1), handlers={"slow": gate})
+    d.accept(msg("command///req/a/slow"))
+    assert gate.entered.wait(5)
+    d.accept(msg("command///req/b/slow"))  # queued
+    d.accept(msg("command///req/c/slow"))  # over the limit
+    topic, body, _ = rec.wait(1)[0]
+    assert topic == "command///res/c/429"
+    assert "limits.max_queued_commands" in json.loads(body)["error"]
+    gate.release.set()
+    rec.wait(3)
+    assert sorted(rec.statuses()) == [200, 200, 429]
+
+
+def test_timeout_answers_504_and_the_pool_keeps_serving(parts: dict[str, Any]) -> None:
+    stuck = Gate(timeout=0.3)
+    d, rec = parts["make"](LimitsConfig(max_concurrent_commands=1), handlers={"stuck": stuck})
+    d.accept(msg("command///req/a/stuck"))
+    topic, body, _ = rec.wait(1)[0]
+    assert topic == "command///res/a/504"
+    assert json.loads(body)["error"] == "command 'stuck' did not finish within 0.3 s"
+    d.accept(msg("command///req/b/ping"))  # the only worker is stuck: a replacement serves this
+    assert rec.wait(2)[1][0] == "command///res/b/200"
+    stuck.release.set()
+    time.sleep(0.2)
+    assert len(rec.sent) == 2  # the late result is discarded, not sent
+
+
+def test_duplicate_while_running_waits_and_both_are_answered(parts: dict[str, Any]) -> None:
+    gate = Gate()
+    d, rec = parts["make"](handlers={"slow": gate})
+    d.accept(msg("command///req/same/slow"))
+    assert gate.entered.wait(5)
+    d.accept(msg("command///req/same/slow", dup=True))
+    time.sleep(0.1)
+    assert rec.sent == []
+    gate.release.set()
+    sent = rec.wait(2)
+    assert [t for t, _, _ in sent] == ["command///res/same/200", "command///res/same/200"]
+    assert gate.runs == 1
+
+
+def test_duplicate_after_completion_gets_the_stored_response(parts: dict[str, Any]) -> None:
+    counter = Counter()
+    d, rec = parts["make"](handlers={"count": counter})
+    d.accept(msg("command///req/same/count"))
+    rec.wait(1)
+    d.accept(msg("command///req/same/count", dup=True))
+    sent = rec.wait(2)
+    assert sent[0][1] == sent[1][1]
+    assert counter.runs == 1
+    assert d.stats.duplicates == 1
+
+
+def test_journal_survives_a_restart(parts: dict[str, Any]) -> None:
+    """A command journalled during shutdown runs at the next start; a finished one is not re-run."""
+    counter = Counter()
+    d1, rec1 = parts["make"](handlers={"count": counter})
+    d1.accept(msg("command///req/done/count"))
+    rec1.wait(1)
+    d1.stop_accepting()
+    d1.accept(msg("command///req/later/count"))
+    assert counter.runs == 1 and len(rec1.sent) == 1
+    d1.close()
+    d2, rec2 = parts["make"](handlers={"count": counter})  # same journal
+    assert rec2.wait(1)[0][0] == "command///res/later/200"
+    d2.accept(msg("command///req/done/count", dup=True))
+    assert rec2.wait(2)[1][0] == "command///res/done/200"
+    assert counter.runs == 2
+
+
+def test_interrupted_command_is_answered_500_and_not_rerun(parts: dict[str, Any]) -> None:
+    store: CommandStore = parts["store"]
+    store.add("//crashed", msg("command///req/crashed/ping"))
+    store.mark_running("//crashed")
+    _, rec = parts["make"]()
+    topic, body, _ = rec.wait(1)[0]
+    assert topic == "command///res/crashed/500"
+    assert "may or may not have taken effect" in json.loads(body)["error"]
+
+
+def test_too_old_command_is_answered_410(parts: dict[str, Any]) -> None:
+    now = [1000.0]
+    d, rec = parts["make"](LimitsConfig(max_command_age=5), wall=lambda: now[0])
+    now[0] = 1010.0
+    d.accept(msg("command///req/old/ping", received_wall=1000.0))
+    topic, body, _ = rec.wait(1)[0]
+    assert topic == "command///res/old/410"
+    assert json.loads(body)["error"] == (
+        "command is 10.0 s old, older than limits.max_command_age (5 s)")
+
+
+def test_mqtt5_response_topic_gets_correlation_data_and_status(parts: dict[str, Any]) -> None:
+    d, rec = parts["make"]()
+    d.accept(msg("command///req/r5/ping", response_topic="replies/me", correlation_data=b"\x01\x02"))
+    sent = rec.wait(2)
+    assert [t for t, _, _ in sent] == ["command///res/r5/200", "replies/me"]
+    assert sent[1][2]["correlation_data"] == b"\x01\x02"
+    assert ("status", "200") in sent[1][2]["user_properties"]
+
+
+def test_user_properties_reach_the_handler(parts: dict[str, Any]) -> None:
+    d, rec = parts["make"](handlers={"count": Counter()})
+    d.accept(msg("command///req/u/count", user_properties=(("trace", "abc"),)))
+    assert json.loads(rec.wait(1)[0][1])["props"] == [["trace", "abc"]]
+
+
+def test_malformed_topics_are_dropped_without_reply(parts: dict[str, Any]) -> None:
+    d, rec = parts["make"]()
+    d.accept(msg("command///req/only-id"))
+    d.accept(msg("something/else"))
+    time.sleep(0.05)
+    assert rec.sent == []
+    assert d.stats.rejected["malformed_topic"] == 2
+
+
+_segment = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12)
+_topics = st.one_of(
+    st.text(max_size=60),
+    st.builds(lambda *s: "/".join(s), st.sampled_from(["command", "c", "x", ""]), _segment, _segment,
+              st.sampled_from(["req", "q", "res", ""]), _segment,
+              st.sampled_from(["ping", "info", "nope", "boom", "", "ping/x"])),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(topic=_topics, payload=st.binary(max_size=64), expiry=st.one_of(st.none(), st.integers(0, 5)),
+       corr=st.one_of(st.none(), st.binary(max_size=8)), rt=st.one_of(st.none(), _segment))
+def test_fuzzed_topics_and_payloads_never_raise(parts: dict[str, Any], caplog: pytest.LogCaptureFixture, topic: str,
+                                                payload: bytes, expiry: int | None, corr: bytes | None,
+                                                rt: str | None) -> None:
+    """accept() swallows internal errors to protect paho's thread, so assert that none happened."""
+    if "fuzz" not in parts:
+        parts["fuzz"] = parts["make"](LimitsConfig(max_payload_bytes=32), handlers={"boom": Boom()})
+    d, rec = parts["fuzz"]
+    before = len(rec.sent)
+    d.accept(msg(topic, payload, message_expiry=expiry, correlation_data=corr, response_topic=rt or None))
+    assert d.drain(5)
+    assert "internal error while accepting" not in caplog.text
+    assert "could not publish" not in caplog.text
+    assert all(200 <= s <= 299 or 400 <= s <= 599 for s in rec.statuses())
+    from agent.topics import parse_request
+
+    parsed = parse_request(topic)
+    if parsed is not None and not parsed.one_way and parsed.command in ("ping", "nope", "boom"):
+        rec.wait(before + 1)  # every answerable request got an answer
