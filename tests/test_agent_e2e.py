@@ -280,3 +280,40 @@ def test_agent_killed_mid_command_answers_500_after_restart(broker, make_config,
     assert "may or may not have taken effect" in json.loads(msg.payload)["error"]
     assert count_lines(counter) == 1
     watcher.close()
+
+
+def test_refused_subscription_is_logged_and_retried(make_broker, make_config, run_agent, tmp_path):
+    from tests.support.mosquitto import subscribe_acl
+
+    broker = make_broker(extra=subscribe_acl(tmp_path / "acl", ["other/#"]))
+    agent = run_agent(make_config(broker), wait_subscribed=False)
+    line = agent.wait_for(r"the broker refused the subscription to command///req/# \(SUBACK 0x80").string
+    assert "check the broker ACL for client dev-1; retrying in 2 s" in line
+    agent.wait_for(r"retrying the subscription to command///req/#", timeout=10)
+    agent.wait_for(r"SUBACK 0x80 .*retrying in 4 s", timeout=10)
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_persistent_session_for_both_protocols(broker, make_config, run_agent, protocol):
+    cfg = make_config(broker, {"mqtt": {"protocol": protocol}})
+    run_agent(cfg).stop()
+    sender = TestClient(cfg)
+    sender.publish("command///req/queued-1/ping")
+    watcher = TestClient(cfg, subscribe="command///res/#")
+    agent = run_agent(cfg)
+    agent.wait_for(r"session resumed")
+    assert [m.topic for m in watcher.wait(1)] == ["command///res/queued-1/200"]
+    sender.close()
+    watcher.close()
+
+
+def test_info_reports_connection_and_counts(broker, make_config, run_agent):
+    cfg = make_config(broker, {"mqtt": {"keepalive": 25}})
+    run_agent(cfg)
+    send(cfg, "nope")
+    body = json.loads(send(cfg, "info").body)
+    assert body["broker"] == broker.address and body["protocol"] == "3.1.1" and body["keepalive_s"] == 25
+    assert body["connected"] is True and body["connects"] == 1 and body["reconnects"] == 0
+    assert body["commands"]["by_status"] == {"404": 1}
+    assert body["available_commands"] == ["info", "ping"]
+    assert body["agent_version"] and body["python"] and body["paho_mqtt"].startswith("2.")

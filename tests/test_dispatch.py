@@ -328,3 +328,11 @@ def test_fuzzed_topics_and_payloads_never_raise(parts: dict[str, Any], caplog: p
     parsed = parse_request(topic)
     if parsed is not None and not parsed.one_way and parsed.command in ("ping", "nope", "boom"):
         rec.wait(before + 1)  # every answerable request got an answer
+
+
+def test_expired_mqtt5_message_is_answered_410(parts: dict[str, Any]) -> None:
+    d, rec = parts["make"](LimitsConfig(max_command_age=0))
+    d.accept(msg("command///req/exp/ping", message_expiry=2, received_wall=time.time() - 5))
+    topic, body, _ = rec.wait(1)[0]
+    assert topic == "command///res/exp/410"
+    assert json.loads(body)["error"] == "the request's message expiry (2 s) passed before it could run"

@@ -156,3 +156,37 @@ def make_password_file(path: Path, users: dict[str, str]) -> Path:
         args = ["mosquitto_passwd", "-b"] + (["-c"] if i == 0 else []) + [str(path), user, password]
         subprocess.run(args, check=True, capture_output=True)
     return path
+
+
+DYNSEC_PLUGIN_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/arm-linux-gnueabihf/mosquitto_dynamic_security.so",
+    "/usr/lib/mosquitto_dynamic_security.so",
+)
+
+
+def subscribe_acl(directory: Path, allowed: list[str]) -> list[str]:
+    """Config lines restricting what anonymous (certificate-only) clients may subscribe to.
+
+    mosquitto 2.0's acl_file only filters deliveries and still grants every SUBSCRIBE; the dynamic
+    security plugin shipped with the Debian package refuses it (SUBACK 0x80 in MQTT 3.1.1, 0x87 in 5).
+    """
+    import json
+
+    plugin = next((p for p in DYNSEC_PLUGIN_PATHS if Path(p).exists()), None)
+    if plugin is None:
+        raise RuntimeError("mosquitto_dynamic_security.so not found (Debian package mosquitto)")
+    config = {
+        "defaultACLAccess": {"publishClientSend": True, "publishClientReceive": True, "subscribe": False,
+                             "unsubscribe": True},
+        "clients": [],
+        "groups": [{"groupname": "anonymous", "roles": [{"rolename": "limited"}]}],
+        "roles": [{"rolename": "limited",
+                   "acls": [{"acltype": "subscribePattern", "topic": t, "allow": True} for t in allowed]}],
+        "anonymousGroup": "anonymous",
+    }
+    path = directory / "dynamic-security.json"
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config))
+    return [f"plugin {plugin}", f"plugin_opt_config_file {path}"]
