@@ -74,29 +74,37 @@ def _existing(path: Path) -> Path:
 
 
 def _mib(n: float) -> str:
-    return f"{n / 1024 / 1024:.0f} MiB" if n < 10 * 1024 ** 3 else f"{n / 1024 ** 3:.0f} GiB"
+    return f"{n / 1024 ** 2:.1f} MiB" if n < 10 * 1024 ** 2 else f"{n / 1024 ** 2:.0f} MiB" if n < 10 * 1024 ** 3 \
+        else f"{n / 1024 ** 3:.0f} GiB"
 
 
 def check_state_dir(state_dir: Path) -> CheckResult:
     """Free space, free inodes and a writable file system where the journal and history live."""
-    target = f"state_dir {state_dir}"
     where = _existing(state_dir)
     try:
         st = os.statvfs(where)
     except OSError as exc:
-        return result(10, target, "cannot be inspected", [warn(
+        return result(10, f"state_dir {state_dir}", "cannot be inspected", [warn(
             "state_dir_unreadable", f"{state_dir} cannot be inspected: {exc.strerror or exc}",
             "run the doctor as the user the agent runs as, or as root")])
-    free = st.f_bavail * st.f_frsize
-    details = {"free_bytes": free, "read_only": bool(st.f_flag & os.ST_RDONLY), "exists": state_dir.exists()}
-    created = "" if state_dir.exists() else f" (does not exist yet: the agent creates it; measured on {where})"
-    if st.f_flag & os.ST_RDONLY:
+    no_inodes = bool(st.f_files) and st.f_favail == 0
+    return assess_state_dir(state_dir, where, st.f_bavail * st.f_frsize, no_inodes=no_inodes,
+                            read_only=bool(st.f_flag & os.ST_RDONLY))
+
+
+def assess_state_dir(state_dir: Path, where: Path, free: int, *, no_inodes: bool, read_only: bool) -> CheckResult:
+    """Pure: what statvfs said about the file system of `state_dir` (or of `where`, its nearest existing
+    parent, when the agent has not created it yet) -> the state_dir line of check 10."""
+    target = f"state_dir {state_dir}"
+    details = {"free_bytes": free, "read_only": read_only, "exists": where == state_dir}
+    created = "" if where == state_dir else f" (does not exist yet: the agent creates it; measured on {where})"
+    if read_only:
         return result(10, target, "read-only file system" + created, [fail(
             "state_dir_read_only", f"{where} is on a read-only file system: the agent cannot keep its command "
-            "journal there", "point agent.state_dir at a writable file system (overlay/read-only root images: "
-            "use a persistent data partition)")], details)
-    if free < MIN_FREE_BYTES or (st.f_files and st.f_favail == 0):
-        what = "no free inodes" if st.f_files and st.f_favail == 0 else f"only {_mib(free)} free"
+            "journal there", "point agent.state_dir at a writable file system (read-only root images: use a "
+            "persistent data partition)")], details)
+    if free < MIN_FREE_BYTES or no_inodes:
+        what = "no free inodes" if no_inodes else f"only {_mib(free)} free"
         return result(10, target, what + created, [fail(
             "state_dir_full", f"the file system of {where} has {what}: the command journal cannot grow",
             f"free space there (`du -xh {where} | sort -h | tail`), or move agent.state_dir")], details)
