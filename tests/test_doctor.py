@@ -20,8 +20,10 @@ from typing import Any
 import pytest
 
 from agent.cli import main
-from agent.doctor import Report, run_doctor
+from agent.config import load_config
+from agent.doctor import Report, render_text, run_doctor
 from agent.doctor.report import CheckResult, Finding
+from agent.sender import send_command
 from tests.conftest import PKI
 from tests.support.agentproc import REPO
 from tests.support.mosquitto import free_port, make_password_file
@@ -33,6 +35,10 @@ TIMEOUT = 5.0
 
 def doctor(config: Path, timeout: float = TIMEOUT) -> Report:
     return run_doctor(config, timeout=timeout, service_user=None)
+
+
+def render(report: Report) -> str:
+    return render_text(report)
 
 
 def checks(report: Report, number: int) -> list[CheckResult]:
@@ -87,6 +93,31 @@ def test_all_fine_with_mqtt5(broker, make_config):
     assert report.exit_code == 0
     assert one(report, 7).summary.startswith("accepted dev-1-doctor-")
     assert "commands can arrive" in one(report, 8).summary
+
+
+def test_running_agent_stays_connected_while_the_doctor_probes(broker, make_config, run_agent):
+    """The point of the probe client id: the service is not kicked off the broker."""
+    cfg = make_config(broker)
+    agent = run_agent(cfg)
+    mark = agent.mark()
+    report = doctor(cfg)
+    assert report.exit_code == 0, render(report)
+    # The delivery probe reaches the agent too; it is not a command, so the agent only logs it.
+    agent.wait_for(r"ignored a message on 'command///req/dev-1-doctor-[0-9a-f]{6}': not a command", since=mark)
+    assert agent.count(r"connection to .* ended") == 0, agent.output
+    assert agent.count(r"command \S+ req") == 0, "the probe message must not run anything"
+    assert send_command(load_config(cfg), "ping", b"{}", timeout=10).status == 200
+
+
+def test_plain_mqtt_without_tls(make_broker, make_config):
+    broker = make_broker(tls=False)
+    report = doctor(make_config(broker, {"tls": {"enabled": False, "ca_file": None, "cert_file": None,
+                                                 "key_file": None}}))
+    assert report.exit_code == 0, render(report)
+    assert finding(one(report, 1), "tls_disabled").severity == "warn"
+    assert one(report, 3).summary == "not run: tls.enabled = false"
+    assert one(report, 6).summary == "not run: tls.enabled = false (plain MQTT)"
+    assert one(report, 7).status == "ok" and one(report, 8).status == "ok"
 
 
 # --- certificates -----------------------------------------------------------------------------
