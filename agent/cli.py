@@ -108,17 +108,26 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser(
         "doctor",
         help="diagnose why the gateway cannot connect, with cause and remedy for each problem",
-        description="Run ordered checks and print one line per check (ok / warn / FAIL); for each problem, the "
-        "cause and the exact remedy (the config key to set or the command to run). A check whose prerequisite "
-        "failed is skipped. Checks: 1 config, 2 files (CA, certificate, key: readable, key permissions, key "
-        "matches certificate), 3 certificates (signature algorithm vs tls.security_level, validity vs the local "
-        "clock, broker name), 4 DNS, 5 TCP (refused / timed out / unreachable), 6 TLS handshake exactly as the "
-        "agent does it, with diagnostic retries that pinpoint the setting at fault, 7 MQTT CONNECT (CONNACK in "
-        "words), 8 SUBSCRIBE to mqtt.command_topic (SUBACK, then a delivery probe), 9 connection history from "
-        "agent.state_dir, 10 clock, free space in agent.state_dir and the [metrics] port. "
-        "It never changes config or files, and it never connects with the production client id (that would "
-        "kick the running service off the broker): it uses CLIENT_ID-doctor-RANDOM and says so. Diagnostic "
-        "retries with relaxed TLS settings never send the password. See docs/doctor.md.",
+        description="""Run ordered checks and print one line per check (ok / warn / FAIL); for each problem the
+cause and the exact remedy (the config key to set or the command to run). When a check fails, the
+checks that depend on it are skipped.
+
+   1 config        the same validation as check-config
+   2 files         CA, certificate, key: readable, key permissions, key matches the certificate
+   3 certificates  signature algorithm vs tls.security_level, validity vs the clock, broker name
+   4 dns           each host in mqtt.hosts resolves
+   5 tcp           connect; refused / timed out / unreachable told apart
+   6 tls           the handshake exactly as the agent does it; on failure, retries with relaxed
+                   settings pinpoint the cause, and the broker's certificate chain is shown
+   7 mqtt_connect  CONNACK in words (MQTT 3.1.1 and 5)
+   8 subscribe     SUBACK for mqtt.command_topic, then a delivery probe
+   9 history       disconnects, learned keepalive, duplicate client id (from agent.state_dir)
+  10 local         clock, free space in agent.state_dir, the [metrics] listen port
+
+Safe next to the running service: it never changes config or files, and it never connects with
+the production client id (that would kick the service off the broker): it uses
+CLIENT_ID-doctor-RANDOM and says so. Retries with relaxed TLS settings never send the password.
+Details and the --json schema: docs/doctor.md.""",
         epilog="exit codes:\n  0  nothing failed (warnings allowed)\n  1  at least one check failed\n\n"
         "examples:\n  mqtt-agent doctor\n  mqtt-agent doctor --config /etc/mqtt-agent/mqtt-agent.toml --timeout 15"
         "\n  mqtt-agent doctor --json | jq '.checks[] | select(.status == \"fail\")'",
@@ -128,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true",
                         help="print a machine-readable report (schema in docs/doctor.md) instead of text")
     doctor.add_argument("--timeout", metavar="S", type=_positive_seconds, default=5.0,
-                        help="seconds each network step may take: DNS, TCP, TLS, CONNACK, SUBACK (default: 5)")
+                        help="seconds each network step may take: DNS, TCP, TLS, CONNACK, SUBACK, delivery "
+                        "(default: 5)")
     return parser
 
 

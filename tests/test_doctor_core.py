@@ -21,12 +21,14 @@ from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from agent.config import HostPort, MqttConfig, load_config
 from agent.doctor import probe_client_id, run_doctor
-from agent.doctor.broker import connack_finding, delivery_topic, handshake_code
 from agent.doctor.certs import assess_certificate, key_security_bits, name_matches, sha1_rejected_from
 from agent.doctor.files import check_files, readable_by
 from agent.doctor.history import assess_history, check_history
 from agent.doctor.local import assess_clock, assess_state_dir, check_metrics_port
-from agent.doctor.report import Report, render_text, result, skipped, warn
+from agent.doctor.mqtt_check import connack_finding, delivery_topic
+from agent.doctor.report import CheckResult, Report, render_text, result, skipped, warn
+from agent.doctor.runner import _guarded
+from agent.doctor.tls_check import handshake_code
 from agent.tls import CertInfo
 from agent.topics import parse_request
 from tests.conftest import PKI
@@ -424,3 +426,13 @@ def test_report_exit_code_and_order():
     assert report.exit_code == 1
     assert report.as_dict()["counts"] == {"ok": 1, "warn": 1, "fail": 1, "skip": 1}
 
+
+
+def test_an_internal_error_in_one_check_becomes_a_fail_line_not_a_crash():
+    def broken() -> list[CheckResult]:
+        raise KeyError("surprise")
+
+    out = _guarded(9, "", broken)
+    assert [(c.number, c.status) for c in out] == [(9, "fail")]
+    assert out[0].findings[0].code == "internal_error"
+    assert "KeyError" in out[0].findings[0].cause

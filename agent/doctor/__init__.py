@@ -8,7 +8,9 @@ each reported as ok / warn / FAIL with the cause and the exact remedy. Modules, 
     certs.py         3   certificate facts against security level, clock and broker name (pure)
     network.py       4-5 DNS and TCP, failures told apart
     probe.py         -   paho connections under a probe client id, chain fetch (moves bytes only)
-    broker.py        6-8 TLS handshake + diagnostic retries, CONNACK in words, subscription + delivery
+    broker.py        6-8 one probe connection per broker, followed as far as it gets
+    tls_check.py     6   the handshake as the agent does it; diagnostic retries; chain
+    mqtt_check.py    7-8 CONNACK in words; SUBACK and the delivery probe
     history.py       9   the agent's connection-state.json
     local.py         10  clock, state_dir space, metrics port
     runner.py        -   order and prerequisites

@@ -46,6 +46,7 @@ def _md5(info: CertInfo) -> bool:
 
 
 def signature_rejected_at(info: CertInfo, level: int) -> bool:
+    """Whether OpenSSL at `level` refuses the certificate's signature digest."""
     if not info.weak_signature:
         return False
     return level >= (1 if _md5(info) else sha1_rejected_from())
@@ -174,18 +175,21 @@ def name_matches(names: Sequence[str], name: str) -> bool:
 
 
 def describe(info: CertInfo) -> str:
+    """One line of facts about a certificate, as the text report shows it."""
     names = f", names {', '.join(info.names)}" if info.names else ""
     return (f"subject {info.subject}, issuer {info.issuer}{names}, {info.signature}, {info.key}, "
             f"valid {info.not_before:%Y-%m-%d} to {info.not_after:%Y-%m-%d}")
 
 
 def chain_notes(chain: Sequence[x509.Certificate], host: HostPort) -> list[str]:
+    """The chain a broker sent, as text report lines."""
     lines = [f"certificate chain sent by {host}:"]
     lines += [f"  {i}: {describe(cert_info(c))}" for i, c in enumerate(chain)]
     return lines
 
 
 def chain_details(chain: Sequence[x509.Certificate]) -> list[dict[str, Any]]:
+    """The chain a broker sent, for --json."""
     return [cert_info(c).as_dict() for c in chain]
 
 

@@ -213,6 +213,7 @@ class SubscribeOutcome:
 
 
 def subscribe(attempt: Attempt, topic: str, qos: int, timeout: float) -> SubscribeOutcome:
+    """SUBSCRIBE on an accepted probe connection and wait up to `timeout` for the SUBACK."""
     client, rec = attempt.client, attempt.recorder
     assert client is not None and rec is not None
     rc, mid = client.subscribe(topic, qos=qos)

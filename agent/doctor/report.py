@@ -98,10 +98,12 @@ def skipped(number: int, target: str, reason: str) -> CheckResult:
 
 
 def fail(code: str, cause: str, remedy: str) -> Finding:
+    """A finding that makes its check FAIL."""
     return Finding(FAIL, code, cause, remedy)
 
 
 def warn(code: str, cause: str, remedy: str) -> Finding:
+    """A finding that makes its check warn (exit code stays 0)."""
     return Finding(WARN, code, cause, remedy)
 
 

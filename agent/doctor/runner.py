@@ -17,6 +17,8 @@ from __future__ import annotations
 import datetime
 import secrets
 import time
+from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +34,7 @@ from agent.doctor.history import check_history
 from agent.doctor.local import assess_clock, check_metrics_port, check_state_dir, kernel_clock_synchronised
 from agent.doctor.network import check_dns, check_tcp
 from agent.doctor.probe import fetch_chain
-from agent.doctor.report import CheckResult, Report, result, skipped, warn
+from agent.doctor.report import CheckResult, Report, fail, result, skipped, warn
 
 DEFAULT_TIMEOUT = 5.0
 
@@ -40,6 +42,16 @@ DEFAULT_TIMEOUT = 5.0
 def probe_client_id(client_id: str, token: str | None = None) -> str:
     """The client id the doctor connects with: never the production one, which would take its session over."""
     return f"{client_id}-doctor-{token or secrets.token_hex(3)}"
+
+
+def _guarded(number: int, target: str, step: Callable[[], Sequence[CheckResult]]) -> list[CheckResult]:
+    """Run one step; an unexpected exception becomes a FAIL line instead of ending the whole report."""
+    try:
+        return list(step())
+    except Exception as exc:  # noqa: BLE001 - a diagnostic tool reports its own failures as findings too
+        return [result(number, target, "internal error", [fail(
+            "internal_error", f"the doctor itself failed in this check: {type(exc).__name__}: {exc}",
+            "report this, with the output of `mqtt-agent doctor --json`, to the mqtt-agent maintainers")])]
 
 
 def _host_checks(cfg: Config, host: HostPort, probe_id: str, timeout: float, tls_blocked: str,
@@ -94,16 +106,16 @@ def run_doctor(
     report.client_id = cfg.mqtt.client_id
     report.probe_client_id = probe_id = probe_client_id(cfg.mqtt.client_id, probe_token)
     now = datetime.datetime.fromtimestamp(wall(), datetime.timezone.utc)
-    files = check_files(cfg, service_user)
-    report.add(files)
-    report.add(*check_local_certificates(cfg, now))
-    blocking = [f for f in files.findings if f.code in BLOCKS_TLS]
+    files = _guarded(2, "", lambda: [check_files(cfg, service_user)])
+    report.add(*files)
+    report.add(*_guarded(3, "", lambda: check_local_certificates(cfg, now)))
+    blocking = [f for f in files[0].findings if f.code in BLOCKS_TLS or f.code == "internal_error"]
     tls_blocked = f"the TLS files are unusable ({blocking[0].code}, check 2)" if blocking and cfg.tls.enabled else ""
     for host in cfg.mqtt.hosts:
-        report.add(*_host_checks(cfg, host, probe_id, timeout, tls_blocked, now))
-    report.add(check_history(cfg.agent.state_dir, wall()))
-    report.add(assess_clock(now, kernel_clock_synchronised()))
-    report.add(check_state_dir(cfg.agent.state_dir))
-    report.add(check_metrics_port(cfg.metrics.endpoint, timeout))
+        report.add(*_guarded(4, str(host), partial(_host_checks, cfg, host, probe_id, timeout, tls_blocked, now)))
+    report.add(*_guarded(9, "", lambda: [check_history(cfg.agent.state_dir, wall())]))
+    report.add(*_guarded(10, "clock", lambda: [assess_clock(now, kernel_clock_synchronised())]))
+    report.add(*_guarded(10, "state_dir", lambda: [check_state_dir(cfg.agent.state_dir)]))
+    report.add(*_guarded(10, "metrics", lambda: [check_metrics_port(cfg.metrics.endpoint, timeout)]))
     report.duration_s = time.monotonic() - started
     return report
