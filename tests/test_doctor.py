@@ -96,17 +96,17 @@ def test_all_fine_with_mqtt5(broker, make_config):
 
 
 def test_running_agent_stays_connected_while_the_doctor_probes(broker, make_config, run_agent):
-    """The point of the probe client id: the service is not kicked off the broker."""
+    """The point of the probe client id: the service is not kicked off the broker, and the delivery
+    probe, which reaches the agent too, runs nothing there."""
     cfg = make_config(broker)
     agent = run_agent(cfg)
-    mark = agent.mark()
     report = doctor(cfg)
     assert report.exit_code == 0, render(report)
-    # The delivery probe reaches the agent too; it is not a command, so the agent only logs it.
-    agent.wait_for(r"ignored a message on 'command///req/dev-1-doctor-[0-9a-f]{6}': not a command", since=mark)
-    assert agent.count(r"connection to .* ended") == 0, agent.output
-    assert agent.count(r"command \S+ req") == 0, "the probe message must not run anything"
+    assert "commands can arrive" in one(report, 8).summary
     assert send_command(load_config(cfg), "ping", b"{}", timeout=10).status == 200
+    agent.wait_for(r"command ping req \w+ -> 200")
+    assert agent.count(r"command \S+ req") == 1, agent.output
+    assert agent.count(r"connection to .* ended") == 0, agent.output
 
 
 def test_plain_mqtt_without_tls(make_broker, make_config):
@@ -204,6 +204,18 @@ def test_expired_client_certificate(broker, make_config, pki: PKI):
     assert "after the handshake" in rejected.cause
     assert rejected.remedy.startswith(f"renew the device certificate (tls.cert_file {expired.cert}): it expired on")
     assert one(report, 7).status == "skip"
+
+
+def test_clock_in_1970_is_named_as_the_cause(make_config):
+    """A board without RTC before NTP: injected wall clock, real files; the handshake is not needed."""
+    wall = datetime.datetime(1970, 1, 1, 0, 5, tzinfo=UTC).timestamp()
+    report = run_doctor(make_config(None, {"mqtt": {"hosts": [f"127.0.0.1:{free_port()}"]}}), timeout=2,
+                        service_user=None, wall=lambda: wall)
+    early = finding(one(report, 3, "client certificate"), "cert_not_yet_valid")
+    assert "local clock 1970-01-01 00:05 UTC" in early.cause
+    assert "a board without RTC boots in 1970 until NTP syncs" in early.remedy
+    clock = finding(one(report, 10, "clock"), "clock_wrong")
+    assert "the system clock says 1970-01-01" in clock.cause
 
 
 def test_broker_certificate_from_untrusted_ca(make_broker, make_config, tmp_path):

@@ -77,6 +77,15 @@ def _clock_hint(now: datetime.datetime) -> str:
     return "if the local clock is wrong, fix it first (`timedatectl`, NTP)"
 
 
+def _not_yet_valid_hint(now: datetime.datetime) -> str:
+    if now.year < 2020:
+        return _clock_hint(now)
+    # fake-hwclock (Raspberry Pi OS) restores the last shutdown time: plausible, but days or months behind.
+    return ("check the local clock first (`timedatectl`): a board without RTC, such as a Raspberry Pi, starts in "
+            "1970 or at its last shutdown time until NTP syncs; if the clock is right, the certificate was issued "
+            "with a start date in the future")
+
+
 def assess_certificate(info: CertInfo, *, label: str, role: str, level: int, now: datetime.datetime,
                        eku: Sequence[str] | None = None, check_signature: bool = True) -> list[Finding]:
     """Problems of one certificate. role: "client", "broker" or "ca" (decides the remedies)."""
@@ -109,7 +118,7 @@ def assess_certificate(info: CertInfo, *, label: str, role: str, level: int, now
         findings.append(fail(
             "cert_not_yet_valid",
             f"{label} is not valid yet: valid from {_day(info.not_before)}, local clock {_day(now)}",
-            _clock_hint(now) + "; otherwise the certificate was issued with a start date in the future",
+            _not_yet_valid_hint(now),
         ))
     elif info.not_after < now:
         days = (now - info.not_after).days

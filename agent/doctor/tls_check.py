@@ -248,8 +248,12 @@ def setup_failure(cfg: Config, host: HostPort, probe_id: str, timeout: float, er
     details: dict[str, object] = {"error": str(err)}
     if code in ("client_cert_weak_signature", "client_key_too_small") and cfg.tls.security_level > 0:
         label = "tls.security_level = 0"
-        attempt = probe.connect_attempt(cfg.mqtt, build_context(replace(cfg.tls, security_level=0)), host, probe_id,
-                                        timeout, label=label, credentials=False)
+        try:
+            relaxed = build_context(replace(cfg.tls, security_level=0))
+        except TLSSetupError as again:
+            return result(6, str(host), "the agent cannot set up TLS with these files",
+                          [fail(code, err.cause, f"{remedy}; at tls.security_level = 0: {again.cause}")], details)
+        attempt = probe.connect_attempt(cfg.mqtt, relaxed, host, probe_id, timeout, label=label, credentials=False)
         notes += ["diagnosis (retry without credentials):", f"  {label}: {_short(attempt)}"]
         details["diagnosis"] = [{"setting": label, "result": _short(attempt), "connects": attempt.tls_ok}]
         if not attempt.tls_ok:
