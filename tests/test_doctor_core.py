@@ -397,6 +397,10 @@ def test_files_the_service_user_cannot_read(make_config, pki: PKI, world_travers
     assert readable_by(shared / "device.key", user)
     shared.chmod(0o700)
     assert not readable_by(shared / "ca.pem", user), "a closed directory hides the files in it"
+    res = check_files(cfg, "nobody")  # type: ignore[arg-type]
+    hidden = [f for f in res.findings if f.code == "unreadable_by_service_user"]
+    assert len(hidden) == 3
+    assert hidden[0].remedy == f"chmod a+x {shared} (that directory hides the file from nobody)"
 
 
 # --- config and report --------------------------------------------------------------------------

@@ -84,19 +84,27 @@ def _allows(st: os.stat_result, uid: int, gids: set[int], bits: tuple[int, int, 
     return bool(st.st_mode & other)
 
 
-def readable_by(path: Path, pw: pwd.struct_passwd) -> bool:
-    """Whether user `pw` may read `path`, judged from owner, group and mode bits (POSIX ACLs are not read)."""
+def access_blocker(path: Path, pw: pwd.struct_passwd) -> Path | None:
+    """What stops user `pw` from reading `path`: a directory it cannot traverse, or the file itself; None if
+    nothing does. Judged from owner, group and mode bits (POSIX ACLs are not read)."""
     if pw.pw_uid == 0:
-        return True
+        return None
     gids = {pw.pw_gid} | {g.gr_gid for g in grp.getgrall() if pw.pw_name in g.gr_mem}
+    real = path.resolve()
     try:
-        real = path.resolve()
         for directory in reversed(real.parents):
             if not _allows(directory.stat(), pw.pw_uid, gids, (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH)):
-                return False
-        return _allows(real.stat(), pw.pw_uid, gids, (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH))
+                return directory
+        if not _allows(real.stat(), pw.pw_uid, gids, (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH)):
+            return real
     except OSError:
-        return False
+        return real
+    return None
+
+
+def readable_by(path: Path, pw: pwd.struct_passwd) -> bool:
+    """Whether user `pw` may read `path` (owner, group and mode bits; POSIX ACLs are not read)."""
+    return access_blocker(path, pw) is None
 
 
 def _matching_sibling(cert: x509.Certificate, candidates: Iterable[Path], exclude: Path) -> Path | None:
@@ -157,25 +165,38 @@ def check_files(cfg: Config, user_name: str | None = "mqtt-agent") -> CheckResul
     pw = service_user(user_name) if os.geteuid() == 0 else None
     if pw is not None:
         details["service_user"] = pw.pw_name
-        for path, key in ((t.ca_file, "tls.ca_file"), (t.cert_file, "tls.cert_file"), (t.key_file, "tls.key_file"),
-                          (t.key_password_file, "tls.key_password_file"), (m.password_file, "mqtt.password_file")):
-            if path is None or (not t.enabled and key.startswith("tls.")):
-                continue
-            if not readable_by(path, pw):
-                fix = (f"chown {pw.pw_name} {path}" if key in ("tls.key_file", "tls.key_password_file",
-                                                                "mqtt.password_file")
-                       else f"chmod a+r {path} (and a+x on its directories)")
-                findings.append(fail(
-                    "unreadable_by_service_user",
-                    f"{key} {path} is readable here (as root) but not by {pw.pw_name}, the user the service runs as",
-                    fix,
-                ))
-        facts.append(f"readable by the service user {pw.pw_name}" if not any(
-            f.code == "unreadable_by_service_user" for f in findings) else "")
+        blocked = _service_user_findings(cfg, pw)
+        findings += blocked
+        if not blocked:
+            facts.append(f"readable by the service user {pw.pw_name}")
     if not t.enabled:
         facts.insert(0, "TLS is disabled: no certificate files")
     summary = "; ".join(f for f in facts if f) or "no files configured"
     return result(2, "", summary, findings, details)
+
+
+def _service_user_findings(cfg: Config, pw: pwd.struct_passwd) -> list[Finding]:
+    """Files root can read here but the service account cannot: the agent works by hand, fails as a service."""
+    t, m = cfg.tls, cfg.mqtt
+    private = ("tls.key_file", "tls.key_password_file", "mqtt.password_file")
+    out: list[Finding] = []
+    for path, key in ((t.ca_file, "tls.ca_file"), (t.cert_file, "tls.cert_file"), (t.key_file, "tls.key_file"),
+                      (t.key_password_file, "tls.key_password_file"), (m.password_file, "mqtt.password_file")):
+        if path is None or (not t.enabled and key.startswith("tls.")):
+            continue
+        blocker = access_blocker(path, pw)
+        if blocker is None:
+            continue
+        if blocker != path.resolve():
+            fix = f"chmod a+x {blocker} (that directory hides the file from {pw.pw_name})"
+        elif key in private:
+            fix = f"chown {pw.pw_name} {path}"
+        else:
+            fix = f"chmod a+r {path}"
+        out.append(fail("unreadable_by_service_user",
+                        f"{key} {path} is readable here (as root) but not by {pw.pw_name}, the user the service "
+                        "runs as", fix))
+    return out
 
 
 def _check_key(cfg: Config, cert: x509.Certificate | None, facts: list[str], details: dict[str, Any]) -> list[Finding]:
