@@ -207,7 +207,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
     report = run_doctor(args.config, timeout=args.timeout)
     if args.json:
-        print(json.dumps(report.as_dict(), indent=2))
+        print(json.dumps(report.as_dict(), indent=2, default=str))
     else:
         print(render_text(report), end="")
     return report.exit_code
