@@ -104,6 +104,41 @@ def build_parser() -> argparse.ArgumentParser:
                       "sending the same id twice shows the agent's duplicate handling")
     send.add_argument("--one-way", action="store_true",
                       help="send a one-way command (empty request id): it runs, nothing comes back")
+
+    doctor = sub.add_parser(
+        "doctor",
+        help="diagnose why the gateway cannot connect, with cause and remedy for each problem",
+        description="""Run ordered checks and print one line per check (ok / warn / FAIL); for each problem the
+cause and the exact remedy (the config key to set or the command to run). When a check fails, the
+checks that depend on it are skipped.
+
+   1 config        the same validation as check-config
+   2 files         CA, certificate, key: readable, key permissions, key matches the certificate
+   3 certificates  signature algorithm vs tls.security_level, validity vs the clock, broker name
+   4 dns           each host in mqtt.hosts resolves
+   5 tcp           connect; refused / timed out / unreachable told apart
+   6 tls           the handshake exactly as the agent does it; on failure, retries with relaxed
+                   settings pinpoint the cause, and the broker's certificate chain is shown
+   7 mqtt_connect  CONNACK in words (MQTT 3.1.1 and 5)
+   8 subscribe     SUBACK for mqtt.command_topic, then a delivery probe
+   9 history       disconnects, learned keepalive, duplicate client id (from agent.state_dir)
+  10 local         clock, free space in agent.state_dir, the [metrics] listen port
+
+Safe next to the running service: it never changes config or files, and it never connects with
+the production client id (that would kick the service off the broker): it uses
+CLIENT_ID-doctor-RANDOM and says so. Retries with relaxed TLS settings never send the password.
+Details and the --json schema: docs/doctor.md.""",
+        epilog="exit codes:\n  0  nothing failed (warnings allowed)\n  1  at least one check failed\n\n"
+        "examples:\n  mqtt-agent doctor\n  mqtt-agent doctor --config /etc/mqtt-agent/mqtt-agent.toml --timeout 15"
+        "\n  mqtt-agent doctor --json | jq '.checks[] | select(.status == \"fail\")'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config(doctor)
+    doctor.add_argument("--json", action="store_true",
+                        help="print a machine-readable report (schema in docs/doctor.md) instead of text")
+    doctor.add_argument("--timeout", metavar="S", type=_positive_seconds, default=5.0,
+                        help="seconds each network step may take: DNS, TCP, TLS, CONNACK, SUBACK, delivery "
+                        "(default: 5)")
     return parser
 
 
@@ -155,6 +190,29 @@ def _cmd_send(args: argparse.Namespace) -> int:
     return EX_OK if 200 <= result.status < 300 else EX_FAILURE
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 < value <= 600:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 600 seconds, got {text}")
+    return value
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    import json
+
+    from agent.doctor import render_text, run_doctor
+
+    report = run_doctor(args.config, timeout=args.timeout)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2, default=str))
+    else:
+        print(render_text(report), end="")
+    return report.exit_code
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from agent.app import Agent
 
@@ -179,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command != "run":
         setup_logging("warning")
-    handlers = {"run": _cmd_run, "check-config": _cmd_check_config, "send": _cmd_send}
+    handlers = {"run": _cmd_run, "check-config": _cmd_check_config, "send": _cmd_send, "doctor": _cmd_doctor}
     try:
         return handlers[args.command](args)
     except AgentError as exc:
