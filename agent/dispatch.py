@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 # Past its timeout, a handler that stops itself (exec) gets this long to report before the
 # dispatcher answers 504 on its behalf and writes its worker off.
 ENFORCED_TIMEOUT_GRACE = 2.0
+DOCTOR_PROBE_MARK = "-doctor-"  # in the last segment of the probe topic `mqtt-agent doctor` publishes
 
 
 class Publisher(Protocol):
@@ -276,6 +277,10 @@ class Dispatcher:
     def _accept(self, msg: Inbound, recovered_key: str | None = None) -> None:
         topic = parse_request(msg.topic)
         if topic is None:
+            if DOCTOR_PROBE_MARK in msg.topic.rsplit("/", 1)[-1]:
+                # `mqtt-agent doctor` proves delivery with a 5-segment probe message: expected, not a problem.
+                log.debug("ignored the delivery probe of mqtt-agent doctor on %r", msg.topic)
+                return
             self.stats.rejected["malformed_topic"] += 1
             self.observer.command_rejected("", "malformed_topic")
             log.warning("ignored a message on %r: not a command request topic (command/TENANT/DEVICE/req/REQ_ID/NAME)",

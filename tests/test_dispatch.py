@@ -336,3 +336,15 @@ def test_expired_mqtt5_message_is_answered_410(parts: dict[str, Any]) -> None:
     topic, body, _ = rec.wait(1)[0]
     assert topic == "command///res/exp/410"
     assert json.loads(body)["error"] == "the request's message expiry (2 s) passed before it could run"
+
+
+def test_doctor_probe_is_ignored_quietly(parts: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    d, rec = parts["make"]()
+    with caplog.at_level("DEBUG", logger="agent.dispatch"):
+        d.accept(msg("command///req/dev-1-doctor-abc123"))
+        d.accept(msg("command///req/not-a-probe"))
+    assert rec.sent == []
+    assert d.stats.rejected["malformed_topic"] == 1
+    assert "ignored the delivery probe of mqtt-agent doctor" in caplog.text
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "not-a-probe" in warnings[0].getMessage()
