@@ -244,6 +244,9 @@ def load_private_key(paths: EnrollPaths) -> PrivateKey:
     """The existing device key. Raises EnrollError (never showing key material)."""
     try:
         data = paths.key_file.read_bytes()
+    except FileNotFoundError:
+        raise EnrollError(f"tls.key_file {paths.key_file} does not exist: run `mqtt-agent enroll` first to create "
+                          "the key and its CSR") from None
     except OSError as exc:
         raise EnrollError(f"tls.key_file {paths.key_file} cannot be read: {exc.strerror or exc}") from exc
     try:

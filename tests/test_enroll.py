@@ -296,6 +296,13 @@ def test_printed_openssl_command_signs_and_install_cert_installs(enrolled: Path,
     assert "already enrolled" in status.stdout and "next steps" not in status.stdout
 
 
+def test_install_cert_before_enroll_says_what_to_do(cfg: Path, ca: TestCA) -> None:
+    other = ca.issue("gw-0001", filename="early")
+    result = run_cli("enroll", "--config", str(cfg), "--install-cert", str(other.cert))
+    assert result.returncode == 1
+    assert "does not exist: run `mqtt-agent enroll` first" in result.stderr
+
+
 def test_certificate_for_another_key_is_refused(enrolled: Path, ca: TestCA, tmp_path: Path) -> None:
     other = ca.issue("gw-0001", filename="other")  # right CN, wrong key
     result = run_cli("enroll", "--config", str(enrolled), "--install-cert", str(other.cert))
