@@ -202,8 +202,7 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     if args.ca is not None:
         raise provision.EnrollError("--ca is used with --install-cert")
     owner = provision.resolve_owner(args.owner)
-    result = provision.enroll(paths, device_id=args.device_id, key_type=args.key_type or "ec", force=args.force,
-                              owner=owner)
+    result = provision.enroll(paths, device_id=args.device_id, key_type=args.key_type, force=args.force, owner=owner)
     print(provision.enroll_report(result), end="")
     return EX_OK
 

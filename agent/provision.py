@@ -309,10 +309,13 @@ def _existing_csr_fits(path: Path, key: PrivateKey, device_id: str) -> bool:
     return csr.is_signature_valid and cns == [device_id] and _public_der(csr) == _public_der(key)
 
 
-def enroll(paths: EnrollPaths, *, device_id: str | None = None, key_type: str = "ec", force: bool = False,
+def enroll(paths: EnrollPaths, *, device_id: str | None = None, key_type: str | None = None, force: bool = False,
            owner: Owner | None = None) -> EnrollResult:
-    """Make (or keep) the device key and write a CSR for it. Idempotent: a second run changes nothing."""
-    if key_type not in KEY_TYPES:
+    """Make (or keep) the device key and write a CSR for it. Idempotent: a second run changes nothing.
+
+    `key_type` None means EC for a new key and no opinion about an existing one.
+    """
+    if key_type is not None and key_type not in KEY_TYPES:
         raise EnrollError(f"--key-type must be one of {', '.join(KEY_TYPES)}, got {key_type!r}")
     warnings: list[str] = []
     notes: list[str] = []
@@ -328,7 +331,7 @@ def enroll(paths: EnrollPaths, *, device_id: str | None = None, key_type: str = 
     password = _password(paths)
     key_created = force or not paths.key_file.exists()
     if key_created:
-        key = generate_key(key_type)
+        key = generate_key(key_type or "ec")
         write_atomically(paths.key_file, _key_pem(key, password), 0o600, owner)
         if force and paths.cert_file.exists():
             warnings.append(f"the certificate {paths.cert_file} belongs to the previous key: the agent cannot "
@@ -342,8 +345,10 @@ def enroll(paths: EnrollPaths, *, device_id: str | None = None, key_type: str = 
         if owner is not None and (st.st_uid, st.st_gid) != (owner.uid, owner.gid):
             os.chown(paths.key_file, owner.uid, owner.gid)
             notes.append(f"gave {paths.key_file} to {owner.name}")
-        if key_type != "ec" and not isinstance(key, rsa.RSAPrivateKey):
-            warnings.append(f"kept the existing {describe_key(key)} key; --force replaces it with an RSA key")
+        have = "ec" if isinstance(key, ec.EllipticCurvePrivateKey) else "rsa"
+        if key_type is not None and key_type != have:
+            warnings.append(f"kept the existing {describe_key(key)} key; --force replaces it with a new "
+                            f"{'EC P-256' if key_type == 'ec' else 'RSA 2048'} key")
     csr_written = key_created or not _existing_csr_fits(paths.csr_file, key, chosen)
     if csr_written:
         csr = build_csr(key, chosen)

@@ -190,6 +190,10 @@ def test_enroll_is_idempotent_and_force_replaces_the_key(cfg: Path) -> None:
     assert forced.returncode == 0
     assert key_path.read_bytes() != key1 and csr_path.read_bytes() != csr1
     assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    # Asking for another key type does not replace a key silently.
+    rsa_wish = run_cli("enroll", "--config", str(cfg), "--key-type", "rsa", *owner_args())
+    assert rsa_wish.returncode == 0
+    assert "kept the existing EC P-256 key; --force replaces it with a new RSA 2048 key" in rsa_wish.stdout
 
 
 def test_enroll_tightens_a_readable_key_and_rewrites_a_foreign_csr(cfg: Path, ca: TestCA) -> None:
