@@ -139,6 +139,39 @@ Details and the --json schema: docs/doctor.md.""",
     doctor.add_argument("--timeout", metavar="S", type=_positive_seconds, default=5.0,
                         help="seconds each network step may take: DNS, TCP, TLS, CONNACK, SUBACK, delivery "
                         "(default: 5)")
+
+    enroll = sub.add_parser(
+        "enroll",
+        help="create the device key and CSR, or install the signed certificate",
+        description="Create this device's private key (mode 0600, owned by the service user) and a "
+        "certificate signing request with the device id as CN and SAN, at the paths in [tls] of the config "
+        "(key: tls.key_file; CSR: tls.cert_file with the suffix .csr). The key never leaves the device: only "
+        "the CSR goes to the fleet CA. An existing key is kept unless --force. Works before the certificate "
+        "exists (only agent.device_id and [tls] are read). With --install-cert, check that the signed "
+        "certificate belongs to the key, chains to the CA (tls.ca_file or --ca), is valid and usable for TLS "
+        "client authentication, then install it atomically at tls.cert_file.",
+        epilog="exit codes:\n  0  done (also when nothing needed to change)\n  1  failure (the message says why)\n"
+        "  78 invalid configuration\n\n"
+        "examples:\n  sudo mqtt-agent enroll                        # key + CSR for agent.device_id\n"
+        "  sudo mqtt-agent enroll --device-id gw-0042 --key-type rsa\n"
+        "  sudo mqtt-agent enroll --install-cert /tmp/device.pem\n"
+        "  sudo mqtt-agent enroll --install-cert chain.pem --ca fleet-ca.pem  # device CA differs from broker CA",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config(enroll)
+    enroll.add_argument("--device-id", metavar="ID", help="CN/SAN of the CSR (default: agent.device_id)")
+    enroll.add_argument("--key-type", choices=("ec", "rsa"), default=None,
+                        help="ec: EC P-256 (default); rsa: RSA 2048, for brokers or CAs without EC support")
+    enroll.add_argument("--force", action="store_true",
+                        help="replace an existing key with a new one (the device then needs a new certificate)")
+    enroll.add_argument("--owner", metavar="USER",
+                        help="account that owns the key (default as root: mqtt-agent, the service user)")
+    enroll.add_argument("--install-cert", metavar="FILE", type=Path,
+                        help="check the signed certificate FILE (PEM, optionally followed by intermediates) and "
+                        "install it at tls.cert_file")
+    enroll.add_argument("--ca", metavar="FILE", type=Path,
+                        help="with --install-cert: CA certificate(s) the device certificate must chain to "
+                        "(default: tls.ca_file)")
     return parser
 
 
@@ -212,6 +245,24 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         print(render_text(report), end="")
     return report.exit_code
 
+def _cmd_enroll(args: argparse.Namespace) -> int:
+    from agent import provision
+
+    paths = provision.read_enroll_paths(args.config)
+    if args.install_cert is not None:
+        if args.force or args.key_type or args.owner:
+            raise provision.EnrollError("--force, --key-type and --owner apply to making the key, "
+                                        "not to --install-cert")
+        installed = provision.install_certificate(paths, args.install_cert, ca_file=args.ca, device_id=args.device_id)
+        print(provision.install_report(installed), end="")
+        return EX_OK
+    if args.ca is not None:
+        raise provision.EnrollError("--ca is used with --install-cert")
+    owner = provision.resolve_owner(args.owner)
+    result = provision.enroll(paths, device_id=args.device_id, key_type=args.key_type, force=args.force, owner=owner)
+    print(provision.enroll_report(result), end="")
+    return EX_OK
+
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from agent.app import Agent
@@ -237,7 +288,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command != "run":
         setup_logging("warning")
-    handlers = {"run": _cmd_run, "check-config": _cmd_check_config, "send": _cmd_send, "doctor": _cmd_doctor}
+    handlers = {
+        "run": _cmd_run,
+        "check-config": _cmd_check_config,
+        "send": _cmd_send,
+        "doctor": _cmd_doctor,
+        "enroll": _cmd_enroll,
+    }
     try:
         return handlers[args.command](args)
     except AgentError as exc:
