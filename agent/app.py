@@ -77,7 +77,9 @@ class Agent:
         self.registry = build_registry(cfg.commands, self.status, plugins=self._plugins, ping=self._ping)
         dispatcher_box: list[Dispatcher] = []
         protocol = "5" if cfg.mqtt.is_v5 else "3.1.1"
+        tuning = cfg.keepalive_tuning
         self.metrics = AgentMetrics(protocol=protocol, configured_keepalive=cfg.mqtt.keepalive, tls=cfg.tls,
+                                    keepalive_floor=tuning.min if tuning.enabled else None,
                                     commands=self.registry, in_flight=lambda: dispatcher_box[0].in_flight)
         interval = watchdog_interval()
         self.watchdog = ServiceWatchdog(self.notifier, self._connection_status, self._health, interval=interval)

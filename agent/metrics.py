@@ -67,6 +67,7 @@ class ConnectionMetrics(SessionListener):
         *,
         protocol: str,
         configured_keepalive: int,
+        keepalive_floor: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -97,6 +98,10 @@ class ConnectionMetrics(SessionListener):
                                           "mqtt.keepalive from the configuration (the tuner's upper bound)",
                                           registry=registry)
         self.keepalive_configured.set(configured_keepalive)
+        self.keepalive_floor = Gauge("mqtt_agent_keepalive_min_seconds",
+                                     "keepalive_tuning.min: the tuner never goes below it (the configured value "
+                                     "if tuning is off)", registry=registry)
+        self.keepalive_floor.set(configured_keepalive if keepalive_floor is None else keepalive_floor)
         self.keepalive_adjustments = Counter("mqtt_agent_keepalive_adjustments",
                                              "Keepalive changes made by the tuner, by direction", ["direction"],
                                              registry=registry)
@@ -257,6 +262,7 @@ class AgentMetrics:
         protocol: str,
         configured_keepalive: int,
         tls: TlsConfig,
+        keepalive_floor: int | None = None,
         commands: Iterable[str] = (),
         in_flight: Callable[[], int] | None = None,
         registry: CollectorRegistry | None = None,
@@ -265,7 +271,7 @@ class AgentMetrics:
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.connection = ConnectionMetrics(self.registry, protocol=protocol, configured_keepalive=configured_keepalive,
-                                            clock=clock, wall=wall)
+                                            keepalive_floor=keepalive_floor, clock=clock, wall=wall)
         self.commands = CommandMetrics(self.registry, commands, in_flight)
         self.certificates = CertificateExpiry(self.registry, tls)
         build = Gauge("mqtt_agent_build_info", "Versions of the agent, Python and paho-mqtt: 1",

@@ -73,6 +73,7 @@ def test_scrape_after_real_traffic(pki, broker, make_config, run_agent):
     assert value(before, "mqtt_agent_broker_info", host=broker.address, protocol="3.1.1") == 1
     assert value(before, "mqtt_agent_keepalive_seconds") == 30
     assert value(before, "mqtt_agent_keepalive_configured_seconds") == 30
+    assert value(before, "mqtt_agent_keepalive_min_seconds") == 10  # keepalive_tuning.min default
     assert value(before, "mqtt_agent_build_info", version=__version__, python=_python(), paho=_paho()) == 1
     for reason in DISCONNECT_REASONS:
         assert value(before, "mqtt_agent_disconnects_total", reason=reason) == 0  # pre-initialised
