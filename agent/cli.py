@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import signal
@@ -164,6 +165,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _load(args.config)
     setup_logging(args.log_level or cfg.agent.log_level)
+    # When systemd's watchdog gives up on a wedged agent it sends SIGABRT: the stacks of all threads then
+    # go to stderr (the journal), showing where it was stuck.
+    faulthandler.enable(all_threads=True)
     stop = threading.Event()
     agent = Agent(cfg, log_level_override=args.log_level)
 

@@ -5,6 +5,7 @@ dispatcher is wedged (for real: the agent's log output stops being drained), STO
 from __future__ import annotations
 
 import re
+import resource
 import signal
 import time
 import urllib.request
@@ -155,3 +156,17 @@ def test_without_systemd_python_on_an_abstract_socket(tmp_path, broker, make_con
         notify.wait_for("STOPPING", "^1$")
     finally:
         notify.close()
+
+
+def test_watchdog_abort_leaves_every_thread_stack_in_the_log(broker, make_config, run_agent):
+    # systemd's watchdog ends a wedged agent with SIGABRT (WatchdogSignal=): the journal must then show
+    # where each thread was.
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, hard))  # inherited: no core file in the checkout
+    try:
+        agent = run_agent(make_config(broker))
+    finally:
+        resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
+    assert agent.stop(signal.SIGABRT) == -signal.SIGABRT
+    assert agent.count(r"^Thread 0x[0-9a-f]+ \(most recent call first\):$") >= 3
+    assert agent.count(r'File ".*agent/session\.py", line \d+ in _serve') == 1
