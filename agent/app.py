@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from agent import __version__
@@ -169,15 +170,22 @@ class Agent:
         self.metrics_server = server
         log.info("metrics on http://%s/metrics", endpoint)
 
-    def _log_credentials(self) -> None:
+    def _credentials_in_use(self) -> dict[str, Path]:
+        """{config key: path} of the secrets that come from systemd credentials."""
         creds = os.environ.get("CREDENTIALS_DIRECTORY")
         if not creds:
-            return
+            return {}
+        found = {}
         for key in CREDENTIAL_KEYS:
             section, name = key.split(".", 1)
             path = getattr(getattr(self.cfg, section), name, None)
             if path is not None and str(path).startswith(creds.rstrip("/") + "/"):
-                log.info("%s: using the systemd credential %s", key, path)
+                found[key] = path
+        return found
+
+    def _log_credentials(self) -> None:
+        for key, path in self._credentials_in_use().items():
+            log.info("%s: using the systemd credential %s", key, path)
 
     def run(self, stop_event: threading.Event) -> int:
         self.build()
@@ -234,7 +242,7 @@ class Agent:
             self.notifier.ready(self.watchdog.current_status())
         return outcome
 
-    def _reload(self, source: Any) -> ReloadOutcome:
+    def _reload(self, source: Path | None) -> ReloadOutcome:
         assert self.session and self.dispatcher and self.metrics
         if source is None:
             log.error("configuration reload: the agent was not started from a file; nothing to re-read")
@@ -245,7 +253,11 @@ class Agent:
             ssl_context = build_context(new.tls) if new.tls.enabled else None
         except AgentError as exc:
             problems = list(getattr(exc, "problems", []) or [str(exc)])
-            log.error("configuration reload rejected, the running configuration stays in effect: %s", exc)
+            creds = self._credentials_in_use()
+            hint = (f" ({', '.join(creds)} come(s) from systemd credentials, which systemd copies only when the "
+                    "service starts: after replacing a key or password, run systemctl restart mqtt-agent)"
+                    if creds else "")
+            log.error("configuration reload rejected, the running configuration stays in effect: %s%s", exc, hint)
             return ReloadOutcome(False, str(exc), problems=problems)
         files = fingerprint(secret_files(new))
         plan = plan_reload(self.cfg, new, self._files, files)

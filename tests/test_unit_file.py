@@ -52,16 +52,16 @@ def service(key: str) -> list[str]:
 
 
 def test_systemd_analyze_verify_reports_nothing(tmp_path: Path):
-    # verify needs the unit's executable and the system's units; give it both in a scratch root
+    # verify needs the unit's executables and the system's units; give it both in a scratch root
     # rather than installing anything on this machine.
     root = tmp_path / "root"
     (root / "etc/systemd/system").mkdir(parents=True)
     (root / "usr/lib/systemd").mkdir(parents=True)
     shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
-    exe = root / "opt/mqtt-agent/bin/mqtt-agent"
-    exe.parent.mkdir(parents=True)
-    exe.write_text("#!/bin/sh\n")
-    exe.chmod(0o755)
+    for exe in (root / "opt/mqtt-agent/bin/mqtt-agent", root / "bin/kill"):
+        exe.parent.mkdir(parents=True, exist_ok=True)
+        exe.write_text("#!/bin/sh\n")
+        exe.chmod(0o755)
     shutil.copy(UNIT, root / "etc/systemd/system" / UNIT.name)
     result = systemd_analyze("verify", f"--root={root}", UNIT.name)
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
@@ -86,7 +86,7 @@ def test_service_contract():
     assert service("Restart") == ["on-failure"]
     assert service("RestartPreventExitStatus") == [str(EX_CONFIG)]
     assert service("ExecStart") == ["/opt/mqtt-agent/bin/mqtt-agent run --config /etc/mqtt-agent/mqtt-agent.toml"]
-    assert service("ExecReload")[-1] == "/bin/kill -HUP $MAINPID"
+    assert service("ExecReload") == ["/bin/kill -HUP $MAINPID"]
     assert (service("User"), service("Group")) == (["mqtt-agent"], ["mqtt-agent"])
     assert service("StateDirectory") == ["mqtt-agent"]
     assert service("ConfigurationDirectory") == ["mqtt-agent"]
