@@ -306,9 +306,15 @@ class ServiceWatchdog:
                 next_ping = self._turn(next_ping)
             except Exception:
                 log.exception("internal error in the systemd notification thread")
-            wait = CHECK_INTERVAL if self.interval is None else min(CHECK_INTERVAL, max(next_ping - self._clock(), 0))
-            self._wake.wait(wait)
+            self._wake.wait(self.wait_time(next_ping))
             self._wake.clear()
+
+    def wait_time(self, next_ping: float) -> float:
+        """How long to sleep before the next turn: until the next ping is due, at most CHECK_INTERVAL.
+        While unhealthy the ping stays due, so then it is CHECK_INTERVAL (never a busy loop)."""
+        if self.interval is None or not self.verdict.healthy:
+            return CHECK_INTERVAL
+        return min(CHECK_INTERVAL, max(next_ping - self._clock(), 0.0))
 
     def _turn(self, next_ping: float) -> float:
         before = self.verdict

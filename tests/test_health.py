@@ -141,6 +141,21 @@ def test_watchdog_pings_on_its_interval_only_while_healthy():
     ]
 
 
+def test_the_thread_never_spins_while_unhealthy():
+    verdicts = [Verdict(True)]
+    wd, sent, clock, _ = make_watchdog(verdicts, interval=2.0)
+    clock.now = 10.0
+    due = wd._turn(10.0)  # pings, next one due at 12
+    assert (due, sent.messages[-1]) == (12.0, "WATCHDOG=1")
+    clock.now = 11.7
+    assert wd.wait_time(due) == pytest.approx(0.3)
+    verdicts[0] = Verdict(False, "the MQTT network thread has stopped")
+    clock.now = 12.5
+    due = wd._turn(due)
+    assert due == 12.0 and sent.messages[-1].startswith("STATUS=unhealthy")  # no ping; overdue, kept due...
+    assert wd.wait_time(due) == 1.0  # ...but the thread sleeps a full check interval between checks
+
+
 def test_without_a_watchdog_only_status_is_sent():
     wd, sent, clock, status = make_watchdog([Verdict(True)], interval=None)
     wd._turn(0.0)
