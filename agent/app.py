@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from agent import __version__
-from agent.config import Config
+from agent.config import CREDENTIAL_KEYS, Config, load_config
 from agent.dispatch import Dispatcher
-from agent.errors import ConfigError
+from agent.errors import AgentError, ConfigError
 from agent.handlers import HandlerRegistry
+from agent.handlers.builtin import PingHandler
 from agent.handlers.registry import build_registry
+from agent.health import HealthCheck, LoopPhases, Verdict
+from agent.logs import set_level
+from agent.metrics import AgentMetrics, MetricsServer
+from agent.notify import Notifier, ServiceWatchdog, StatusLine, sender_from_environment, watchdog_interval
+from agent.reload import ReloadOutcome, fingerprint, plan_reload, secret_files
 from agent.session import Session
 from agent.store import CommandStore, ensure_private_dir
 from agent.tls import build_context
@@ -20,6 +28,10 @@ from agent.tls import build_context
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_INTERVAL = 60.0
+# How long READY=1 waits for the network thread to begin its first attempt (it never waits for the broker).
+FIRST_ATTEMPT_WAIT = 5.0
+# Time after agent.shutdown_grace to deliver responses and disconnect (systemd's stop timeout follows).
+STOP_MARGIN = 10.0
 
 
 class Agent:
@@ -31,15 +43,29 @@ class Agent:
         *,
         plugins: Any = None,
         clock: Callable[[], float] = time.monotonic,
+        notifier: Notifier | None = None,
+        log_level_override: str | None = None,
     ) -> None:
         self.cfg = cfg
         self._plugins = plugins
         self._clock = clock
         self._started = clock()
+        self._log_level_override = log_level_override
         self.store: CommandStore | None = None
         self.registry: HandlerRegistry | None = None
         self.session: Session | None = None
         self.dispatcher: Dispatcher | None = None
+        self.notifier = notifier if notifier is not None else Notifier(sender_from_environment())
+        self.metrics: AgentMetrics | None = None
+        self.metrics_server: MetricsServer | None = None
+        self.status_line: StatusLine | None = None
+        self.phases: LoopPhases | None = None
+        self.watchdog: ServiceWatchdog | None = None
+        self._ping = PingHandler(clock)
+        self._files = fingerprint(secret_files(cfg))
+        self._health_check: HealthCheck | None = None
+        self._wake = threading.Event()
+        self._reload_requested = threading.Event()
 
     def build(self) -> None:
         cfg = self.cfg
@@ -49,14 +75,24 @@ class Agent:
             self.store = CommandStore(cfg.agent.state_dir / "commands.sqlite3")
         except OSError as exc:
             raise ConfigError([f"agent.state_dir: cannot use {cfg.agent.state_dir}: {exc.strerror or exc}"]) from exc
-        self.registry = build_registry(cfg.commands, self.status, plugins=self._plugins)
+        self.registry = build_registry(cfg.commands, self.status, plugins=self._plugins, ping=self._ping)
         dispatcher_box: list[Dispatcher] = []
+        protocol = "5" if cfg.mqtt.is_v5 else "3.1.1"
+        tuning = cfg.keepalive_tuning
+        self.metrics = AgentMetrics(protocol=protocol, configured_keepalive=cfg.mqtt.keepalive, tls=cfg.tls,
+                                    keepalive_floor=tuning.min if tuning.enabled else None,
+                                    commands=self.registry, in_flight=lambda: dispatcher_box[0].in_flight)
+        interval = watchdog_interval()
+        self.watchdog = ServiceWatchdog(self.notifier, self._connection_status, self._health, interval=interval)
+        self.status_line = StatusLine(protocol, cfg.mqtt.keepalive, on_change=self.watchdog.poke)
+        self.phases = LoopPhases(cfg.mqtt.connect_timeout)
         self.session = Session(
             cfg.mqtt,
             cfg.tls,
             cfg.reconnect,
             ssl_context=ssl_context,
             on_message=lambda msg: dispatcher_box[0].accept(msg),
+            listeners=[self.metrics.connection, self.status_line, self.phases],
         )
         self.dispatcher = Dispatcher(
             registry=self.registry,
@@ -64,12 +100,34 @@ class Agent:
             publisher=self.session,
             store=self.store,
             device_id=cfg.agent.device_id,
+            observer=self.metrics.commands,
         )
         dispatcher_box.append(self.dispatcher)
+        self._health_check = HealthCheck(self.session, self.dispatcher, self.phases, lambda: self.registry or {},
+                                         stall_limit=ServiceWatchdog.stall_limit(interval))
+
+    def _connection_status(self) -> str:
+        return self.status_line.text if self.status_line else "starting"
+
+    def _health(self) -> Verdict:
+        if self._health_check is None:
+            return Verdict(True)
+        return self._health_check()
+
+    def request_reload(self) -> None:
+        """Re-read the configuration soon (SIGHUP). Safe to call from a signal handler."""
+        self._reload_requested.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Make the main loop look at its stop event now (called from the signal handler)."""
+        self._wake.set()
 
     def status(self) -> dict[str, Any]:
         """Live facts for the `info` command."""
         out: dict[str, Any] = {"uptime_s": round(self._clock() - self._started, 3)}
+        if self.watchdog is not None:
+            out["status"] = self.watchdog.current_status()
         if self.session:
             st = self.session.state()
             out.update(
@@ -97,11 +155,50 @@ class Agent:
             out["available_commands"] = sorted(self.registry)
         return out
 
+    def _start_metrics(self) -> None:
+        assert self.metrics is not None
+        endpoint = self.cfg.metrics.endpoint
+        if endpoint is None:
+            return
+        server = MetricsServer(endpoint, self.metrics.registry)
+        try:
+            server.start()
+        except OSError as exc:
+            # Remote management matters more than metrics: keep running; the absent target alerts.
+            log.error("metrics are disabled until the next start: %s", exc.strerror or exc)
+            return
+        self.metrics_server = server
+        log.info("metrics on http://%s/metrics", endpoint)
+
+    def _credentials_in_use(self) -> dict[str, Path]:
+        """{config key: path} of the secrets that come from systemd credentials."""
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not creds:
+            return {}
+        found = {}
+        for key in CREDENTIAL_KEYS:
+            section, name = key.split(".", 1)
+            path = getattr(getattr(self.cfg, section), name, None)
+            if path is not None and str(path).startswith(creds.rstrip("/") + "/"):
+                found[key] = path
+        return found
+
+    def _log_credentials(self) -> None:
+        for key, path in self._credentials_in_use().items():
+            log.info("%s: using the systemd credential %s", key, path)
+
     def run(self, stop_event: threading.Event) -> int:
         self.build()
         assert self.session and self.dispatcher and self.store and self.registry is not None
+        assert self.phases and self.watchdog
+        self._log_credentials()
+        self._start_metrics()
         self.dispatcher.start()
         self.session.start()
+        # READY=1 means initialised, not connected: boot never waits for the network.
+        self.phases.first_attempt.wait(FIRST_ATTEMPT_WAIT)
+        self.notifier.ready(self._connection_status())
+        self.watchdog.start()
         log.info("mqtt-agent %s started: device %s, brokers %s, subscription %s, commands: %s", __version__,
                  self.cfg.agent.device_id, ", ".join(str(h) for h in self.cfg.mqtt.hosts),
                  self.cfg.mqtt.command_topic, ", ".join(sorted(self.registry)))
@@ -110,10 +207,89 @@ class Agent:
                         "prefer tls.server_name")
         if not self.cfg.tls.enabled:
             log.warning("tls.enabled = false: commands and responses travel unencrypted")
-        while not stop_event.wait(HOUSEKEEPING_INTERVAL):
-            self.housekeeping()
+        next_housekeeping = self._clock() + HOUSEKEEPING_INTERVAL
+        while not stop_event.is_set():
+            # Signal handlers set _wake; the timeout bounds the delay when only stop_event is set.
+            self._wake.wait(min(max(next_housekeeping - self._clock(), 0.0), 1.0))
+            self._wake.clear()
+            if stop_event.is_set():
+                break
+            if self._reload_requested.is_set():
+                self._reload_requested.clear()
+                self.reload()
+            if self._clock() >= next_housekeeping:
+                self.housekeeping()
+                next_housekeeping = self._clock() + HOUSEKEEPING_INTERVAL
         self.shutdown()
         return 0
+
+    def reload(self) -> ReloadOutcome:
+        """Re-read and validate the configuration file and apply what can change while running.
+
+        An invalid file changes nothing. New commands apply without a reconnect; new hosts, credentials
+        or TLS files make one clean reconnect; what needs a restart is logged as such."""
+        assert self.watchdog is not None
+        source = self.cfg.source
+        self.notifier.reloading()
+        self.watchdog.set_phase("reloading the configuration")
+        try:
+            outcome = self._reload(source)
+        except Exception as exc:  # a reload must never take the running agent down
+            log.exception("configuration reload failed; the running configuration stays in effect")
+            outcome = ReloadOutcome(False, f"internal error: {exc}")
+        finally:
+            self.watchdog.set_phase("")
+            self.notifier.ready(self.watchdog.current_status())
+        return outcome
+
+    def _reload(self, source: Path | None) -> ReloadOutcome:
+        assert self.session and self.dispatcher and self.metrics
+        if source is None:
+            log.error("configuration reload: the agent was not started from a file; nothing to re-read")
+            return ReloadOutcome(False, "no configuration file")
+        log.info("reloading the configuration from %s", source)
+        try:
+            new = load_config(source)
+            ssl_context = build_context(new.tls) if new.tls.enabled else None
+        except AgentError as exc:
+            problems = list(getattr(exc, "problems", []) or [str(exc)])
+            creds = self._credentials_in_use()
+            hint = (f" ({', '.join(creds)} come(s) from systemd credentials, which systemd copies only when the "
+                    "service starts: after replacing a key or password, run systemctl restart mqtt-agent)"
+                    if creds else "")
+            log.error("configuration reload rejected, the running configuration stays in effect: %s%s", exc, hint)
+            return ReloadOutcome(False, str(exc), problems=problems)
+        files = fingerprint(secret_files(new))
+        plan = plan_reload(self.cfg, new, self._files, files)
+        eff = plan.effective
+        done: list[str] = []
+        if plan.commands_differ:
+            registry = build_registry(eff.commands, self.status, plugins=self._plugins, ping=self._ping)
+            self.dispatcher.set_registry(registry)
+            self.registry = registry
+            self.metrics.commands.set_commands(registry)
+            parts = [f"{what} {', '.join(names)}" for what, names in (
+                ("added", plan.commands_added), ("removed", plan.commands_removed),
+                ("changed", plan.commands_changed)) if names]
+            done.append(f"commands {'; '.join(parts)} (no reconnect)")
+        if plan.live:
+            self.dispatcher.limits = eff.limits
+            set_level(self._log_level_override or eff.agent.log_level)
+            done.append(f"applied {', '.join(plan.live)}")
+        if plan.reconnect:
+            reason = "; ".join(plan.reconnect)
+            self.metrics.certificates.tls = eff.tls
+            self.session.reconfigure(eff.mqtt, eff.tls, ssl_context, f"configuration reloaded: {reason}")
+            done.append(f"reconnecting: {reason}")
+        if plan.restart_needed:
+            log.warning("configuration reload: %s changed but take(s) effect only after a restart "
+                        "(systemctl restart mqtt-agent); the running agent keeps the old value(s)",
+                        ", ".join(plan.restart_needed))
+        self.cfg = eff
+        self._files = files
+        message = "; ".join(done) if done else "nothing that applies live changed"
+        log.info("configuration reloaded: %s", message)
+        return ReloadOutcome(True, message, plan)
 
     def housekeeping(self) -> None:
         assert self.store is not None
@@ -125,9 +301,12 @@ class Agent:
             log.exception("journal housekeeping failed")
 
     def shutdown(self) -> None:
-        assert self.session and self.dispatcher and self.store
+        assert self.session and self.dispatcher and self.store and self.watchdog
         grace = self.cfg.agent.shutdown_grace
         end = self._clock() + grace
+        status = f"stopping: waiting up to {grace:g} s for {self.dispatcher.in_flight} running command(s)"
+        self.notifier.stopping(status, needs=grace + STOP_MARGIN)
+        self.watchdog.set_phase(status)
         log.info("stopping: no new commands are started; waiting up to %g s for running ones", grace)
         self.dispatcher.stop_accepting()
         if not self.dispatcher.drain(grace):
@@ -136,7 +315,11 @@ class Agent:
         if not self.session.flush(max(end - self._clock(), 1.0)):
             log.warning("%d response(s) not yet acknowledged by the broker at shutdown",
                         self.session.unacknowledged())
+        # The watchdog judges a live network loop: stop it before the loop ends on purpose.
+        self.watchdog.stop()
         self.session.stop()
         self.dispatcher.close()
         self.store.close()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         log.info("stopped")

@@ -586,8 +586,50 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
     return Config(agent, mqtt, tls, limits, commands, reconnect, tuning, metrics, source)
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate the TOML file at `path`. Raises ConfigError."""
+# Secret files a systemd unit hands over as credentials (LoadCredential=KEY:PATH, see docs/systemd.md):
+# when the config sets KEY, $CREDENTIALS_DIRECTORY/KEY is used in place of the path it names, so the
+# original can stay readable by root only. `run` and `check-config` resolve them the same way.
+CREDENTIAL_KEYS = ("tls.key_file", "tls.key_password_file", "mqtt.password_file")
+# What the unit's SetCredential= fallback holds when the source file does not exist: "not provided".
+CREDENTIAL_UNSET = b"mqtt-agent:unset"
+
+
+def credential_overrides(credentials_dir: str | Path | None) -> dict[str, Path]:
+    """{config key: credential file} for the secrets systemd passed in `credentials_dir`."""
+    if not credentials_dir:
+        return {}
+    found: dict[str, Path] = {}
+    for key in CREDENTIAL_KEYS:
+        path = Path(credentials_dir) / key
+        try:
+            data = path.read_bytes().strip()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            found[key] = path  # validation will say why it cannot be read
+            continue
+        if data and data != CREDENTIAL_UNSET:
+            found[key] = path
+    return found
+
+
+def apply_credentials(data: Mapping[str, Any], overrides: Mapping[str, Path]) -> dict[str, Any]:
+    """`data` with each configured secret path replaced by its credential (unset keys stay unset)."""
+    out = dict(data)
+    for key, path in overrides.items():
+        section, name = key.split(".", 1)
+        table = out.get(section)
+        if isinstance(table, dict) and table.get(name):
+            out[section] = {**table, name: str(path)}
+    return out
+
+
+def load_config(path: str | Path, credentials_dir: str | Path | None = None) -> Config:
+    """Read and validate the TOML file at `path`. Raises ConfigError.
+
+    `credentials_dir` defaults to $CREDENTIALS_DIRECTORY (set by systemd for LoadCredential=)."""
+    if credentials_dir is None:
+        credentials_dir = os.environ.get("CREDENTIALS_DIRECTORY")
     path = Path(path)
     why = _describe_unreadable(path)
     if why:
@@ -599,6 +641,7 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError([f"not valid TOML: {exc}"], str(path)) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError([f"not valid UTF-8: {exc}"], str(path)) from exc
+    data = apply_credentials(data, credential_overrides(credentials_dir))
     return parse_config(data, path.resolve())
 
 

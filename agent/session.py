@@ -298,6 +298,7 @@ class Session:
         self._attempts = 0
         self._last_end: ConnectionEnded | None = None
         self._tls_explained: dict[tuple[str, str], str] = {}
+        self._pending_config: tuple[MqttConfig, TlsConfig, ssl.SSLContext | None] | None = None
         self.heartbeat = clock()  # updated by every turn of the network loop (watchdog evidence)
 
     # --- public API (any thread) -----------------------------------------------------------------
@@ -317,6 +318,32 @@ class Session:
         """Close the current connection cleanly and connect again now (e.g. after a config reload)."""
         self._reconnect_reason = reason
         self._wake.set()
+
+    def reconfigure(self, mqtt_cfg: MqttConfig, tls_cfg: TlsConfig, ssl_context: ssl.SSLContext | None,
+                    reason: str) -> None:
+        """Use new hosts, credentials and TLS context (config reload): the current connection is closed
+        cleanly and the next one uses them. Client id, protocol and session settings stay as they are."""
+        self._pending_config = (mqtt_cfg, tls_cfg, ssl_context)
+        self.request_reconnect(reason)
+
+    def _apply_pending_config(self) -> None:
+        """On the network thread, between connections: swap in what `reconfigure` left."""
+        pending, self._pending_config = self._pending_config, None
+        if pending is None:
+            return
+        mqtt_cfg, tls_cfg, ssl_context = pending
+        if mqtt_cfg.hosts != self.cfg.hosts:
+            self._hosts = HostRotation(mqtt_cfg.hosts)
+        self.cfg, self.tls_cfg = mqtt_cfg, tls_cfg
+        password = read_secret(mqtt_cfg.password_file) if mqtt_cfg.password_file else mqtt_cfg.password
+        self._client.username_pw_set(mqtt_cfg.username, password)
+        # paho refuses a second tls_set_context(); the socket is closed here, so replacing it is safe.
+        self._client._ssl_context = None
+        self._client._ssl = False
+        if ssl_context is not None:
+            self._client.tls_set_context(ssl_context)
+        self._ssl_context = ssl_context
+        self._tls_explained.clear()
 
     def add_listener(self, listener: SessionListener) -> None:
         self.listeners.append(listener)
@@ -386,6 +413,7 @@ class Session:
         while not self._stop.is_set():
             self._wake.clear()
             self._reconnect_reason = None
+            self._apply_pending_config()
             ended = self._connect_and_serve()
             self._last_end = ended
             self._notify("connection_ended", ended)
@@ -532,6 +560,8 @@ class Session:
         ended = conn.ended
         if kind == SHUTDOWN:
             log.info("disconnected from %s", conn.host)
+        elif kind == RECONNECT_REQUESTED:
+            log.info("disconnected from %s to reconnect: %s", conn.host, reason)
         else:
             up = f" after {ended.uptime:.1f} s" if ended.uptime is not None else ""
             idle = f", {ended.idle_for:.1f} s after the last byte received" if ended.idle_for is not None else ""

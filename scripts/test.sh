@@ -3,7 +3,8 @@
 #   ./scripts/test.sh                 # lint, type-check, all tests
 #   ./scripts/test.sh -k tls -x       # extra arguments go to pytest
 # Installs (if missing): mosquitto, mosquitto-clients, prometheus (promtool), systemd (systemd-analyze),
-# libsystemd-dev + pkg-config (to build systemd-python), openssl, shellcheck; a virtualenv in .venv.
+# libsystemd-dev + pkg-config (to build systemd-python), openssl, shellcheck, polkitd + dbus (the polkit
+# rule test runs a private polkitd); a virtualenv in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +22,10 @@ command -v pkg-config >/dev/null || missing+=(pkg-config)
 pkg-config --exists libsystemd 2>/dev/null || missing+=(libsystemd-dev)
 # deploy/install.sh (and its test) builds the agent's venv with Debian's own python3 and its venv module.
 /usr/bin/python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
+# The polkit rule test runs the real polkitd on a private D-Bus.
+[ -x /usr/lib/polkit-1/polkitd ] || missing+=(polkitd)
+command -v dbus-daemon >/dev/null || missing+=(dbus-daemon)
+command -v dbus-send >/dev/null || missing+=(dbus-bin)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "installing Debian packages: ${missing[*]}"
     $SUDO apt-get update -qq
