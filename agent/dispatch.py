@@ -98,6 +98,7 @@ class _Job:
     device_id: str
     waiters: list[ReplyRoute] = field(default_factory=list)
     done: bool = False
+    counted: bool = False  # included in Dispatcher._running
     started: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -203,7 +204,7 @@ class Dispatcher:
 
     def start(self) -> None:
         """Start workers, then resume what the journal says was left unfinished."""
-        self._pool = _WorkerPool(self.limits.max_concurrent_commands, self._run)
+        self._pool = _WorkerPool(self.limits.max_concurrent_commands, self._run_safely)
         self._monitor = threading.Thread(target=self._watch_timeouts, name="command-timeouts", daemon=True)
         self._monitor.start()
         self._accepting = True
@@ -368,6 +369,21 @@ class Dispatcher:
 
     # --- execution (worker threads) --------------------------------------------------------------
 
+    def _run_safely(self, job: _Job) -> None:
+        """A failure outside the handler (e.g. the journal's disk) still answers the command and frees its
+        slot: a worker that died here would leave the in-flight count up forever."""
+        try:
+            self._run(job)
+        except Exception:  # noqa: BLE001 - the worker must survive whatever the journal or a hook raises
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("internal error while running command %s req %s (error id %s); it is answered 500 "
+                          "without running", job.topic.command, job.topic.req_id or "-", error_id)
+            with self._lock:
+                if not job.counted:
+                    self._running += 1
+                    job.counted = True
+            self._complete(job, Response.error(INTERNAL_ERROR, "internal error in the agent", error_id=error_id))
+
     def _expired(self, job: _Job) -> str | None:
         now = self._wall()
         age = now - job.msg.received_wall
@@ -389,6 +405,7 @@ class Dispatcher:
         if expired:
             with self._lock:
                 self._running += 1
+                job.counted = True
             job.started = self._clock()
             with self._lock:
                 self.stats.rejected["expired"] += 1
@@ -401,6 +418,7 @@ class Dispatcher:
         grace = ENFORCED_TIMEOUT_GRACE if getattr(job.handler, "enforces_timeout", False) else 0.0
         with self._lock:
             self._running += 1
+            job.counted = True
         self._store.mark_running(job.journal_key)
         self._schedule_timeout(deadline + grace, job)
         self.observer.command_started(job.topic.command)

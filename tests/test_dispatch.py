@@ -348,3 +348,26 @@ def test_doctor_probe_is_ignored_quietly(parts: dict[str, Any], caplog: pytest.L
     assert "ignored the delivery probe of mqtt-agent doctor" in caplog.text
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "not-a-probe" in warnings[0].getMessage()
+
+
+def test_journal_failure_answers_500_and_frees_the_worker(parts: dict[str, Any], tmp_path: Path) -> None:
+    """A journal write that fails (disk full, locked) must not kill the worker or leak its slot."""
+    d, rec = parts["make"](LimitsConfig(max_concurrent_commands=1), handlers={"count": Counter()})
+    store: CommandStore = parts["store"]
+    real = store.mark_running
+    calls = []
+
+    def failing(key: str) -> None:
+        calls.append(key)
+        raise OSError(28, "No space left on device")
+
+    store.mark_running = failing  # type: ignore[method-assign]
+    try:
+        d.accept(msg("command///req/a/count"))
+        topic, body, _ = rec.wait(1)[0]
+    finally:
+        store.mark_running = real  # type: ignore[method-assign]
+    assert topic == "command///res/a/500" and json.loads(body)["error"] == "internal error in the agent"
+    assert d.in_flight == 0 and d.queued == 0
+    d.accept(msg("command///req/b/count"))
+    assert rec.wait(2)[1][0] == "command///res/b/200"
