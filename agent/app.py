@@ -13,6 +13,8 @@ from agent.dispatch import Dispatcher
 from agent.errors import ConfigError
 from agent.handlers import HandlerRegistry
 from agent.handlers.registry import build_registry
+from agent.outbox import Outbox
+from agent.resilience import ConnectionMonitor
 from agent.session import Session
 from agent.store import CommandStore, ensure_private_dir
 from agent.tls import build_context
@@ -40,6 +42,8 @@ class Agent:
         self.registry: HandlerRegistry | None = None
         self.session: Session | None = None
         self.dispatcher: Dispatcher | None = None
+        self.outbox: Outbox | None = None
+        self.monitor: ConnectionMonitor | None = None
 
     def build(self) -> None:
         cfg = self.cfg
@@ -47,16 +51,22 @@ class Agent:
         try:
             ensure_private_dir(cfg.agent.state_dir)
             self.store = CommandStore(cfg.agent.state_dir / "commands.sqlite3")
+            self.outbox = Outbox(cfg.agent.state_dir / "outbox.sqlite3", cfg.limits.max_outbox_messages,
+                                 window=cfg.mqtt.max_inflight)
         except OSError as exc:
             raise ConfigError([f"agent.state_dir: cannot use {cfg.agent.state_dir}: {exc.strerror or exc}"]) from exc
         self.registry = build_registry(cfg.commands, self.status, plugins=self._plugins)
         dispatcher_box: list[Dispatcher] = []
+        self.monitor = ConnectionMonitor(cfg.mqtt, cfg.reconnect, cfg.keepalive_tuning,
+                                         state_dir=cfg.agent.state_dir)
         self.session = Session(
             cfg.mqtt,
             cfg.tls,
             cfg.reconnect,
             ssl_context=ssl_context,
             on_message=lambda msg: dispatcher_box[0].accept(msg),
+            monitor=self.monitor,
+            outbox=self.outbox,
         )
         self.dispatcher = Dispatcher(
             registry=self.registry,
@@ -82,7 +92,10 @@ class Agent:
                 reconnects=max(st.connects - 1, 0),
                 connect_attempts=st.attempts,
                 last_disconnect=st.last_end.kind if st.last_end else None,
+                outbox=self.session.unacknowledged(),
             )
+        if self.monitor:
+            out["duplicate_client_id_suspected"] = self.monitor.classifier.suspecting_takeover
         if self.dispatcher:
             stats = self.dispatcher.stats
             out["commands"] = {
@@ -134,9 +147,11 @@ class Agent:
             log.warning("%d command(s) still running after the %g s grace period; they are answered 500 at the "
                         "next start", self.dispatcher.in_flight, grace)
         if not self.session.flush(max(end - self._clock(), 1.0)):
-            log.warning("%d response(s) not yet acknowledged by the broker at shutdown",
-                        self.session.unacknowledged())
+            log.warning("%d response(s) not yet acknowledged by the broker at shutdown; the outbox keeps them "
+                        "for the next start", self.session.unacknowledged())
         self.session.stop()
         self.dispatcher.close()
+        if self.outbox is not None:
+            self.outbox.close()
         self.store.close()
         log.info("stopped")

@@ -91,6 +91,7 @@ class LimitsConfig:
     command_timeout: float = 30.0
     max_command_age: float = 300.0
     dedupe_retention: float = 86400.0
+    max_outbox_messages: int = 10000
 
 
 @dataclass(frozen=True)
@@ -473,6 +474,7 @@ def _limits(t: _Table) -> LimitsConfig | None:
         command_timeout=t.number("command_timeout", 30.0, 0.1, 86400.0),
         max_command_age=t.number("max_command_age", 300.0, 0.0, 31536000.0),
         dedupe_retention=t.number("dedupe_retention", 86400.0, 60.0, 31536000.0),
+        max_outbox_messages=t.integer("max_outbox_messages", 10000, 1, 10000000),
     )
     t.finish()
     if None in values.values():
