@@ -183,9 +183,10 @@ class Classifier:
         earlier = [d.idle for d in recent if d.kind in _LOST_KINDS and d.idle >= IDLE_FLOOR][-3:]
         typical = median(earlier) if earlier else None
         consistent = typical is not None and abs(idle - typical) <= idle_tolerance(typical)
-        # Idle-related: quiet long enough to matter and longer than this path has carried, or at the
-        # same idle time as the recent drops (a NAT limit that shrank below what the path once carried).
-        idle_like = idle >= IDLE_FLOOR and (idle > tolerated or consistent)
+        # Idle-related: quiet long enough to matter, and longer than this path has carried recently (a NAT
+        # with a limit T cannot drop a flow idle for less than a silence it carried before). If the limit
+        # shrinks, the old evidence expires after `window` and the drops count as idle again.
+        idle_like = idle >= IDLE_FLOOR and idle > tolerated
         nat_pattern = idle_like and (typical is None or consistent)
         # A broker that lost our session was restarted (no takeover); the agent's first session may be new.
         session_kept = end.session_present is not False or not self.persistent_session or first_connection
@@ -195,8 +196,13 @@ class Classifier:
             self._suspect()
             return Verdict(SESSION_TAKEN_OVER, self._takeover_reason(uptime, repeated=True))
         ongoing_nat = [d.kind for d in recent[-2:]] == [IDLE_TIMEOUT, IDLE_TIMEOUT]
+        # The other client reconnects after its own jittered backoff, so takeovers end our connections
+        # after varying uptimes; a broker or middlebox that accepts and then drops does it after a fixed one.
+        earlier_uptimes = [d.uptime for d in recent if d.candidate][-3:]
+        fixed_uptime = bool(earlier_uptimes) and abs(uptime - median(earlier_uptimes)) <= idle_tolerance(
+            median(earlier_uptimes))
         if (could_be_takeover and uptime < self.stable_after and not nat_pattern and not ongoing_nat
-                and any(d.candidate for d in recent)):
+                and earlier_uptimes and not fixed_uptime):
             self._record(end, SESSION_TAKEN_OVER, uptime, idle, True)
             self._suspect()
             return Verdict(SESSION_TAKEN_OVER, self._takeover_reason(uptime, repeated=False), True)

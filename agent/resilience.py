@@ -106,7 +106,7 @@ class ConnectionMonitor:
         if ended.kind == SESSION_TAKEN_OVER:
             self.backoff.takeover()
             events.append(("session_takeover", (self.client_id,)))
-            events += self._takeover(ended, self._declared)
+            self._takeover(self._declared)
         elif ended.kind == IDLE_TIMEOUT and ended.idle_for is not None:
             change = self.tuner.idle_drop(ended.idle_for, ended.keepalive)
             if change:
@@ -145,26 +145,19 @@ class ConnectionMonitor:
         log.warning("%s", change.evidence, extra={"KEEPALIVE": change.new, "KEEPALIVE_DIRECTION": change.direction})
         return ("keepalive_changed", (change.old, change.new, change.direction, change.evidence))
 
-    def _takeover(self, ended: Any, declared: bool) -> list[Event]:
-        events: list[Event] = []
+    def _takeover(self, declared: bool) -> None:
         now = self._wall()
         if declared or self.duplicate is None:
             self.duplicate = {"client_id": self.client_id, "suspected_at": round(now, 3), "takeovers": 0}
         self.duplicate["takeovers"] = int(self.duplicate.get("takeovers", 0)) + 1
         # Drops that looked idle-related during the takeovers were takeovers too: no tuning from them.
         self.tuner.forget_drops()
-        window_start = now - self.classifier.window
-        change = self.tuner.revert_since(window_start, "the drops that lowered it were session takeovers "
-                                                       "(duplicate client id), not idle timeouts")
-        if change:
-            events.append(self._changed(change))
         if declared:
             log.error("another client is connecting with client id %r: the broker closed this connection when it "
                       "took the session over (MQTT 3.1.1 shows this only as a lost connection). Give each device "
                       "its own mqtt.client_id (default: agent.device_id) and stop the clone; a shorter keepalive "
                       "does not help. Until then reconnects back off exponentially (up to %g s).",
                       self.client_id, self.backoff.cfg.max_delay, extra={"MQTT_REASON": SESSION_TAKEN_OVER})
-        return events
 
     def _record(self, ended: Any) -> None:
         entry = {

@@ -94,8 +94,6 @@ class KeepaliveTuner:
         self._drops: list[_IdleDrop] = []
         self._floor_warned = False
         self._started = wall()
-        self._previous: int | None = None
-        self._last_direction = ""
 
     @property
     def learned(self) -> bool:
@@ -216,19 +214,7 @@ class KeepaliveTuner:
         """Drop the idle evidence (it was gathered while another client took our session over)."""
         self._drops.clear()
 
-    def revert_since(self, since_wall: float, why: str) -> Change | None:
-        """Undo a downward change made at or after `since_wall` (its drops turned out not to be idle drops)."""
-        self._drops.clear()
-        if (self.changed_at is None or self.changed_at < since_wall or self._last_direction != "down"
-                or self._previous is None or self._previous <= self.current):
-            return None
-        old, new = self.current, self._previous
-        self.last_good = None
-        return self._set(old, new, "up", f"keepalive {old} s -> {new} s: {why}")
-
     def _set(self, old: int, new: int, direction: str, evidence: str) -> Change:
-        self._previous = old
-        self._last_direction = direction
         self.current = new
         self.evidence = evidence
         self.changed_at = self._wall()
