@@ -162,9 +162,7 @@ class Outbox:
             if dropped:
                 self._db.executemany("DELETE FROM outbox WHERE seq = ?", [(e.seq,) for e in dropped])
             self._size += 1 - len(dropped)
-            if self._link_up and not self._pending and len(self._handed) < self.window:
-                self._hand(entry)
-            else:
+            if not (self._link_up and not self._pending and len(self._handed) < self.window and self._hand(entry)):
                 self._pending.append(entry)
         if dropped:
             self._log_dropped(dropped)
