@@ -537,7 +537,9 @@ def _tuning(t: _Table, keepalive: int | None) -> KeepaliveTuningConfig | None:
     enabled = t.boolean("enabled", True)
     drops = t.integer("drops", 3, 1, 100)
     window = t.number("window", 900.0, 1.0, 604800.0)
-    minimum = t.integer("min", 10, 1, 65535)
+    # The default floor follows a short mqtt.keepalive down; only an explicit min above it is an error.
+    default_min = min(10, keepalive) if keepalive is not None else 10
+    minimum = t.integer("min", default_min, 1, 65535)
     probe_after = t.number("probe_after", 86400.0, 1.0, 31536000.0)
     t.finish()
     if minimum is not None and keepalive is not None and minimum > keepalive:

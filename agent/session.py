@@ -484,7 +484,9 @@ class Session:
                 log.warning("%s failed repeatedly; failing over to %s", ended.host, self._hosts.current)
             delay = self.backoff.next_delay()
             self._notify("reconnect_scheduled", delay, ended)
-            log.info("reconnecting in %.1f s (%s)", delay, ended.kind, extra={"MQTT_REASON": ended.kind})
+            log.info("reconnecting in %.1f s (%s; random delay up to %g s%s)", delay, ended.kind,
+                     self.backoff.ceiling(), ", damped: duplicate client id" if self.backoff.damped else "",
+                     extra={"MQTT_REASON": ended.kind})
             self._wake.wait(delay)
 
     def _log_end(self, ended: ConnectionEnded) -> None:

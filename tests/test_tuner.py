@@ -265,3 +265,16 @@ def test_non_idle_causes_never_tune(drops):
         clock.t += gap
         m.account(m.classify(end(clock, kind, uptime, uptime / 2, 60)))
         assert m.keepalive() == 60
+
+
+def test_tuning_min_defaults_below_a_short_keepalive_but_an_explicit_one_is_checked():
+    from agent.config import parse_config
+    from agent.errors import ConfigError
+
+    base = {"agent": {"device_id": "dev-1"}, "mqtt": {"hosts": ["broker:8883"], "keepalive": 5},
+            "tls": {"enabled": False}}
+    assert parse_config(base).keepalive_tuning.min == 5
+    assert parse_config({**base, "mqtt": {"hosts": ["b:1"], "keepalive": 60}}).keepalive_tuning.min == 10
+    with pytest.raises(ConfigError) as err:
+        parse_config({**base, "keepalive_tuning": {"min": 6}})
+    assert err.value.problems == ["keepalive_tuning.min: must not exceed mqtt.keepalive (5), got 6"]
