@@ -41,7 +41,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     topic    TEXT NOT NULL,
     payload  BLOB NOT NULL,
     qos      INTEGER NOT NULL,
-    props    TEXT
+    content_type TEXT,
+    correlation  BLOB,
+    user_props   TEXT
 );
 """
 
@@ -109,10 +111,10 @@ class Outbox:
         # NORMAL in WAL mode: a commit survives a process crash; only an OS crash may lose the last ones.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
-        for seq, created, topic, payload, qos, props in self._db.execute(
-            "SELECT seq, created, topic, payload, qos, props FROM outbox ORDER BY seq"
+        for seq, created, *fields in self._db.execute(
+            "SELECT seq, created, topic, payload, qos, content_type, correlation, user_props FROM outbox ORDER BY seq"
         ):
-            self._pending.append(_Entry(int(seq), _message(topic, payload, qos, props), float(created)))
+            self._pending.append(_Entry(int(seq), _message(*fields), float(created)))
         self._size = len(self._pending)
         if self._size:
             log.info("%d response(s) from an earlier run wait in the outbox; they are sent after the connect",
@@ -151,8 +153,10 @@ class Outbox:
         with self._lock:
             created = self._wall()
             cur = self._db.execute(
-                "INSERT INTO outbox (created, topic, payload, qos, props) VALUES (?, ?, ?, ?, ?)",
-                (created, msg.topic, msg.payload, msg.qos, _props_json(msg)),
+                "INSERT INTO outbox (created, topic, payload, qos, content_type, correlation, user_props)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (created, msg.topic, msg.payload, msg.qos, msg.content_type, msg.correlation_data,
+                 json.dumps(msg.user_properties) if msg.user_properties else None),
             )
             entry = _Entry(int(cur.lastrowid or 0), msg, created)
             overflow = self._size + 1 - self.max_messages
@@ -257,24 +261,16 @@ class Outbox:
                 log.exception("outbox listener failed")
 
 
-def _props_json(msg: OutMessage) -> str | None:
-    if msg.correlation_data is None and not msg.user_properties and msg.content_type is None:
-        return None
-    return json.dumps({
-        "correlation_data": msg.correlation_data.hex() if msg.correlation_data is not None else None,
-        "user_properties": [list(p) for p in msg.user_properties],
-        "content_type": msg.content_type,
-    })
+def _message(topic: object, payload: object, qos: object, content_type: object, correlation: object,
+             user_props: object) -> OutMessage:
+    def blob(value: object) -> bytes | None:
+        return bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else None
 
-
-def _message(topic: object, payload: object, qos: object, props_text: object) -> OutMessage:
-    props = json.loads(str(props_text)) if props_text else {}
-    corr = props.get("correlation_data")
     return OutMessage(
         topic=str(topic),
-        payload=bytes(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else b"",
+        payload=blob(payload) or b"",
         qos=int(qos),  # type: ignore[call-overload]
-        correlation_data=bytes.fromhex(corr) if corr is not None else None,
-        user_properties=tuple((str(k), str(v)) for k, v in props.get("user_properties", [])),
-        content_type=props.get("content_type"),
+        correlation_data=blob(correlation),
+        user_properties=tuple((str(k), str(v)) for k, v in json.loads(str(user_props))) if user_props else (),
+        content_type=str(content_type) if content_type is not None else None,
     )
