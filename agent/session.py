@@ -63,6 +63,9 @@ AUTH_FAILURE_CODES = frozenset({0x86, 0x87, 0x8C})  # bad user name or password,
 # waited this share of the keepalive (at least PING_GRACE_MIN s, for slow cellular round trips).
 PING_GRACE = 0.5
 PING_GRACE_MIN = 2.0
+# A host counts as working once a connection to it has lasted this long (not at CONNACK: a broker
+# that accepts and drops at once must be left for the next host too).
+HOST_PROVEN_AFTER = 5.0
 
 
 def _guarded(fn: F) -> F:
@@ -478,8 +481,8 @@ class Session:
             if raw.kind == RECONNECT_REQUESTED:
                 continue
             # A host that fails to connect, or accepts and drops at once, is skipped after a few tries.
-            flapping = ended.uptime is not None and ended.uptime < 5.0 and ended.kind in (NETWORK_ERROR,
-                                                                                           SERVER_DISCONNECT)
+            flapping = ended.uptime is not None and ended.uptime < HOST_PROVEN_AFTER and ended.kind in (
+                NETWORK_ERROR, SERVER_DISCONNECT)
             if (ended.connected_at is None or flapping) and self._hosts.failed():
                 log.warning("%s failed repeatedly; failing over to %s", ended.host, self._hosts.current)
             delay = self.backoff.next_delay()
@@ -570,6 +573,8 @@ class Session:
         if now < self._next_check or conn.connected_at is None:
             return False
         self._next_check = now + 1.0
+        if now - conn.connected_at >= HOST_PROVEN_AFTER:
+            self._hosts.succeeded()
         self.monitor.connection_up_for(now - conn.connected_at, conn.keepalive)
         events = self.monitor.probe()
         if events:
@@ -680,7 +685,6 @@ class Session:
         if server_keepalive is not None:
             conn.keepalive = int(server_keepalive)
         self._connects += 1
-        self._hosts.succeeded()
         present = bool(getattr(flags, "session_present", False))
         conn.session_present = present
         if self.outbox is not None:

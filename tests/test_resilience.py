@@ -160,6 +160,24 @@ def test_accept_then_drop_backs_off_instead_of_flapping(make_broker, make_proxy,
     assert proxy.stats.timed_drops >= 3
 
 
+def test_failover_leaves_a_host_that_accepts_then_drops(make_broker, make_proxy, make_config, run_agent):
+    broker = make_broker()
+    bad = make_proxy(broker)
+    bad.drop_after = 0.3
+    cfg = make_config(bad, {"mqtt": {"hosts": [bad.address, broker.address]},
+                            "reconnect": {"min_delay": 0.2, "max_delay": 1.0}}, name="failover")
+    agent = run_agent(cfg, wait_subscribed=False)
+    agent.wait_for(rf"{re.escape(bad.address)} failed repeatedly; failing over to {re.escape(broker.address)}",
+                   timeout=20)
+    agent.wait_for(rf"connected to {re.escape(broker.address)} ", timeout=10)
+    mark = agent.mark()
+    time.sleep(6.0)
+    assert lines(agent, ENDED, since=mark) == []
+    assert bad.stats.timed_drops == 2
+    # The agent serves commands on the good broker (the sender goes there directly).
+    assert send_command(load_config(make_config(broker, name="direct")), "ping", b"{}", timeout=10).status == 200
+
+
 class RetryingSender:
     """A command sender that survives broker restarts: persistent session, QoS 1, resubscribes on every
     connect, and re-sends (same REQ_ID) each command still unanswered after `retry_after` seconds."""
