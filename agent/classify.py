@@ -137,6 +137,9 @@ class Classifier:
 
     @property
     def suspecting_takeover(self) -> bool:
+        """True while a duplicate client id is suspected (until a long connection, or `window` without takeovers)."""
+        if self.suspected_at is not None and self._clock() - self.suspected_at > self.window:
+            self.suspected_at = None
         return self.suspected_at is not None
 
     def clear_suspicion(self) -> None:
@@ -191,7 +194,7 @@ class Classifier:
         # A broker that lost our session was restarted (no takeover); the agent's first session may be new.
         session_kept = end.session_present is not False or not self.persistent_session or first_connection
         could_be_takeover = first_try and session_kept
-        if self.suspected_at is not None and could_be_takeover and uptime < self.suspicion_uptime:
+        if self.suspecting_takeover and could_be_takeover and uptime < self.suspicion_uptime:
             self._record(end, SESSION_TAKEN_OVER, uptime, idle, True)
             self._suspect()
             return Verdict(SESSION_TAKEN_OVER, self._takeover_reason(uptime, repeated=True))

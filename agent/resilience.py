@@ -119,10 +119,10 @@ class ConnectionMonitor:
 
     def connection_up_for(self, uptime: float, keepalive: int) -> None:
         """Called while a connection lasts: a long one ends the duplicate-id suspicion and confirms a probe."""
-        was_suspected = self.classifier.suspecting_takeover
         self.classifier.connection_up_for(uptime)
         self.tuner.connection_up_for(uptime, keepalive)
-        if was_suspected and not self.classifier.suspecting_takeover:
+        if (self.duplicate is not None and not self.classifier.suspecting_takeover
+                and uptime >= self.classifier.suspicion_uptime):
             log.info("the connection has been stable for %.0f s: the other client with client id %s seems gone",
                      uptime, self.client_id)
             self.duplicate = None

@@ -278,3 +278,18 @@ def test_tuning_min_defaults_below_a_short_keepalive_but_an_explicit_one_is_chec
     with pytest.raises(ConfigError) as err:
         parse_config({**base, "keepalive_tuning": {"min": 6}})
     assert err.value.problems == ["keepalive_tuning.min: must not exceed mqtt.keepalive (5), got 6"]
+
+
+def test_a_saved_duplicate_id_is_cleared_only_by_a_long_stable_connection(tmp_path):
+    clock = Clock()
+    reconnect = ReconnectConfig(max_delay=120.0)
+    m = ConnectionMonitor(MQTT, reconnect, KeepaliveTuningConfig(), state_dir=tmp_path, clock=clock, wall=clock)
+    m.account(m.classify(end(clock, SESSION_TAKEN_OVER, 3.0, 1.0, 60)))
+    restarted = ConnectionMonitor(MQTT, reconnect, KeepaliveTuningConfig(), state_dir=tmp_path, clock=clock,
+                                  wall=clock)
+    assert restarted.duplicate is not None  # doctor still sees it after a restart
+    restarted.connection_up_for(100.0, 60)
+    assert json.loads((tmp_path / STATE_FILE).read_text())["duplicate_client_id"] is not None
+    restarted.connection_up_for(240.0, 60)  # twice max_delay: the other client is gone
+    assert restarted.duplicate is None
+    assert json.loads((tmp_path / STATE_FILE).read_text())["duplicate_client_id"] is None
