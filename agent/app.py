@@ -20,7 +20,9 @@ from agent.health import HealthCheck, LoopPhases, Verdict
 from agent.logs import set_level
 from agent.metrics import AgentMetrics, MetricsServer
 from agent.notify import Notifier, ServiceWatchdog, StatusLine, sender_from_environment, watchdog_interval
+from agent.outbox import Outbox
 from agent.reload import ReloadOutcome, fingerprint, plan_reload, secret_files
+from agent.resilience import ConnectionMonitor
 from agent.session import Session
 from agent.store import CommandStore, ensure_private_dir
 from agent.tls import build_context
@@ -66,6 +68,8 @@ class Agent:
         self._health_check: HealthCheck | None = None
         self._wake = threading.Event()
         self._reload_requested = threading.Event()
+        self.outbox: Outbox | None = None
+        self.monitor: ConnectionMonitor | None = None
 
     def build(self) -> None:
         cfg = self.cfg
@@ -73,6 +77,8 @@ class Agent:
         try:
             ensure_private_dir(cfg.agent.state_dir)
             self.store = CommandStore(cfg.agent.state_dir / "commands.sqlite3")
+            self.outbox = Outbox(cfg.agent.state_dir / "outbox.sqlite3", cfg.limits.max_outbox_messages,
+                                 window=cfg.mqtt.max_inflight)
         except OSError as exc:
             raise ConfigError([f"agent.state_dir: cannot use {cfg.agent.state_dir}: {exc.strerror or exc}"]) from exc
         self.registry = build_registry(cfg.commands, self.status, plugins=self._plugins, ping=self._ping)
@@ -86,6 +92,8 @@ class Agent:
         self.watchdog = ServiceWatchdog(self.notifier, self._connection_status, self._health, interval=interval)
         self.status_line = StatusLine(protocol, cfg.mqtt.keepalive, on_change=self.watchdog.poke)
         self.phases = LoopPhases(cfg.mqtt.connect_timeout)
+        self.monitor = ConnectionMonitor(cfg.mqtt, cfg.reconnect, cfg.keepalive_tuning,
+                                         state_dir=cfg.agent.state_dir)
         self.session = Session(
             cfg.mqtt,
             cfg.tls,
@@ -93,6 +101,8 @@ class Agent:
             ssl_context=ssl_context,
             on_message=lambda msg: dispatcher_box[0].accept(msg),
             listeners=[self.metrics.connection, self.status_line, self.phases],
+            monitor=self.monitor,
+            outbox=self.outbox,
         )
         self.dispatcher = Dispatcher(
             registry=self.registry,
@@ -140,7 +150,10 @@ class Agent:
                 reconnects=max(st.connects - 1, 0),
                 connect_attempts=st.attempts,
                 last_disconnect=st.last_end.kind if st.last_end else None,
+                outbox=self.session.unacknowledged(),
             )
+        if self.monitor:
+            out["duplicate_client_id_suspected"] = self.monitor.classifier.suspecting_takeover
         if self.dispatcher:
             stats = self.dispatcher.stats
             out["commands"] = {
@@ -313,12 +326,14 @@ class Agent:
             log.warning("%d command(s) still running after the %g s grace period; they are answered 500 at the "
                         "next start", self.dispatcher.in_flight, grace)
         if not self.session.flush(max(end - self._clock(), 1.0)):
-            log.warning("%d response(s) not yet acknowledged by the broker at shutdown",
-                        self.session.unacknowledged())
+            log.warning("%d response(s) not yet acknowledged by the broker at shutdown; the outbox keeps them "
+                        "for the next start", self.session.unacknowledged())
         # The watchdog judges a live network loop: stop it before the loop ends on purpose.
         self.watchdog.stop()
         self.session.stop()
         self.dispatcher.close()
+        if self.outbox is not None:
+            self.outbox.close()
         self.store.close()
         if self.metrics_server is not None:
             self.metrics_server.stop()

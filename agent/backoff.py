@@ -17,17 +17,37 @@ class Backoff:
     The failure count resets only when a connection has stayed up for `stable_after` seconds,
     not on CONNACK: paho resets its own delay on every CONNACK, which turns a broker that
     accepts and then drops into a 1 s flap forever.
+
+    While another client is suspected of using our client id (`damped`), every takeover adds an
+    extra doubling, delays are drawn from the upper half of the range (so the rate really falls
+    instead of sometimes drawing the minimum), and only a connection that outlives twice the
+    longest delay counts as stable: the other client backs off as long as we do, so a connection
+    merely longer than `stable_after` does not prove it has gone.
     """
 
     def __init__(self, cfg: ReconnectConfig, rng: random.Random | None = None) -> None:
         self.cfg = cfg
         self.failures = 0
+        self.damped = False
         self._rng = rng or random.Random()
+
+    @property
+    def stable_after(self) -> float:
+        """Uptime after which a connection resets the backoff."""
+        if self.damped:
+            return max(self.cfg.stable_after, 2.0 * self.cfg.max_delay)
+        return self.cfg.stable_after
 
     def connection_ended(self, uptime: float | None) -> None:
         """Account for one ended connection or failed attempt; `uptime` is None if it never connected."""
-        if uptime is not None and uptime >= self.cfg.stable_after:
+        if uptime is not None and uptime >= self.stable_after:
             self.failures = 0
+            self.damped = False
+        self.failures += 1
+
+    def takeover(self) -> None:
+        """A session takeover (duplicate client id): damp harder until a connection proves stable."""
+        self.damped = True
         self.failures += 1
 
     def ceiling(self) -> float:
@@ -39,7 +59,8 @@ class Backoff:
         top = self.ceiling()
         if not self.cfg.jitter:
             return top
-        return self._rng.uniform(self.cfg.min_delay, top)
+        low = max(self.cfg.min_delay, top / 2.0) if self.damped else self.cfg.min_delay
+        return self._rng.uniform(low, top)
 
     def reset(self) -> None:
         self.failures = 0

@@ -91,6 +91,7 @@ class LimitsConfig:
     command_timeout: float = 30.0
     max_command_age: float = 300.0
     dedupe_retention: float = 86400.0
+    max_outbox_messages: int = 10000
 
 
 @dataclass(frozen=True)
@@ -477,6 +478,7 @@ def _limits(t: _Table) -> LimitsConfig | None:
         command_timeout=t.number("command_timeout", 30.0, 0.1, 86400.0),
         max_command_age=t.number("max_command_age", 300.0, 0.0, 31536000.0),
         dedupe_retention=t.number("dedupe_retention", 86400.0, 60.0, 31536000.0),
+        max_outbox_messages=t.integer("max_outbox_messages", 10000, 1, 10000000),
     )
     t.finish()
     if None in values.values():
@@ -539,7 +541,9 @@ def _tuning(t: _Table, keepalive: int | None) -> KeepaliveTuningConfig | None:
     enabled = t.boolean("enabled", True)
     drops = t.integer("drops", 3, 1, 100)
     window = t.number("window", 900.0, 1.0, 604800.0)
-    minimum = t.integer("min", 10, 1, 65535)
+    # The default floor follows a short mqtt.keepalive down; only an explicit min above it is an error.
+    default_min = min(10, keepalive) if keepalive is not None else 10
+    minimum = t.integer("min", default_min, 1, 65535)
     probe_after = t.number("probe_after", 86400.0, 1.0, 31536000.0)
     t.finish()
     if minimum is not None and keepalive is not None and minimum > keepalive:

@@ -15,7 +15,7 @@ import ssl
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, TypeVar
 
 import paho.mqtt.client as mqtt
@@ -25,9 +25,23 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.backoff import Backoff, HostRotation
-from agent.config import HostPort, MqttConfig, ReconnectConfig, TlsConfig, read_secret
+from agent.classify import (
+    AUTH_FAILED,
+    CONNECTION_LOST,
+    KEEPALIVE_TIMEOUT,
+    NETWORK_ERROR,
+    RECONNECT_REQUESTED,
+    REFUSED,
+    SERVER_DISCONNECT,
+    SESSION_TAKEN_OVER,
+    SHUTDOWN,
+    TLS_ERROR,
+)
+from agent.config import HostPort, KeepaliveTuningConfig, MqttConfig, ReconnectConfig, TlsConfig, read_secret
 from agent.errors import TLSSetupError
+from agent.outbox import Outbox, OutMessage
 from agent.protocol import Inbound
+from agent.resilience import ConnectionMonitor
 from agent.tls import explain_handshake_error, fetch_peer_certificate
 
 log = logging.getLogger(__name__)
@@ -40,18 +54,18 @@ RC_KEEPALIVE_TIMEOUT = 0x8D
 RC_SESSION_TAKEN_OVER = 0x8E
 AUTH_FAILURE_CODES = frozenset({0x86, 0x87, 0x8C})  # bad user name or password, not authorized, bad auth method
 
-# What ended a connection, as far as the session alone can tell. The disconnect classifier refines
-# "connection_lost" (idle timeout? duplicate client id?) using the connection history.
-SHUTDOWN = "shutdown"
-RECONNECT_REQUESTED = "reconnect_requested"
-AUTH_FAILED = "auth_failed"
-REFUSED = "refused"
-TLS_ERROR = "tls_error"
-NETWORK_ERROR = "network_error"
-CONNECTION_LOST = "connection_lost"
-KEEPALIVE_TIMEOUT = "keepalive_timeout"
-SESSION_TAKEN_OVER = "session_taken_over"
-SERVER_DISCONNECT = "server_disconnect"
+# What ended a connection is first named by the session alone (agent/classify.py lists the kinds);
+# the ConnectionMonitor's classifier turns "connection_lost" and "reconnect_requested" into final
+# reasons using the connection history, before any listener sees the end.
+
+# paho needs about 2 x keepalive to notice a link that stopped carrying traffic (PINGREQ after one
+# keepalive, gives up one keepalive later). The session closes the link itself once a PINGREQ has
+# waited this share of the keepalive (at least PING_GRACE_MIN s, for slow cellular round trips).
+PING_GRACE = 0.5
+PING_GRACE_MIN = 2.0
+# A host counts as working once a connection to it has lasted this long (not at CONNACK: a broker
+# that accepts and drops at once must be left for the next host too).
+HOST_PROVEN_AFTER = 5.0
 
 
 def _guarded(fn: F) -> F:
@@ -67,20 +81,48 @@ def _guarded(fn: F) -> F:
 
 class _TrackedClient(mqtt.Client):
     """paho client that records when bytes last went in and out: the idle time at a drop is the
-    evidence the keepalive tuner needs, and paho's own timestamps are reset by its ping logic."""
+    evidence the keepalive tuner needs, and paho's own timestamps are reset by its ping logic.
+
+    It also records the longest quiet the link carried (a quiet period that ended with our send
+    counts once an answer arrives: a NAT that had forgotten the flow would have reset it instead),
+    and how the link ended (EOF or reset), for the disconnect classifier."""
 
     last_in = 0.0
     last_out = 0.0
+    longest_quiet = 0.0
+    link_error = ""
+    _since = 0.0
+    _unconfirmed_quiet = 0.0
+
+    def begin_connection(self) -> None:
+        self._since = time.monotonic()
+        self.longest_quiet = 0.0
+        self._unconfirmed_quiet = 0.0
+        self.link_error = ""
+
+    def _quiet(self, now: float) -> float:
+        return now - max(self.last_in, self.last_out, self._since)
 
     def _sock_recv(self, bufsize: int) -> bytes:
-        data: bytes = super()._sock_recv(bufsize)
+        try:
+            data: bytes = super()._sock_recv(bufsize)
+        except ConnectionError as exc:
+            self.link_error = "reset by the peer" if isinstance(exc, ConnectionResetError) else str(exc)
+            raise
         if data:
-            self.last_in = time.monotonic()
+            now = time.monotonic()
+            self.longest_quiet = max(self.longest_quiet, self._unconfirmed_quiet, self._quiet(now))
+            self._unconfirmed_quiet = 0.0
+            self.last_in = now
+        else:
+            self.link_error = "closed by the peer"
         return data
 
     def _sock_send(self, buf: bytes | bytearray) -> int:
         sent: int = super()._sock_send(buf)
-        self.last_out = time.monotonic()
+        now = time.monotonic()
+        self._unconfirmed_quiet = max(self._unconfirmed_quiet, self._quiet(now))
+        self.last_out = now
         return sent
 
     def ping_outstanding_since(self) -> float | None:
@@ -175,6 +217,9 @@ class ConnectionEnded:
     from_server: bool = False
     keepalive: int = 0
     error: str = ""
+    session_present: bool | None = None  # from this connection's CONNACK
+    longest_quiet: float | None = None  # longest silence the link carried (traffic flowed after it)
+    link_error: str = ""  # how the socket ended, if it did: "closed by the peer", "reset by the peer"
 
     @property
     def uptime(self) -> float | None:
@@ -225,6 +270,7 @@ class _Conn:
     attempt_started: float
     keepalive: int
     connected_at: float | None = None
+    session_present: bool | None = None
     ended: ConnectionEnded | None = None
     refused: tuple[int, str] | None = None
     close_reason: tuple[str, str] | None = None  # set when the agent closes the socket itself
@@ -270,15 +316,22 @@ class Session:
         topics: Sequence[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        monitor: ConnectionMonitor | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
         self.cfg = mqtt_cfg
         self.tls_cfg = tls_cfg
         self._ssl_context = ssl_context
         self._on_message = on_message
-        self._keepalive = keepalive or (lambda: mqtt_cfg.keepalive)
-        self.backoff = backoff or Backoff(reconnect_cfg)
-        self.listeners = list(listeners)
         self.client_id = client_id or mqtt_cfg.client_id
+        # Without a monitor (tests, tools) ends are still classified, with tuning off and nothing persisted.
+        self.monitor = monitor or ConnectionMonitor(
+            mqtt_cfg, reconnect_cfg, KeepaliveTuningConfig(enabled=False, min=1), client_id=self.client_id,
+            backoff=backoff, clock=clock, wall=wall)
+        self._keepalive = keepalive or self.monitor.keepalive
+        self.backoff = self.monitor.backoff
+        self.listeners = list(listeners)
+        self.outbox = outbox
         self.topics = list(topics if topics is not None else [mqtt_cfg.command_topic])
         self._clock = clock
         self._wall = wall
@@ -288,6 +341,11 @@ class Session:
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_message = self._handle_message
         self._client.on_subscribe = self._handle_subscribe
+        self._client.on_publish = self._handle_publish
+        if outbox is not None:
+            outbox.bind(self._send_now, lambda size: self._notify("outbox_changed", size),
+                        lambda count: self._notify("outbox_dropped", count))
+        self._next_check = 0.0
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._reconnect_reason: str | None = None
@@ -362,14 +420,28 @@ class Session:
         user_properties: tuple[tuple[str, str], ...] = (),
         content_type: str | None = None,
     ) -> None:
-        """Queue a message. QoS 1 messages published while offline are sent after the next CONNACK."""
-        props = publish_properties(correlation_data, user_properties, content_type) if self.cfg.is_v5 else None
-        info = self._client.publish(topic, payload, qos, properties=props)
+        """Queue a message. With an outbox it is stored first and survives a disconnect or a crash;
+        without one, QoS 1 messages published while offline are sent after the next CONNACK."""
+        msg = OutMessage(topic, payload, qos, correlation_data, user_properties, content_type)
+        if self.outbox is not None:
+            self.outbox.put(msg)
+        else:
+            self._send_now(msg)
+
+    def _send_now(self, msg: OutMessage) -> int | None:
+        """Hand `msg` to paho; its message id, or None if paho did not take it."""
+        props = (publish_properties(msg.correlation_data, msg.user_properties, msg.content_type)
+                 if self.cfg.is_v5 else None)
+        info = self._client.publish(msg.topic, msg.payload, msg.qos, properties=props)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-            log.error("could not queue a message for %s: %s", topic, mqtt.error_string(info.rc))
+            log.error("could not queue a message for %s: %s", msg.topic, mqtt.error_string(info.rc))
+            return None
+        return int(info.mid)
 
     def unacknowledged(self) -> int:
-        """QoS 1 messages not yet acknowledged by the broker."""
+        """Messages not yet acknowledged by the broker (in the outbox, or held by paho)."""
+        if self.outbox is not None:
+            return self.outbox.size
         return len(self._client._out_messages)
 
     def flush(self, timeout: float) -> bool:
@@ -409,26 +481,59 @@ class Session:
             except Exception:
                 log.exception("session listener %r failed in %s", listener, method)
 
+    def _emit(self, events: Sequence[tuple[str, tuple[Any, ...]]]) -> None:
+        for method, args in events:
+            self._notify(method, *args)
+
     def _run(self) -> None:
         while not self._stop.is_set():
             self._wake.clear()
             self._reconnect_reason = None
             self._apply_pending_config()
-            ended = self._connect_and_serve()
+            raw = self._connect_and_serve()
+            try:
+                ended = self.monitor.classify(raw)
+            except Exception:
+                log.exception("internal error while classifying a disconnect")
+                ended = replace(raw, kind={CONNECTION_LOST: NETWORK_ERROR, RECONNECT_REQUESTED: SHUTDOWN}.get(
+                    raw.kind, raw.kind))
             self._last_end = ended
+            self._log_end(ended, raw.kind)
             self._notify("connection_ended", ended)
+            try:
+                self._emit(self.monitor.account(ended))
+            except Exception:
+                log.exception("internal error while accounting for a disconnect")
             if self._stop.is_set():
                 break
-            if ended.kind == RECONNECT_REQUESTED:
-                self.backoff.reset()
+            if raw.kind == RECONNECT_REQUESTED:
                 continue
-            if ended.connected_at is None and self._hosts.failed():
+            # A host that fails to connect, or accepts and drops at once, is skipped after a few tries.
+            flapping = ended.uptime is not None and ended.uptime < HOST_PROVEN_AFTER and ended.kind in (
+                NETWORK_ERROR, SERVER_DISCONNECT)
+            if (ended.connected_at is None or flapping) and self._hosts.failed():
                 log.warning("%s failed repeatedly; failing over to %s", ended.host, self._hosts.current)
-            self.backoff.connection_ended(ended.uptime)
             delay = self.backoff.next_delay()
             self._notify("reconnect_scheduled", delay, ended)
-            log.info("reconnecting in %.1f s (%s)", delay, ended.kind, extra={"MQTT_REASON": ended.kind})
+            log.info("reconnecting in %.1f s (%s; random delay up to %g s%s)", delay, ended.kind,
+                     self.backoff.ceiling(), ", damped: duplicate client id" if self.backoff.damped else "",
+                     extra={"MQTT_REASON": ended.kind})
             self._wake.wait(delay)
+
+    def _log_end(self, ended: ConnectionEnded, raw_kind: str) -> None:
+        if ended.error:
+            return  # a failed connect attempt: _connect_failed has logged it
+        if raw_kind == RECONNECT_REQUESTED:
+            log.info("disconnected from %s to reconnect: %s", ended.host, ended.reason)
+            return
+        if ended.kind == SHUTDOWN:
+            log.info("disconnected from %s (%s)", ended.host, ended.reason or "agent request")
+            return
+        up = f" after {ended.uptime:.1f} s" if ended.uptime is not None else ""
+        idle = f", {ended.idle_for:.1f} s after the last byte received" if ended.idle_for is not None else ""
+        level = logging.ERROR if ended.kind in (AUTH_FAILED, REFUSED, SESSION_TAKEN_OVER) else logging.WARNING
+        log.log(level, "connection to %s ended%s%s: %s: %s", ended.host, up, idle, ended.kind, ended.reason,
+                extra={"MQTT_REASON": ended.kind, "MQTT_RC": ended.reason_code})
 
     def _connect_and_serve(self) -> ConnectionEnded:
         host = self._hosts.current
@@ -436,6 +541,7 @@ class Session:
         self._attempts += 1
         conn = self._conn = _Conn(host, self._clock(), keepalive)
         self._sub = {t: _SubscribeState() for t in self.topics}
+        self._client.begin_connection()
         self._notify("connecting", host, self._attempts)
         log.debug("connecting to %s as %s (keepalive %d s)", host, self.client_id, keepalive)
         try:
@@ -475,15 +581,43 @@ class Session:
                 self._close(conn)
                 break
             self._retry_subscriptions(now)
+            if disconnect_deadline is None and conn.connected_at is not None and self._check_link(conn, now):
+                break
             rc = self._client.loop(timeout=0.5)
             if rc != mqtt.MQTT_ERR_SUCCESS and conn.ended is None and self._client.socket() is None:
                 self._end(conn, False, None, mqtt.error_string(rc))
+            if self.outbox is not None:
+                self.outbox.pump()
 
-    def _close(self, conn: _Conn) -> None:
+    def _check_link(self, conn: _Conn, now: float) -> bool:
+        """Close a link that stopped answering (True if it did); once a second, note the uptime and
+        whether a longer keepalive is due for a probe."""
+        since = self._client.ping_outstanding_since()
+        if since is not None:
+            waited = time.monotonic() - since  # paho stamps its PINGREQ with time.monotonic()
+            limit = max(PING_GRACE * conn.keepalive, PING_GRACE_MIN)
+            if waited >= limit:
+                conn.close_reason = (KEEPALIVE_TIMEOUT, f"no PINGRESP {waited:.1f} s after our PINGREQ (keepalive "
+                                                        f"{conn.keepalive} s): the link stopped carrying traffic")
+                self._close(conn, RC_KEEPALIVE_TIMEOUT)
+                return True
+        if now < self._next_check or conn.connected_at is None:
+            return False
+        self._next_check = now + 1.0
+        if now - conn.connected_at >= HOST_PROVEN_AFTER:
+            self._hosts.succeeded()
+        self.monitor.connection_up_for(now - conn.connected_at, conn.keepalive)
+        events = self.monitor.probe()
+        if events:
+            self._emit(events)
+            self.request_reconnect("applying a longer keepalive (probe)")
+        return False
+
+    def _close(self, conn: _Conn, code: int | None = None) -> None:
         """Close the socket ourselves; paho calls no on_disconnect for that, so end the record here."""
         self._client._sock_close()
         if conn.ended is None:
-            self._end(conn, False, None, "closed by the agent")
+            self._end(conn, False, code, "closed by the agent")
 
     def _connect_failed(self, conn: _Conn, exc: Exception) -> ConnectionEnded:
         host = conn.host
@@ -529,6 +663,9 @@ class Session:
         """Record the end of `conn` once (paho may report one disconnect twice)."""
         if conn.ended is not None:
             return
+        if self.outbox is not None:
+            self.outbox.link_down()
+        link_error = self._client.link_error
         if conn.close_reason is not None:
             kind, reason = conn.close_reason
         elif conn.refused is not None:
@@ -542,7 +679,7 @@ class Session:
         elif code == RC_KEEPALIVE_TIMEOUT:
             kind, reason = KEEPALIVE_TIMEOUT, f"no answer to our PINGREQ within the keepalive ({conn.keepalive} s)"
         else:
-            kind, reason = CONNECTION_LOST, f"connection lost ({text})"
+            kind, reason = CONNECTION_LOST, f"connection lost ({link_error or text})"
         last_in, last_out = self._client.last_in, self._client.last_out
         conn.ended = ConnectionEnded(
             host=conn.host,
@@ -556,18 +693,10 @@ class Session:
             reason_code=code,
             from_server=from_server,
             keepalive=conn.keepalive,
+            session_present=conn.session_present,
+            longest_quiet=self._client.longest_quiet if conn.connected_at is not None else None,
+            link_error=link_error,
         )
-        ended = conn.ended
-        if kind == SHUTDOWN:
-            log.info("disconnected from %s", conn.host)
-        elif kind == RECONNECT_REQUESTED:
-            log.info("disconnected from %s to reconnect: %s", conn.host, reason)
-        else:
-            up = f" after {ended.uptime:.1f} s" if ended.uptime is not None else ""
-            idle = f", {ended.idle_for:.1f} s after the last byte received" if ended.idle_for is not None else ""
-            level = logging.ERROR if kind in (AUTH_FAILED, REFUSED, SESSION_TAKEN_OVER) else logging.WARNING
-            log.log(level, "connection to %s ended%s%s: %s", conn.host, up, idle, reason,
-                    extra={"MQTT_REASON": kind, "MQTT_RC": code})
 
     # --- paho callbacks (network thread) ---------------------------------------------------------
 
@@ -587,8 +716,10 @@ class Session:
         if server_keepalive is not None:
             conn.keepalive = int(server_keepalive)
         self._connects += 1
-        self._hosts.succeeded()
         present = bool(getattr(flags, "session_present", False))
+        conn.session_present = present
+        if self.outbox is not None:
+            self.outbox.link_up()
         log.info("connected to %s as %s (MQTT %s, keepalive %d s, session %s)", conn.host, self.client_id,
                  "5" if self.cfg.is_v5 else "3.1.1", conn.keepalive, "resumed" if present else "new",
                  extra={"KEEPALIVE": conn.keepalive})
@@ -640,6 +771,15 @@ class Session:
             return
         from_server = bool(getattr(flags, "is_disconnect_packet_from_server", False))
         self._end(conn, from_server, int(reason.value), str(reason))
+
+    @_guarded
+    def _handle_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,
+                        properties: Any) -> None:
+        if reason is not None and getattr(reason, "is_failure", False):
+            log.warning("the broker refused a response (PUBACK %s); it is not sent again: check the broker ACL "
+                        "for client %s", reason, self.client_id)
+        if self.outbox is not None:
+            self.outbox.acked(mid)
 
     @_guarded
     def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:

@@ -1,0 +1,276 @@
+"""Persistent outbox for responses (SQLite in `state_dir`): nothing is lost while the link is down.
+
+Every QoS 1 response is written here before it is handed to the MQTT client and deleted when the
+broker's PUBACK arrives, so a crash or restart of the agent loses none: at the next start every
+row left is sent again, oldest first (a response re-sent after a crash is harmless, a lost one is
+not). Responses published while the link is down are not handed to paho at all (paho would keep
+them in memory and re-send them itself after the reconnect, and the outbox would send them a second
+time); they wait here and go out oldest first after the next CONNACK, at most `window` in flight.
+The outbox is bounded: on overflow the oldest waiting responses are dropped, with a log line.
+
+Threads: `put` runs on worker threads, everything else on the network thread. `acked` is called
+from inside paho's on_publish (paho holds its own locks there), so it only appends to a deque;
+`pump`, called by the network loop between paho calls, does the bookkeeping.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+# Acknowledged rows are deleted in batches: after a crash at most this many responses (or this
+# much time's worth) are sent a second time, and the hot path stays one INSERT per response.
+DELETE_BATCH = 64
+DELETE_DELAY = 0.25
+DROP_LOG_INTERVAL = 60.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+    created  REAL NOT NULL,
+    topic    TEXT NOT NULL,
+    payload  BLOB NOT NULL,
+    qos      INTEGER NOT NULL,
+    content_type TEXT,
+    correlation  BLOB,
+    user_props   TEXT
+);
+"""
+
+
+@dataclass(frozen=True)
+class OutMessage:
+    """A message to publish, in the agent's own terms (paho Properties are built at hand-off)."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    correlation_data: bytes | None = None
+    user_properties: tuple[tuple[str, str], ...] = ()
+    content_type: str | None = None
+
+
+@dataclass
+class _Entry:
+    seq: int
+    msg: OutMessage
+    created: float
+
+
+def _noop(_: int) -> None:
+    pass
+
+
+class Outbox:
+    """Bounded, persistent, ordered queue of responses between the dispatcher and the MQTT client."""
+
+    def __init__(
+        self,
+        path: Path,
+        max_messages: int,
+        *,
+        window: int = 100,
+        wall: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = path
+        self.max_messages = max_messages
+        self.window = max(1, window)
+        self._wall = wall
+        self._clock = clock
+        self._send: Callable[[OutMessage], int | None] | None = None
+        self._on_size: Callable[[int], None] = _noop
+        self._on_dropped: Callable[[int], None] = _noop
+        self._lock = threading.Lock()
+        self._report_lock = threading.Lock()
+        self._pending: deque[_Entry] = deque()  # not yet handed to the client, oldest first
+        self._handed: dict[int, _Entry] = {}  # message id -> entry the client holds until PUBACK
+        self._acks: deque[int] = deque()
+        self._to_delete: list[int] = []
+        self._delete_since = 0.0
+        self._link_up = False
+        self._size = 0
+        self._reported = -1
+        self._dropped_unlogged = 0
+        self._drop_logged_at: float | None = None
+        self.dropped_total = 0
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # responses may carry device data: 0600
+        os.close(fd)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a commit survives a process crash; only an OS crash may lose the last ones.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        for seq, created, *fields in self._db.execute(
+            "SELECT seq, created, topic, payload, qos, content_type, correlation, user_props FROM outbox ORDER BY seq"
+        ):
+            self._pending.append(_Entry(int(seq), _message(*fields), float(created)))
+        self._size = len(self._pending)
+        if self._size:
+            log.info("%d response(s) from an earlier run wait in the outbox; they are sent after the connect",
+                     self._size)
+
+    # --- wiring --------------------------------------------------------------------------------
+
+    def bind(
+        self,
+        send: Callable[[OutMessage], int | None],
+        on_size: Callable[[int], None] = _noop,
+        on_dropped: Callable[[int], None] = _noop,
+    ) -> None:
+        """Connect the outbox to the MQTT client: `send` hands a message over and returns its
+        message id (None if the client refused it)."""
+        self._send = send
+        self._on_size = on_size
+        self._on_dropped = on_dropped
+        self._report()
+
+    @property
+    def size(self) -> int:
+        """Responses not yet acknowledged by the broker (waiting or in flight)."""
+        return self._size
+
+    @property
+    def waiting(self) -> int:
+        """Responses not yet handed to the client."""
+        return len(self._pending)
+
+    # --- any thread ----------------------------------------------------------------------------
+
+    def put(self, msg: OutMessage) -> None:
+        """Store `msg` and send it now if the link is up and nothing older waits."""
+        dropped: list[_Entry] = []
+        with self._lock:
+            created = self._wall()
+            cur = self._db.execute(
+                "INSERT INTO outbox (created, topic, payload, qos, content_type, correlation, user_props)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (created, msg.topic, msg.payload, msg.qos, msg.content_type, msg.correlation_data,
+                 json.dumps(msg.user_properties) if msg.user_properties else None),
+            )
+            entry = _Entry(int(cur.lastrowid or 0), msg, created)
+            overflow = self._size + 1 - self.max_messages
+            while overflow > 0 and self._pending:
+                dropped.append(self._pending.popleft())
+                overflow -= 1
+            if dropped:
+                self._db.executemany("DELETE FROM outbox WHERE seq = ?", [(e.seq,) for e in dropped])
+            self._size += 1 - len(dropped)
+            if not (self._link_up and not self._pending and len(self._handed) < self.window and self._hand(entry)):
+                self._pending.append(entry)
+        if dropped:
+            self._log_dropped(dropped)
+        self._report()
+
+    # --- network thread ------------------------------------------------------------------------
+
+    def acked(self, mid: int) -> None:
+        """The broker acknowledged message `mid` (called inside paho's on_publish: no locks here)."""
+        self._acks.append(mid)
+
+    def link_up(self) -> None:
+        self._link_up = True
+
+    def link_down(self) -> None:
+        self._link_up = False
+
+    def pump(self, force_flush: bool = False) -> None:
+        """Account for acknowledgements, delete acknowledged rows in batches, hand waiting responses over."""
+        if not self._acks and not self._to_delete and not (self._link_up and self._pending) and not force_flush:
+            return
+        with self._lock:
+            while self._acks:
+                entry = self._handed.pop(self._acks.popleft(), None)
+                if entry is not None:
+                    if not self._to_delete:
+                        self._delete_since = self._clock()
+                    self._to_delete.append(entry.seq)
+                    self._size -= 1
+            if self._to_delete and (force_flush or len(self._to_delete) >= DELETE_BATCH
+                                    or self._clock() - self._delete_since >= DELETE_DELAY):
+                self._db.execute("BEGIN")
+                self._db.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in self._to_delete])
+                self._db.execute("COMMIT")
+                self._to_delete.clear()
+            while self._link_up and self._pending and len(self._handed) < self.window:
+                if not self._hand(self._pending[0]):
+                    break
+                self._pending.popleft()
+        self._report()
+
+    def close(self) -> None:
+        """Write the pending deletions and close the database (rows left are sent at the next start)."""
+        self.pump(force_flush=True)
+        with self._lock:
+            self._db.close()
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _hand(self, entry: _Entry) -> bool:
+        """Give `entry` to the client (lock held). False if it did not take it (it stays waiting)."""
+        if self._send is None:
+            return False
+        mid = self._send(entry.msg)
+        if mid is None:
+            return False
+        if entry.msg.qos == 0:
+            self._to_delete.append(entry.seq)  # no PUBACK will come; paho sends QoS 0 once
+            self._size -= 1
+            return True
+        self._handed[mid] = entry
+        return True
+
+    def _log_dropped(self, dropped: list[_Entry]) -> None:
+        self.dropped_total += len(dropped)
+        self._dropped_unlogged += len(dropped)
+        now = self._clock()
+        if self._drop_logged_at is None or now - self._drop_logged_at >= DROP_LOG_INTERVAL:
+            oldest = dropped[0]
+            log.warning("outbox full (limits.max_outbox_messages = %d): dropped the %d oldest response(s) waiting "
+                        "for the broker, the oldest to %s from %s; the link has been down too long for the backlog",
+                        self.max_messages, self._dropped_unlogged, oldest.msg.topic,
+                        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(oldest.created)),
+                        extra={"OUTBOX_DROPPED": self._dropped_unlogged})
+            self._dropped_unlogged = 0
+            self._drop_logged_at = now
+        try:
+            self._on_dropped(len(dropped))
+        except Exception:
+            log.exception("outbox listener failed")
+
+    def _report(self) -> None:
+        # The report lock makes the last reported value the latest size, whichever thread reports last.
+        with self._report_lock:
+            size = self._size
+            if size == self._reported:
+                return
+            self._reported = size
+            try:
+                self._on_size(size)
+            except Exception:
+                log.exception("outbox listener failed")
+
+
+def _message(topic: object, payload: object, qos: object, content_type: object, correlation: object,
+             user_props: object) -> OutMessage:
+    def blob(value: object) -> bytes | None:
+        return bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else None
+
+    return OutMessage(
+        topic=str(topic),
+        payload=blob(payload) or b"",
+        qos=int(qos),  # type: ignore[call-overload]
+        correlation_data=blob(correlation),
+        user_properties=tuple((str(k), str(v)) for k, v in json.loads(str(user_props))) if user_props else (),
+        content_type=str(content_type) if content_type is not None else None,
+    )
