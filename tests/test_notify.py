@@ -161,12 +161,20 @@ def test_without_systemd_python_on_an_abstract_socket(tmp_path, broker, make_con
 def test_watchdog_abort_leaves_every_thread_stack_in_the_log(broker, make_config, run_agent):
     # systemd's watchdog ends a wedged agent with SIGABRT (WatchdogSignal=): the journal must then show
     # where each thread was.
-    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
-    resource.setrlimit(resource.RLIMIT_CORE, (0, hard))  # inherited: no core file in the checkout
-    try:
-        agent = run_agent(make_config(broker))
-    finally:
-        resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
-    assert agent.stop(signal.SIGABRT) == -signal.SIGABRT
+    # faulthandler walks the other threads' frames without locking them (its documented limitation), so on
+    # a busy machine a dump can, rarely, crash half-way with SIGSEGV: allow up to three attempts.
+    config = make_config(broker)
+    for attempt in range(3):
+        soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, hard))  # inherited: no core file in the checkout
+        try:
+            agent = run_agent(config)
+        finally:
+            resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
+        rc = agent.stop(signal.SIGABRT)
+        if rc == -signal.SIGSEGV and "Fatal Python error: Segmentation fault" in agent.output and attempt < 2:
+            continue
+        break
+    assert rc == -signal.SIGABRT
     assert agent.count(r"^Thread 0x[0-9a-f]+ \(most recent call first\):$") >= 3
     assert agent.count(r'File ".*agent/session\.py", line \d+ in _serve') == 1
