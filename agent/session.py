@@ -66,6 +66,8 @@ PING_GRACE_MIN = 2.0
 # A host counts as working once a connection to it has lasted this long (not at CONNACK: a broker
 # that accepts and drops at once must be left for the next host too).
 HOST_PROVEN_AFTER = 5.0
+# After an unexpected internal error in the network loop, wait this long before connecting again.
+INTERNAL_ERROR_RETRY = 5.0
 
 
 def _guarded(fn: F) -> F:
@@ -487,38 +489,60 @@ class Session:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._wake.clear()
-            self._reconnect_reason = None
-            self._apply_pending_config()
-            raw = self._connect_and_serve()
             try:
-                ended = self.monitor.classify(raw)
+                self._cycle()
             except Exception:
-                log.exception("internal error while classifying a disconnect")
-                ended = replace(raw, kind={CONNECTION_LOST: NETWORK_ERROR, RECONNECT_REQUESTED: SHUTDOWN}.get(
-                    raw.kind, raw.kind))
-            self._last_end = ended
-            self._log_end(ended, raw.kind)
-            self._notify("connection_ended", ended)
-            try:
-                self._emit(self.monitor.account(ended))
-            except Exception:
-                log.exception("internal error while accounting for a disconnect")
-            if self._stop.is_set():
-                break
-            if raw.kind == RECONNECT_REQUESTED:
-                continue
-            # A host that fails to connect, or accepts and drops at once, is skipped after a few tries.
-            flapping = ended.uptime is not None and ended.uptime < HOST_PROVEN_AFTER and ended.kind in (
-                NETWORK_ERROR, SERVER_DISCONNECT)
-            if (ended.connected_at is None or flapping) and self._hosts.failed():
-                log.warning("%s failed repeatedly; failing over to %s", ended.host, self._hosts.current)
-            delay = self.backoff.next_delay()
-            self._notify("reconnect_scheduled", delay, ended)
-            log.info("reconnecting in %.1f s (%s; random delay up to %g s%s)", delay, ended.kind,
-                     self.backoff.ceiling(), ", damped: duplicate client id" if self.backoff.damped else "",
-                     extra={"MQTT_REASON": ended.kind})
-            self._wake.wait(delay)
+                log.exception("internal error in the MQTT network loop; the connection is reset and retried in "
+                              "%g s", INTERNAL_ERROR_RETRY)
+                self._recover_from_internal_error()
+                self._wake.wait(INTERNAL_ERROR_RETRY)
+
+    def _recover_from_internal_error(self) -> None:
+        conn = self._conn
+        try:
+            self._client._sock_close()
+            if conn is not None and conn.ended is None:
+                conn.close_reason = (NETWORK_ERROR, "internal error in the network loop")
+                ended = self._end(conn, False, None, "internal error")
+                self._last_end = ended
+                self._notify("connection_ended", ended)
+        except Exception:
+            log.exception("could not reset the connection after an internal error")
+
+    def _cycle(self) -> None:
+        """One connection: connect, serve until it ends, account for the end, wait before the next."""
+        self._wake.clear()
+        self._reconnect_reason = None
+        self._apply_pending_config()
+        raw = self._connect_and_serve()
+        try:
+            ended = self.monitor.classify(raw)
+        except Exception:
+            log.exception("internal error while classifying a disconnect")
+            ended = replace(raw, kind={CONNECTION_LOST: NETWORK_ERROR, RECONNECT_REQUESTED: SHUTDOWN}.get(
+                raw.kind, raw.kind))
+        self._last_end = ended
+        self._log_end(ended, raw.kind)
+        self._notify("connection_ended", ended)
+        try:
+            self._emit(self.monitor.account(ended))
+        except Exception:
+            log.exception("internal error while accounting for a disconnect")
+        if self._stop.is_set():
+            return
+        if raw.kind == RECONNECT_REQUESTED:
+            return
+        # A host that fails to connect, or accepts and drops at once, is skipped after a few tries.
+        flapping = ended.uptime is not None and ended.uptime < HOST_PROVEN_AFTER and ended.kind in (
+            NETWORK_ERROR, SERVER_DISCONNECT)
+        if (ended.connected_at is None or flapping) and self._hosts.failed():
+            log.warning("%s failed repeatedly; failing over to %s", ended.host, self._hosts.current)
+        delay = self.backoff.next_delay()
+        self._notify("reconnect_scheduled", delay, ended)
+        log.info("reconnecting in %.1f s (%s; random delay up to %g s%s)", delay, ended.kind,
+                 self.backoff.ceiling(), ", damped: duplicate client id" if self.backoff.damped else "",
+                 extra={"MQTT_REASON": ended.kind})
+        self._wake.wait(delay)
 
     def _log_end(self, ended: ConnectionEnded, raw_kind: str) -> None:
         if ended.error:
@@ -659,10 +683,10 @@ class Session:
         log.error("TLS handshake with %s failed: %s", host, text, extra={"MQTT_REASON": TLS_ERROR})
         return text
 
-    def _end(self, conn: _Conn, from_server: bool, code: int | None, text: str) -> None:
+    def _end(self, conn: _Conn, from_server: bool, code: int | None, text: str) -> ConnectionEnded:
         """Record the end of `conn` once (paho may report one disconnect twice)."""
         if conn.ended is not None:
-            return
+            return conn.ended
         if self.outbox is not None:
             self.outbox.link_down()
         link_error = self._client.link_error
@@ -697,6 +721,7 @@ class Session:
             longest_quiet=self._client.longest_quiet if conn.connected_at is not None else None,
             link_error=link_error,
         )
+        return conn.ended
 
     # --- paho callbacks (network thread) ---------------------------------------------------------
 
