@@ -329,7 +329,7 @@ def _valid(value: T | None, check: Callable[[T], str | None], table: _Table, nam
     return value
 
 
-def _check_device_id(value: str) -> str | None:
+def check_device_id(value: str) -> str | None:
     if not value:
         return "must not be empty"
     if _TOPIC_UNSAFE.search(value):
@@ -355,7 +355,7 @@ def check_command_topic(value: str) -> str | None:
 
 
 def _agent(t: _Table) -> AgentConfig | None:
-    device_id = _valid(t.string("device_id"), _check_device_id, t, "device_id")
+    device_id = _valid(t.string("device_id"), check_device_id, t, "device_id")
     state_dir_text = t.string("state_dir", "/var/lib/mqtt-agent")
     state_dir = None
     if isinstance(state_dir_text, str):

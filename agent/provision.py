@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.config import TlsConfig, _check_device_id, read_secret
+from agent.config import TlsConfig, check_device_id, read_secret
 from agent.errors import AgentError, ConfigError
 from agent.tls import cert_info, load_certificates
 
@@ -322,7 +322,7 @@ def enroll(paths: EnrollPaths, *, device_id: str | None = None, key_type: str | 
     chosen = device_id or paths.device_id
     if not chosen:
         raise ConfigError(["agent.device_id: is required (or pass --device-id ID)"], str(paths.config))
-    problem = _check_device_id(chosen)
+    problem = check_device_id(chosen)
     if problem:
         raise EnrollError(f"device id {chosen!r}: {problem}")
     if device_id and paths.device_id and device_id != paths.device_id:
