@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Targets are judged only on a full run (not with --quick or with counts below the issue's).",
     )
     p.add_argument("--quick", action="store_true", help="smoke run with tiny counts (CI); targets are not judged")
-    p.add_argument("--out", type=Path, default=REPO / "bench" / "results",
-                   help="directory for latest.json and latest.md (default: bench/results)")
+    p.add_argument("--out", type=Path,
+                   help="directory for latest.json and latest.md (default: bench/results, or bench/work/smoke with "
+                   "--quick, so that a smoke run never replaces the committed results)")
     p.add_argument("--rounds", type=int, help=f"rounds of the command measurements (default {defaults.rounds})")
     p.add_argument("--pings", type=int, help=f"sequential pings per round (default {defaults.pings})")
     p.add_argument("--throughput", type=int,
@@ -167,7 +168,8 @@ def run(args: argparse.Namespace) -> int:
     run_["notes"] = notes + default_notes(run_)
     run_["duration_s"] = round(time.perf_counter() - started, 1)
     run_["loadavg_end"] = loadavg()
-    json_path, md_path = write(run_, args.out)
+    out = args.out or (REPO / "bench" / "work" / "smoke" if args.quick else REPO / "bench" / "results")
+    json_path, md_path = write(run_, out)
     print()
     print(render_markdown(run_))
     _log(f"written: {json_path} and {md_path}")

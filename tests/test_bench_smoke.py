@@ -7,7 +7,9 @@ The smoke run asserts that every phase ran against the real processes and wrote 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +22,7 @@ from bench import report
 from bench.baseline import response_for
 from bench.fleet import NEW_CLIENT, SUBSCRIBED, affordable_fleet
 from bench.loadgen import parse_response, request_topic
+from bench.procs import NotifySocket, cpu_seconds, rss_kib
 from bench.scenarios import Params
 from bench.wire import PUBACK, PUBLISH, WireError, connect_packet, packet, parse_packets, publish_packet
 
@@ -195,6 +198,33 @@ def test_baseline_answers_like_the_agent() -> None:
     assert response_for("command///req/abc/ping", b"{", started) == ("command///res/abc/400",
                                                                      b'{"error":"payload is not valid JSON"}')
     assert response_for("command///req//ping", b"", started) is None  # one-way: no answer
+
+
+# --- processes ----------------------------------------------------------------------------------------
+
+
+def test_notify_socket_records_when_ready_arrived(tmp_path: Path) -> None:
+    notify = NotifySocket(tmp_path / "n.sock")
+    try:
+        assert notify.ready_at is None
+        before = time.perf_counter()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as client:
+            client.sendto(b"READY=1\nSTATUS=connected to broker", str(notify.path))
+        end = time.monotonic() + 5
+        while notify.ready_at is None and time.monotonic() < end:
+            time.sleep(0.01)
+        assert notify.ready_at is not None and notify.ready_at >= before
+        assert "STATUS=connected to broker" in notify.first_seen
+    finally:
+        notify.close()
+    assert not (tmp_path / "n.sock").exists()
+
+
+def test_proc_readings_of_this_process() -> None:
+    assert rss_kib(os.getpid()) > 1024
+    used = cpu_seconds(os.getpid())
+    sum(i * i for i in range(200000))
+    assert cpu_seconds(os.getpid()) >= used > 0
 
 
 # --- fleet ------------------------------------------------------------------------------------------------
