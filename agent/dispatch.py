@@ -484,17 +484,24 @@ class Dispatcher:
     # --- timeouts --------------------------------------------------------------------------------
 
     def _schedule_timeout(self, when: float, job: _Job) -> None:
+        entry = (when, next(self._timeout_seq), job)
         with self._timeout_cond:
-            heapq.heappush(self._timeouts, (when, next(self._timeout_seq), job))
+            heapq.heappush(self._timeouts, entry)
             if len(self._timeouts) > 4 * self.limits.max_concurrent_commands + 64:
                 # Finished jobs linger until their deadline; drop them so the heap stays small.
                 self._timeouts = [e for e in self._timeouts if not e[2].done]
                 heapq.heapify(self._timeouts)
-            self._timeout_cond.notify()
+            # The monitor sleeps until the earliest deadline: only a new earliest one needs to wake it.
+            # Waking it for every command put a thread switch on every command's path.
+            if self._timeouts[0] is entry:
+                self._timeout_cond.notify()
 
     def _watch_timeouts(self) -> None:
         while not self._stopped:
             with self._timeout_cond:
+                # Answered jobs need no deadline: drop them now instead of waking up for each later.
+                while self._timeouts and self._timeouts[0][2].done:
+                    heapq.heappop(self._timeouts)
                 if not self._timeouts:
                     self._timeout_cond.wait(5.0)
                     continue

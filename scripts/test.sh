@@ -40,6 +40,6 @@ fi
 .venv/bin/pip install -q --upgrade pip >/dev/null
 .venv/bin/pip install -q -e '.[test,systemd]'
 
-echo "== ruff"; .venv/bin/ruff check agent tests scripts
+echo "== ruff"; .venv/bin/ruff check agent tests scripts bench
 echo "== mypy"; .venv/bin/mypy
 echo "== pytest"; .venv/bin/python -m pytest "$@"

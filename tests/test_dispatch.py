@@ -210,6 +210,23 @@ def test_timeout_answers_504_and_the_pool_keeps_serving(parts: dict[str, Any]) -
     assert len(rec.sent) == 2  # the late result is discarded, not sent
 
 
+def test_an_earlier_deadline_behind_a_later_one_still_times_out_on_time(parts: dict[str, Any]) -> None:
+    # The timeout monitor is only woken when a new deadline is the earliest; this one is, although
+    # a command with a later deadline is already waiting (the monitor sleeps up to 5 s otherwise).
+    slow, short = Gate(timeout=30.0), Gate(timeout=0.3)
+    d, rec = parts["make"](handlers={"slow": slow, "short": short})
+    d.accept(msg("command///req/a/slow"))
+    assert slow.entered.wait(5)
+    started = time.monotonic()
+    d.accept(msg("command///req/b/short"))
+    topic, _, _ = rec.wait(1, timeout=3.0)[0]
+    assert topic == "command///res/b/504"
+    assert time.monotonic() - started < 3.0
+    slow.release.set()
+    short.release.set()
+    assert [t for t, _, _ in rec.wait(2)][1] == "command///res/a/200"
+
+
 def test_duplicate_while_running_waits_and_both_are_answered(parts: dict[str, Any]) -> None:
     gate = Gate()
     d, rec = parts["make"](handlers={"slow": gate})
