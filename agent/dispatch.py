@@ -6,7 +6,6 @@ hands it to a worker, then returns so paho can send the PUBACK. Handlers only ru
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
 import queue
@@ -27,6 +26,7 @@ from agent.protocol import (
     PAYLOAD_TOO_LARGE,
     TIMEOUT,
     TOO_MANY_REQUESTS,
+    UNAVAILABLE,
     CommandError,
     Inbound,
     ReplyRoute,
@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 # Past its timeout, a handler that stops itself (exec) gets this long to report before the
 # dispatcher answers 504 on its behalf and writes its worker off.
 ENFORCED_TIMEOUT_GRACE = 2.0
+# The timeout monitor looks at the running commands at least this often (seconds).
+TIMEOUT_POLL = 1.0
 DOCTOR_PROBE_MARK = "-doctor-"  # in the last segment of the probe topic `mqtt-agent doctor` publishes
 
 
@@ -97,6 +99,7 @@ class _Job:
     route: ReplyRoute
     device_id: str
     waiters: list[ReplyRoute] = field(default_factory=list)
+    claimed: bool = False  # journalled as running when received (a worker was free)
     done: bool = False
     counted: bool = False  # included in Dispatcher._running
     started: float = 0.0
@@ -187,8 +190,8 @@ class Dispatcher:
         self._running = 0
         self._accepting = False
         self._idle = threading.Condition(self._lock)
-        self._timeouts: list[tuple[float, int, _Job]] = []
-        self._timeout_seq = itertools.count()
+        self._deadlines: dict[_Job, float] = {}  # running job -> when the monitor answers 504 for it
+        self._monitor_wake = 0.0
         self._timeout_cond = threading.Condition()
         self._stopped = False
         self.stats = DispatchStats()
@@ -311,29 +314,36 @@ class Dispatcher:
                 log.info("command %s req %s redelivered while it runs: it will be answered, not run again",
                          topic.command, topic.req_id, extra={"COMMAND": topic.command, "REQ_ID": topic.req_id})
                 return
-            record = self._store.lookup(dedupe_key)
-            if record is not None:
-                self.stats.duplicates += 1
-                if record.response is not None:
-                    log.info("command %s req %s was already executed: re-sending its %d response",
-                             topic.command, topic.req_id, record.response.status,
-                             extra={"COMMAND": topic.command, "REQ_ID": topic.req_id})
-                    self._reply(route, record.response)
-                else:
-                    log.info("command %s req %s is already journalled and will run at the next start",
-                             topic.command, topic.req_id)
-                return
-        capacity = self.limits.max_concurrent_commands + self.limits.max_queued_commands
-        if recovered_key is None and self._pending >= capacity:
-            self._reject(topic, route, TOO_MANY_REQUESTS, "queue_full",
-                         f"too many commands waiting ({self.limits.max_queued_commands} queued, "
-                         f"limits.max_queued_commands); retry later")
-            return
         journal_key = recovered_key or dedupe_key or f"one-way:{uuid.uuid4().hex}"
+        claimed = False
         if recovered_key is None:
-            self._store.add(journal_key, msg)
+            capacity = self.limits.max_concurrent_commands + self.limits.max_queued_commands
+            if self._pending >= capacity:
+                # A redelivery gets its stored answer even when the queue is full, never a 429.
+                if dedupe_key and self._answer_duplicate(topic, route, dedupe_key):
+                    return
+                self._reject(topic, route, TOO_MANY_REQUESTS, "queue_full",
+                             f"too many commands waiting ({self.limits.max_queued_commands} queued, "
+                             f"limits.max_queued_commands); retry later")
+                return
+            # With a worker free the command starts at once: journal it as running in the same write
+            # (one commit instead of two on the hot path). Should the agent die in the microseconds
+            # before the handler starts, the command is answered "interrupted", never run twice.
+            claimed = self._accepting and self._pending < self.limits.max_concurrent_commands
+            try:
+                inserted = self._store.add(journal_key, msg, running=claimed)
+            except Exception as exc:  # noqa: BLE001 - disk full, read-only file system, locked database
+                log.error("cannot journal command %s req %s (%s): not run", topic.command, topic.req_id or "-", exc)
+                self._reject(topic, route, UNAVAILABLE, "journal_error",
+                             "the agent cannot record the command in its journal (agent.state_dir); it was not run")
+                return
+            if not inserted:
+                # The REQ_ID is journalled already: a redelivery (dedupe_key is set for two-way commands).
+                if dedupe_key:
+                    self._answer_duplicate(topic, route, dedupe_key)
+                return
         job = _Job(journal_key, dedupe_key, topic, msg, handler, route,
-                   device_id=topic.device or self._device_id)
+                   device_id=topic.device or self._device_id, claimed=claimed)
         if not self._accepting:
             log.info("command %s req %s received during shutdown: journalled, runs at the next start",
                      topic.command, topic.req_id or "-")
@@ -344,6 +354,22 @@ class Dispatcher:
             self._pending += 1
         assert self._pool is not None
         self._pool.submit(job)
+
+    def _answer_duplicate(self, topic: CommandTopic, route: ReplyRoute, key: str) -> bool:
+        """Answer a redelivered REQ_ID from the journal; False if the journal does not know it."""
+        record = self._store.lookup(key)
+        if record is None:
+            return False
+        self.stats.duplicates += 1
+        if record.response is not None:
+            log.info("command %s req %s was already executed: re-sending its %d response",
+                     topic.command, topic.req_id, record.response.status,
+                     extra={"COMMAND": topic.command, "REQ_ID": topic.req_id})
+            self._reply(route, record.response)
+        else:
+            log.info("command %s req %s is already journalled and will run at the next start",
+                     topic.command, topic.req_id)
+        return True
 
     def _recover(self) -> None:
         for record in self._store.pending():
@@ -400,6 +426,8 @@ class Dispatcher:
                 self._pending -= 1
                 if job.dedupe_key:
                     self._active.pop(job.dedupe_key, None)
+            if job.claimed:
+                self._store.mark_queued(job.journal_key)
             return  # stays queued in the journal; runs at the next start
         expired = self._expired(job)
         if expired:
@@ -419,7 +447,8 @@ class Dispatcher:
         with self._lock:
             self._running += 1
             job.counted = True
-        self._store.mark_running(job.journal_key)
+        if not job.claimed:
+            self._store.mark_running(job.journal_key)
         self._schedule_timeout(deadline + grace, job)
         self.observer.command_started(job.topic.command)
         request = Request(
@@ -456,6 +485,7 @@ class Dispatcher:
             if job.done:
                 return False
             job.done = True
+        self._unschedule_timeout(job)
         seconds = self._clock() - job.started
         try:
             self._store.finish(job.journal_key, response)
@@ -472,52 +502,59 @@ class Dispatcher:
             self.stats.by_status[response.status] += 1
         self.last_progress = self._clock()
         self.observer.command_finished(job.topic.command, response.status, seconds)
-        level = logging.INFO if response.status < 500 else logging.WARNING
-        log.log(level, "command %s req %s -> %d in %.1f ms%s", job.topic.command, job.topic.req_id or "-",
-                response.status, seconds * 1000, f" (+{len(waiters)} duplicate)" if waiters else "",
-                extra={"COMMAND": job.topic.command, "REQ_ID": job.topic.req_id, "STATUS": response.status})
         self._reply(job.route, response)
         for route in waiters:
             self._reply(route, response)
+        if response.status >= 500:
+            level = logging.WARNING
+        elif getattr(job.handler, "quiet", False):
+            level = logging.DEBUG  # health probes (ping, info) every minute from a fleet monitor would drown the log
+        else:
+            level = logging.INFO
+        log.log(level, "command %s req %s -> %d in %.1f ms%s", job.topic.command, job.topic.req_id or "-",
+                response.status, seconds * 1000, f" (+{len(waiters)} duplicate)" if waiters else "",
+                extra={"COMMAND": job.topic.command, "REQ_ID": job.topic.req_id, "STATUS": response.status})
         return True
 
     # --- timeouts --------------------------------------------------------------------------------
 
     def _schedule_timeout(self, when: float, job: _Job) -> None:
-        entry = (when, next(self._timeout_seq), job)
         with self._timeout_cond:
-            heapq.heappush(self._timeouts, entry)
-            if len(self._timeouts) > 4 * self.limits.max_concurrent_commands + 64:
-                # Finished jobs linger until their deadline; drop them so the heap stays small.
-                self._timeouts = [e for e in self._timeouts if not e[2].done]
-                heapq.heapify(self._timeouts)
-            # The monitor sleeps until the earliest deadline: only a new earliest one needs to wake it.
-            # Waking it for every command put a thread switch on every command's path.
-            if self._timeouts[0] is entry:
+            self._deadlines[job] = when
+            # The monitor polls at least every TIMEOUT_POLL s, so a usual deadline (seconds away) needs no
+            # wake-up: only one earlier than its next turn does. Waking it for every command would put a
+            # thread switch on every command's path.
+            if when < self._monitor_wake:
+                self._monitor_wake = when
                 self._timeout_cond.notify()
+
+    def _unschedule_timeout(self, job: _Job) -> None:
+        with self._timeout_cond:
+            self._deadlines.pop(job, None)
 
     def _watch_timeouts(self) -> None:
         while not self._stopped:
             with self._timeout_cond:
-                # Answered jobs need no deadline: drop them now instead of waking up for each later.
-                while self._timeouts and self._timeouts[0][2].done:
-                    heapq.heappop(self._timeouts)
-                if not self._timeouts:
-                    self._timeout_cond.wait(5.0)
+                now = self._clock()
+                expired = [job for job, when in self._deadlines.items() if when <= now]
+                for job in expired:
+                    del self._deadlines[job]
+                self._monitor_wake = min(min(self._deadlines.values(), default=now + TIMEOUT_POLL),
+                                         now + TIMEOUT_POLL)
+                if not expired:
+                    self._timeout_cond.wait(max(self._monitor_wake - now, 0.0))
                     continue
-                when, _, job = self._timeouts[0]
-                wait = when - self._clock()
-                if wait > 0:
-                    self._timeout_cond.wait(min(wait, 5.0))
-                    continue
-                heapq.heappop(self._timeouts)
-            if job.done:
-                continue
-            timeout = getattr(job.handler, "timeout", None) or self.limits.command_timeout
-            if self._complete(job, Response.error(TIMEOUT, f"command {job.topic.command!r} did not finish "
-                                                           f"within {timeout:g} s")):
-                log.error("command %s req %s is still running past its %g s timeout: answered 504; "
-                          "its worker is written off and replaced", job.topic.command, job.topic.req_id or "-",
-                          timeout)
-                assert self._pool is not None
-                self._pool.replace_stuck()
+            for job in expired:
+                self._time_out(job)
+
+    def _time_out(self, job: _Job) -> None:
+        if job.done:
+            return
+        timeout = getattr(job.handler, "timeout", None) or self.limits.command_timeout
+        if self._complete(job, Response.error(TIMEOUT, f"command {job.topic.command!r} did not finish "
+                                                       f"within {timeout:g} s")):
+            log.error("command %s req %s is still running past its %g s timeout: answered 504; "
+                      "its worker is written off and replaced", job.topic.command, job.topic.req_id or "-",
+                      timeout)
+            assert self._pool is not None
+            self._pool.replace_stuck()

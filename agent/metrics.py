@@ -26,7 +26,7 @@ from agent import __version__
 from agent.config import HostPort, TlsConfig
 from agent.dispatch import DispatchObserver
 from agent.session import ConnectionEnded, SessionListener
-from agent.tls import cert_info, load_certificates
+from agent.tls import certificate_expiries
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ DISCONNECT_REASONS = (
     "idle_timeout", "keepalive_timeout", "session_taken_over", "server_disconnect", "auth_failed",
     "tls_error", "refused", "network_error", "shutdown",
 )
-REJECT_REASONS = ("malformed_topic", "payload_too_large", "unknown_command", "queue_full", "expired")
+REJECT_REASONS = ("malformed_topic", "payload_too_large", "unknown_command", "queue_full", "expired", "journal_error")
 KEEPALIVE_DIRECTIONS = ("down", "up")
 OTHER = "other"
 UNKNOWN_COMMAND = "_unknown"
@@ -190,6 +190,7 @@ class CommandMetrics(DispatchObserver):
             self.in_flight.set_function(lambda: float(in_flight()))
         self.rejected = Counter("mqtt_agent_commands_rejected", "Commands refused before running, by reason",
                                 ["reason"], registry=registry)
+        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
         for reason in (*REJECT_REASONS, OTHER):
             self.rejected.labels(reason)
 
@@ -202,8 +203,14 @@ class CommandMetrics(DispatchObserver):
 
     def command_finished(self, command: str, status: int, seconds: float) -> None:
         name = self.label(command)
-        self.total.labels(name, str(status)).inc()
-        self.duration.labels(name).observe(max(seconds, 0.0))
+        # labels() takes a lock and builds a key on every call: keep the children (bounded: known commands
+        # x statuses seen) on the hot path of every command.
+        children = self._children.get((name, status))
+        if children is None:
+            children = self._children[(name, status)] = (self.total.labels(name, str(status)),
+                                                          self.duration.labels(name))
+        children[0].inc()
+        children[1].observe(max(seconds, 0.0))
 
     def command_rejected(self, command: str, reason: str) -> None:
         self.rejected.labels(_bounded(reason, REJECT_REASONS)).inc()
@@ -230,10 +237,10 @@ class CertificateExpiry:
             cached = self._cache.get((path, first_only))
         if cached is not None and cached[0] == stamp:
             return cached[1]
-        certs = load_certificates(path)
+        expiries = certificate_expiries(path)
         if first_only:
-            certs = certs[:1]  # the client certificate comes first; a chain may follow it
-        value = min(cert_info(c).not_after.timestamp() for c in certs) if certs else None
+            expiries = expiries[:1]  # the client certificate comes first; a chain may follow it
+        value = min(expiries) if expiries else None
         with self._lock:
             self._cache[(path, first_only)] = (stamp, value)
         return value

@@ -110,6 +110,7 @@ class Outbox:
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a commit survives a process crash; only an OS crash may lose the last ones.
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA cache_size=-256")  # rows live briefly; a big page cache only grows RSS
         self._db.executescript(_SCHEMA)
         for seq, created, *fields in self._db.execute(
             "SELECT seq, created, topic, payload, qos, content_type, correlation, user_props FROM outbox ORDER BY seq"

@@ -66,6 +66,8 @@ PING_GRACE_MIN = 2.0
 # A host counts as working once a connection to it has lasted this long (not at CONNACK: a broker
 # that accepts and drops at once must be left for the next host too).
 HOST_PROVEN_AFTER = 5.0
+# Gaps in traffic shorter than this are not tracked as link silences (they say nothing about idle limits).
+QUIET_RESOLUTION = 1.0
 # After an unexpected internal error in the network loop, wait this long before connecting again.
 INTERNAL_ERROR_RETRY = 5.0
 
@@ -113,8 +115,11 @@ class _TrackedClient(mqtt.Client):
             raise
         if data:
             now = time.monotonic()
-            self.longest_quiet = max(self.longest_quiet, self._unconfirmed_quiet, self._quiet(now))
-            self._unconfirmed_quiet = 0.0
+            # Only silences of a second or more are evidence for the idle-limit estimate; skipping the
+            # bookkeeping for the many short gaps of a busy link keeps every read cheap.
+            if self._unconfirmed_quiet or now - self.last_in >= QUIET_RESOLUTION:
+                self.longest_quiet = max(self.longest_quiet, self._unconfirmed_quiet, self._quiet(now))
+                self._unconfirmed_quiet = 0.0
             self.last_in = now
         else:
             self.link_error = "closed by the peer"
@@ -123,7 +128,8 @@ class _TrackedClient(mqtt.Client):
     def _sock_send(self, buf: bytes | bytearray) -> int:
         sent: int = super()._sock_send(buf)
         now = time.monotonic()
-        self._unconfirmed_quiet = max(self._unconfirmed_quiet, self._quiet(now))
+        if now - self.last_out >= QUIET_RESOLUTION:
+            self._unconfirmed_quiet = max(self._unconfirmed_quiet, self._quiet(now))
         self.last_out = now
         return sent
 

@@ -6,18 +6,23 @@ reproduces exactly what the agent does.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
+import re
 import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from typing import TYPE_CHECKING, Any
 
 from agent.config import HostPort, TlsConfig, read_secret
 from agent.errors import EX_CONFIG, TLSSetupError
+
+# `cryptography` is imported only where certificates are inspected (a TLS failure to explain, the doctor,
+# enroll): it adds about 8 MiB to the agent's resident memory, which a healthy agent does not need.
+if TYPE_CHECKING:
+    from cryptography import x509
 
 # OpenSSL verify codes (include/openssl/x509_vfy.h) the explanations below distinguish.
 X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT = 2
@@ -113,6 +118,9 @@ def _utc(cert: x509.Certificate, attr: str) -> datetime.datetime:
 
 
 def cert_info(cert: x509.Certificate) -> CertInfo:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
     oid = cert.signature_algorithm_oid.dotted_string
     signature = _SIG_NAMES.get(oid) or str(getattr(cert.signature_algorithm_oid, "_name", oid))
     names: list[str] = []
@@ -143,6 +151,8 @@ def cert_info(cert: x509.Certificate) -> CertInfo:
 
 def load_certificates(path: Path) -> list[x509.Certificate]:
     """Every certificate in a PEM (or DER) file; [] if none can be read."""
+    from cryptography import x509
+
     try:
         data = path.read_bytes()
     except OSError:
@@ -152,6 +162,67 @@ def load_certificates(path: Path) -> list[x509.Certificate]:
             return list(x509.load_pem_x509_certificates(data))
         return [x509.load_der_x509_certificate(data)]
     except ValueError:
+        return []
+
+
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", re.S)
+
+
+def _der_item(data: bytes, pos: int) -> tuple[int, int, int]:
+    """(tag, start of content, end of content) of the DER element at `pos`. Raises ValueError."""
+    if pos + 2 > len(data):
+        raise ValueError("truncated DER")
+    tag, length = data[pos], data[pos + 1]
+    pos += 2
+    if length & 0x80:
+        count = length & 0x7F
+        if not 0 < count <= 4 or pos + count > len(data):
+            raise ValueError("bad DER length")
+        length = int.from_bytes(data[pos:pos + count], "big")
+        pos += count
+    if pos + length > len(data):
+        raise ValueError("truncated DER")
+    return tag, pos, pos + length
+
+
+def der_not_after(der: bytes) -> float:
+    """The notAfter of a DER certificate as a Unix time, read from the ASN.1 directly: the metrics
+    exporter needs only this, and it should not cost the agent the `cryptography` import. Raises ValueError."""
+    _, cert, _ = _der_item(der, 0)  # Certificate ::= SEQUENCE {
+    _, pos, _ = _der_item(der, cert)  # tbsCertificate ::= SEQUENCE {
+    tag, _, end = _der_item(der, pos)
+    if tag == 0xA0:  # [0] version, present from v2 on
+        pos = end
+    for _ in range(3):  # serialNumber, signature, issuer
+        pos = _der_item(der, pos)[2]
+    tag, validity, _ = _der_item(der, pos)
+    if tag != 0x30:
+        raise ValueError("no validity in the certificate")
+    not_before_end = _der_item(der, validity)[2]
+    tag, start, end = _der_item(der, not_before_end)
+    text = der[start:end].decode("ascii")
+    if tag == 0x17:  # UTCTime YYMMDDHHMMSSZ: years 1950-2049
+        year = int(text[:2])
+        text = f"{1900 + year if year >= 50 else 2000 + year}{text[2:]}"
+    elif tag != 0x18:  # GeneralizedTime YYYYMMDDHHMMSSZ
+        raise ValueError("unexpected time type in the certificate")
+    when = datetime.datetime.strptime(text.rstrip("Z"), "%Y%m%d%H%M%S").replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp()
+
+
+def certificate_expiries(path: Path) -> list[float]:
+    """notAfter (Unix time) of every certificate in a PEM or DER file, in file order; [] if unreadable."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return []
+    try:
+        if b"-----BEGIN" in data:
+            ders = [base64.b64decode(b"".join(m.split())) for m in _PEM_CERT.findall(data)]
+        else:
+            ders = [data]
+        return [der_not_after(der) for der in ders]
+    except (ValueError, binascii.Error, UnicodeDecodeError):
         return []
 
 
@@ -270,6 +341,8 @@ def fetch_peer_certificate(host: HostPort, tls: TlsConfig, timeout: float = 5.0)
             der = sock.getpeercert(binary_form=True)
     except (OSError, ssl.SSLError, ValueError):
         return None
+    from cryptography import x509
+
     return x509.load_der_x509_certificate(der) if der else None
 
 

@@ -171,7 +171,6 @@ def test_every_error_status_from_a_real_command(error_agent):
     # 429 and 410 need a busy worker: `slow` occupies the only one for 1.5 s.
     watcher = TestClient(cfg, subscribe="command///res/#")
     watcher.publish("command///req/busy/slow")
-    agent.wait_for(r"command ping req \w+ -> 200")
     time.sleep(0.3)
     watcher.publish("command///req/extra/ping")  # no queue room: 429 at once
     replies = {m.topic for m in watcher.wait(1)}

@@ -369,22 +369,42 @@ def test_doctor_probe_is_ignored_quietly(parts: dict[str, Any], caplog: pytest.L
 
 def test_journal_failure_answers_500_and_frees_the_worker(parts: dict[str, Any], tmp_path: Path) -> None:
     """A journal write that fails (disk full, locked) must not kill the worker or leak its slot."""
-    d, rec = parts["make"](LimitsConfig(max_concurrent_commands=1), handlers={"count": Counter()})
+    gate = Gate()
+    d, rec = parts["make"](LimitsConfig(max_concurrent_commands=1), handlers={"count": Counter(), "slow": gate})
     store: CommandStore = parts["store"]
     real = store.mark_running
-    calls = []
 
     def failing(key: str) -> None:
-        calls.append(key)
         raise OSError(28, "No space left on device")
 
     store.mark_running = failing  # type: ignore[method-assign]
     try:
-        d.accept(msg("command///req/a/count"))
-        topic, body, _ = rec.wait(1)[0]
+        d.accept(msg("command///req/first/slow"))  # takes the only worker
+        assert gate.entered.wait(5)
+        d.accept(msg("command///req/a/count"))  # queued: marked running when it starts, which fails
+        gate.release.set()
+        sent = rec.wait(2)
     finally:
         store.mark_running = real  # type: ignore[method-assign]
-    assert topic == "command///res/a/500" and json.loads(body)["error"] == "internal error in the agent"
+    by_topic = {t: json.loads(b) for t, b, _ in sent}
+    assert by_topic["command///res/a/500"]["error"] == "internal error in the agent"
+    assert "command///res/first/200" in by_topic
     assert d.in_flight == 0 and d.queued == 0
     d.accept(msg("command///req/b/count"))
-    assert rec.wait(2)[1][0] == "command///res/b/200"
+    assert rec.wait(3)[2][0] == "command///res/b/200"
+
+
+def test_journal_failure_at_receipt_answers_503(parts: dict[str, Any]) -> None:
+    counter = Counter()
+    d, rec = parts["make"](handlers={"count": counter})
+    store: CommandStore = parts["store"]
+
+    def failing(key: str, msg: Inbound, running: bool = False) -> bool:
+        raise OSError(30, "Read-only file system")
+
+    store.add = failing  # type: ignore[method-assign]
+    d.accept(msg("command///req/ro/count"))
+    topic, body, _ = rec.wait(1)[0]
+    assert topic == "command///res/ro/503"
+    assert "cannot record the command in its journal" in json.loads(body)["error"]
+    assert counter.runs == 0 and d.in_flight == 0

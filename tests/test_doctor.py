@@ -98,7 +98,7 @@ def test_all_fine_with_mqtt5(broker, make_config):
 def test_running_agent_stays_connected_while_the_doctor_probes(broker, make_config, run_agent):
     """The point of the probe client id: the service is not kicked off the broker, and the delivery
     probe, which reaches the agent too, runs nothing there."""
-    cfg = make_config(broker)
+    cfg = make_config(broker, {"agent": {"log_level": "debug"}})  # ping's answers are debug lines
     agent = run_agent(cfg)
     report = doctor(cfg)
     assert report.exit_code == 0, render(report)

@@ -9,7 +9,7 @@ from agent.sender import send_command
 
 
 def test_ping_round_trip_over_mutual_tls(broker, make_config, run_agent):
-    cfg_path = make_config(broker)
+    cfg_path = make_config(broker, {"agent": {"log_level": "debug"}})  # ping's answers are debug lines
     agent = run_agent(cfg_path)
     result = send_command(load_config(cfg_path), "ping", b'{"echo": "hi"}', timeout=10)
     assert result.status == 200

@@ -123,15 +123,17 @@ def test_pings_stop_when_the_network_loop_is_wedged(tmp_path, broker, make_confi
 
 def test_pings_stop_when_the_dispatcher_is_wedged(tmp_path, broker, make_config, notify_socket):
     port = free_port()
-    cfg = make_config(broker, {"metrics": {"listen": f"127.0.0.1:{port}"}, "limits": {"max_concurrent_commands": 1}})
-    # The only worker blocks logging its first result; the second command waits with no worker to run it,
-    # while the network loop (which does not log for accepted commands) stays healthy.
-    agent = _wedge_run(tmp_path, cfg, notify_socket, port, ["ping", "ping"],
+    cfg = make_config(broker, {"metrics": {"listen": f"127.0.0.1:{port}"}, "limits": {"max_concurrent_commands": 1},
+                               "commands.true": {"argv": ["/bin/true"]}})
+    # The only worker blocks logging its first result (an exec command's answer is an info line); the second
+    # command waits with no worker to run it, while the network loop (which does not log for accepted
+    # commands) stays healthy.
+    agent = _wedge_run(tmp_path, cfg, notify_socket, port, ["true", "true"],
                        r"1 command\(s\) waiting with a worker free, none started for \d+ s")
     assert agent.count(r"network loop has not run") == 0
-    agent.wait_for(r"command ping req \w+ -> 200")
+    agent.wait_for(r"command true req \w+ -> 200")
     assert agent.stop() == 0
-    assert agent.count(r"command ping req \w+ -> 200") == 2
+    assert agent.count(r"command true req \w+ -> 200") == 2
 
 
 def test_without_systemd_python_on_an_abstract_socket(tmp_path, broker, make_config, run_agent):

@@ -7,6 +7,7 @@ import ssl
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent.config import HostPort, TlsConfig
 from agent.errors import TLSSetupError
@@ -81,3 +82,41 @@ def test_plain_port_explanation() -> None:
     exc.reason = "WRONG_VERSION_NUMBER"  # type: ignore[misc]
     err = explain_handshake_error(exc, HostPort("b", 1883), TlsConfig())
     assert "did not complete a TLS handshake" in str(err) and "tls.enabled = false" in str(err)
+
+
+def test_der_expiry_reader_agrees_with_cryptography(pki, tmp_path: Path) -> None:
+    """The metrics exporter reads notAfter without `cryptography`; it must agree with it exactly."""
+    from agent.tls import certificate_expiries
+
+    far = datetime.datetime(2061, 3, 4, 5, 6, 7, tzinfo=datetime.timezone.utc)  # GeneralizedTime (>= 2050)
+    certs = [
+        pki.ca.cert_path,
+        pki.device.cert,
+        pki.ca.issue("legacy-sha1", sha1=True, filename="expiry-sha1").cert,
+        pki.ca.issue("far", not_after=far, filename="expiry-far").cert,
+    ]
+    for path in certs:
+        expected = [c.not_valid_after_utc.timestamp() for c in load_certificates(path)]
+        assert certificate_expiries(path) == expected, path
+    assert certificate_expiries(certs[3]) == [far.timestamp()]
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(b"".join(p.read_bytes() for p in certs))
+    assert len(certificate_expiries(chain)) == 4
+    der = tmp_path / "device.der"
+    der.write_bytes(load_certificates(pki.device.cert)[0].public_bytes(Encoding.DER))
+    assert certificate_expiries(der) == certificate_expiries(pki.device.cert)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    assert certificate_expiries(garbage) == []
+    assert certificate_expiries(tmp_path / "missing.pem") == []
+
+
+def test_a_healthy_agent_does_not_load_cryptography() -> None:
+    """`cryptography` costs ~8 MiB of resident memory; only TLS failures, doctor and enroll need it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, agent.app, agent.cli, agent.metrics, agent.session; "
+            "print('cryptography' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

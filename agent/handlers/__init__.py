@@ -17,8 +17,9 @@ from agent.protocol import Request, Response
 class Handler(Protocol):
     """Anything with `handle(request) -> Response`.
 
-    Optional attributes: `timeout` (seconds; default limits.command_timeout) and
-    `enforces_timeout` (True if the handler stops itself at `request.deadline`, as exec commands do).
+    Optional attributes: `timeout` (seconds; default limits.command_timeout),
+    `enforces_timeout` (True if the handler stops itself at `request.deadline`, as exec commands do) and
+    `quiet` (True for read-only probes such as ping: successful answers are logged at debug level only).
     Raise `agent.protocol.CommandError` (or BadRequest) to answer with an error status.
     """
 

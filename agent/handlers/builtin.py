@@ -15,6 +15,7 @@ class PingHandler:
     """Answers with the device id, agent version and uptime; echoes `{"echo": ...}` if given."""
 
     timeout = 5.0
+    quiet = True  # a health probe: its answers are logged at debug level
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -47,6 +48,7 @@ class InfoHandler:
     """Versions, platform, connection and counters; `status()` supplies the live part."""
 
     timeout = 5.0
+    quiet = True  # read-only: its answers are logged at debug level
 
     def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
         self._status = status
