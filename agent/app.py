@@ -78,7 +78,7 @@ class Agent:
             ensure_private_dir(cfg.agent.state_dir)
             self.store = CommandStore(cfg.agent.state_dir / "commands.sqlite3")
             self.outbox = Outbox(cfg.agent.state_dir / "outbox.sqlite3", cfg.limits.max_outbox_messages,
-                                 window=cfg.mqtt.max_inflight)
+                                 window=cfg.mqtt.max_inflight, journal=self.store)
         except OSError as exc:
             raise ConfigError([f"agent.state_dir: cannot use {cfg.agent.state_dir}: {exc.strerror or exc}"]) from exc
         self.registry = build_registry(cfg.commands, self.status, plugins=self._plugins, ping=self._ping)

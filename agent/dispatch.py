@@ -57,6 +57,7 @@ class Publisher(Protocol):
         correlation_data: bytes | None = None,
         user_properties: tuple[tuple[str, str], ...] = (),
         content_type: str | None = None,
+        journal_key: str | None = None,
     ) -> None: ...
 
 
@@ -73,11 +74,13 @@ class DispatchObserver:
         pass
 
 
-def publish_response(publisher: Publisher, route: ReplyRoute, response: Response) -> None:
-    """Send `response` to the Hono response topic and, for MQTT 5 requests, to their Response Topic."""
+def publish_response(publisher: Publisher, route: ReplyRoute, response: Response,
+                     journal_key: str | None = None) -> None:
+    """Send `response` to the Hono response topic and, for MQTT 5 requests, to their Response Topic.
+    `journal_key`: the journal row that holds the response until the broker acknowledges it."""
     if route.topic_base is not None:
         publisher.publish(f"{route.topic_base}/{response.status}", response.body, 1,
-                          content_type=response.content_type)
+                          content_type=response.content_type, journal_key=journal_key)
     if route.response_topic:
         publisher.publish(
             route.response_topic,
@@ -86,6 +89,7 @@ def publish_response(publisher: Publisher, route: ReplyRoute, response: Response
             correlation_data=route.correlation_data,
             user_properties=(("status", str(response.status)), *response.headers),
             content_type=response.content_type,
+            journal_key=journal_key,
         )
 
 
@@ -252,11 +256,11 @@ class Dispatcher:
         except Exception:
             log.exception("internal error while accepting a command on %s; it was dropped", msg.topic)
 
-    def _reply(self, route: ReplyRoute, response: Response) -> None:
+    def _reply(self, route: ReplyRoute, response: Response, journal_key: str | None = None) -> None:
         if route.silent:
             return
         try:
-            publish_response(self._publisher, route, response)
+            publish_response(self._publisher, route, response, journal_key)
         except Exception:
             log.exception("could not publish a %d response", response.status)
 
@@ -372,6 +376,14 @@ class Dispatcher:
         return True
 
     def _recover(self) -> None:
+        unsent = self._store.undelivered()
+        if unsent:
+            log.info("%d response(s) from an earlier run were not acknowledged by the broker; they are sent "
+                     "after the connect", len(unsent))
+        for record in unsent:
+            topic = parse_request(record.inbound.topic)
+            if topic is not None and record.response is not None:
+                self._reply(self._route(topic, record.inbound), record.response, record.key)
         for record in self._store.pending():
             topic = parse_request(record.inbound.topic)
             if topic is None:
@@ -386,8 +398,8 @@ class Dispatcher:
                 )
                 log.warning("command %s req %s was interrupted by an agent stop; answering 500",
                             topic.command, topic.req_id or "-")
-                self._store.finish(record.key, response)
-                self._reply(route, response)
+                self._store.finish(record.key, response, deliver=not route.silent)
+                self._reply(route, response, record.key)
             elif record.state == QUEUED:
                 log.info("resuming command %s req %s received before the last stop", topic.command,
                          topic.req_id or "-")
@@ -488,7 +500,7 @@ class Dispatcher:
         self._unschedule_timeout(job)
         seconds = self._clock() - job.started
         try:
-            self._store.finish(job.journal_key, response)
+            self._store.finish(job.journal_key, response, deliver=not job.route.silent)
         except Exception:
             log.exception("could not journal the response of %s", job.journal_key)
         with self._lock:
@@ -502,9 +514,9 @@ class Dispatcher:
             self.stats.by_status[response.status] += 1
         self.last_progress = self._clock()
         self.observer.command_finished(job.topic.command, response.status, seconds)
-        self._reply(job.route, response)
+        self._reply(job.route, response, job.journal_key)
         for route in waiters:
-            self._reply(route, response)
+            self._reply(route, response, job.journal_key)
         if response.status >= 500:
             level = logging.WARNING
         elif getattr(job.handler, "quiet", False):

@@ -8,6 +8,11 @@ them in memory and re-send them itself after the reconnect, and the outbox would
 time); they wait here and go out oldest first after the next CONNACK, at most `window` in flight.
 The outbox is bounded: on overflow the oldest waiting responses are dropped, with a log line.
 
+Responses to journalled commands are not written here a second time: the command journal already
+holds them (agent/store.py, `delivered` = 0 until acknowledged), so they live here in memory only,
+the journal is told when the broker has them, and after a crash the dispatcher re-sends them from
+the journal. Everything else (rejections such as 404 or 429) is stored in this file.
+
 Threads: `put` runs on worker threads, everything else on the network thread. `acked` is called
 from inside paho's on_publish (paho holds its own locks there), so it only appends to a deque;
 `pump`, called by the network loop between paho calls, does the bookkeeping.
@@ -24,7 +29,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +63,18 @@ class OutMessage:
     correlation_data: bytes | None = None
     user_properties: tuple[tuple[str, str], ...] = ()
     content_type: str | None = None
+    journal_key: str | None = None  # the command journal holds this response durably
+
+
+class Journal(Protocol):
+    """Where journal-backed responses are recorded as acknowledged (agent.store.CommandStore)."""
+
+    def mark_delivered(self, keys: list[str]) -> None: ...
 
 
 @dataclass
 class _Entry:
-    seq: int
+    seq: int | None  # row in this file; None for a journal-backed response
     msg: OutMessage
     created: float
 
@@ -82,8 +94,12 @@ class Outbox:
         window: int = 100,
         wall: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.monotonic,
+        journal: Journal | None = None,
     ) -> None:
         self.path = path
+        self._journal = journal
+        self._journal_refs: dict[str, int] = {}  # journal key -> its messages not yet acknowledged
+        self._to_mark: list[str] = []  # journal keys acknowledged, to record in a batch
         self.max_messages = max_messages
         self.window = max(1, window)
         self._wall = wall
@@ -153,19 +169,27 @@ class Outbox:
         dropped: list[_Entry] = []
         with self._lock:
             created = self._wall()
-            cur = self._db.execute(
-                "INSERT INTO outbox (created, topic, payload, qos, content_type, correlation, user_props)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (created, msg.topic, msg.payload, msg.qos, msg.content_type, msg.correlation_data,
-                 json.dumps(msg.user_properties) if msg.user_properties else None),
-            )
-            entry = _Entry(int(cur.lastrowid or 0), msg, created)
+            if msg.journal_key is not None and self._journal is not None:
+                entry = _Entry(None, msg, created)
+                self._journal_refs[msg.journal_key] = self._journal_refs.get(msg.journal_key, 0) + 1
+            else:
+                cur = self._db.execute(
+                    "INSERT INTO outbox (created, topic, payload, qos, content_type, correlation, user_props)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (created, msg.topic, msg.payload, msg.qos, msg.content_type, msg.correlation_data,
+                     json.dumps(msg.user_properties) if msg.user_properties else None),
+                )
+                entry = _Entry(int(cur.lastrowid or 0), msg, created)
             overflow = self._size + 1 - self.max_messages
             while overflow > 0 and self._pending:
                 dropped.append(self._pending.popleft())
                 overflow -= 1
             if dropped:
-                self._db.executemany("DELETE FROM outbox WHERE seq = ?", [(e.seq,) for e in dropped])
+                stored = [(e.seq,) for e in dropped if e.seq is not None]
+                if stored:
+                    self._db.executemany("DELETE FROM outbox WHERE seq = ?", stored)
+                for e in dropped:
+                    self._settle_journal(e)  # given up on: not to be sent again after a restart
             self._size += 1 - len(dropped)
             if not (self._link_up and not self._pending and len(self._handed) < self.window and self._hand(entry)):
                 self._pending.append(entry)
@@ -187,22 +211,18 @@ class Outbox:
 
     def pump(self, force_flush: bool = False) -> None:
         """Account for acknowledgements, delete acknowledged rows in batches, hand waiting responses over."""
-        if not self._acks and not self._to_delete and not (self._link_up and self._pending) and not force_flush:
+        if (not self._acks and not self._to_delete and not self._to_mark and not (self._link_up and self._pending)
+                and not force_flush):
             return
         with self._lock:
             while self._acks:
                 entry = self._handed.pop(self._acks.popleft(), None)
                 if entry is not None:
-                    if not self._to_delete:
-                        self._delete_since = self._clock()
-                    self._to_delete.append(entry.seq)
-                    self._size -= 1
-            if self._to_delete and (force_flush or len(self._to_delete) >= DELETE_BATCH
-                                    or self._clock() - self._delete_since >= DELETE_DELAY):
-                self._db.execute("BEGIN")
-                self._db.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in self._to_delete])
-                self._db.execute("COMMIT")
-                self._to_delete.clear()
+                    self._done(entry)
+            if (self._to_delete or self._to_mark) and (
+                    force_flush or len(self._to_delete) + len(self._to_mark) >= DELETE_BATCH
+                    or self._clock() - self._delete_since >= DELETE_DELAY):
+                self._flush()
             while self._link_up and self._pending and len(self._handed) < self.window:
                 if not self._hand(self._pending[0]):
                     break
@@ -225,11 +245,47 @@ class Outbox:
         if mid is None:
             return False
         if entry.msg.qos == 0:
-            self._to_delete.append(entry.seq)  # no PUBACK will come; paho sends QoS 0 once
-            self._size -= 1
+            self._done(entry)  # no PUBACK will come; paho sends QoS 0 once
             return True
         self._handed[mid] = entry
         return True
+
+    def _done(self, entry: _Entry) -> None:
+        """`entry` is with the broker (lock held): forget it, in the next batch."""
+        if not self._to_delete and not self._to_mark:
+            self._delete_since = self._clock()
+        if entry.seq is not None:
+            self._to_delete.append(entry.seq)
+        else:
+            self._settle_journal(entry)
+        self._size -= 1
+
+    def _settle_journal(self, entry: _Entry) -> None:
+        key = entry.msg.journal_key
+        if entry.seq is not None or key is None:
+            return
+        left = self._journal_refs.get(key, 1) - 1
+        if left > 0:
+            self._journal_refs[key] = left  # an MQTT 5 request is answered on two topics
+            return
+        self._journal_refs.pop(key, None)
+        if not self._to_delete and not self._to_mark:
+            self._delete_since = self._clock()
+        self._to_mark.append(key)
+
+    def _flush(self) -> None:
+        """Write the batched deletions and journal acknowledgements (lock held)."""
+        if self._to_delete:
+            self._db.execute("BEGIN")
+            self._db.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in self._to_delete])
+            self._db.execute("COMMIT")
+            self._to_delete.clear()
+        if self._to_mark and self._journal is not None:
+            try:
+                self._journal.mark_delivered(self._to_mark)
+            except Exception:
+                log.exception("could not record %d acknowledged response(s) in the journal", len(self._to_mark))
+            self._to_mark.clear()
 
     def _log_dropped(self, dropped: list[_Entry]) -> None:
         self.dropped_total += len(dropped)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import select
 import socket
 import ssl
 import threading
@@ -154,8 +155,9 @@ def new_client(mqtt_cfg: MqttConfig, client_id: str, ssl_context: ssl.SSLContext
         client.username_pw_set(mqtt_cfg.username, password)
     if ssl_context is not None:
         client.tls_set_context(ssl_context)
-    # With a register-write callback set, paho never writes to the socket from the publishing
-    # thread; all socket I/O stays on the network thread, which select() wakes for writes.
+    # With a register-write callback set, paho never writes to the socket from the publishing thread
+    # by itself: the Session decides (under its I/O lock) who writes; loop_start() users (send, doctor)
+    # have paho's own thread do it.
     client.on_socket_register_write = lambda *_: None
     client.on_socket_unregister_write = lambda *_: None
     client.on_socket_open = _set_nodelay
@@ -356,6 +358,15 @@ class Session:
         self._next_check = 0.0
         self._stop = threading.Event()
         self._wake = threading.Event()
+        # One thread at a time touches the TLS socket (an SSL object is not safe for concurrent use).
+        # The network thread holds this lock while paho reads, writes and keeps time; a worker that
+        # publishes while the network thread sleeps in select() writes the packet itself, which saves
+        # waking that thread (a cross-CPU wake-up) for every response.
+        self._io_lock = threading.Lock()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._client.on_socket_register_write = self._write_now
         self._reconnect_reason: str | None = None
         self._thread: threading.Thread | None = None
         self._conn: _Conn | None = None
@@ -377,6 +388,7 @@ class Session:
         """Disconnect cleanly (DISCONNECT sent) and end the network thread."""
         self._stop.set()
         self._wake.set()
+        self._wake_loop()
         if self._thread:
             self._thread.join(timeout)
 
@@ -384,6 +396,7 @@ class Session:
         """Close the current connection cleanly and connect again now (e.g. after a config reload)."""
         self._reconnect_reason = reason
         self._wake.set()
+        self._wake_loop()
 
     def reconfigure(self, mqtt_cfg: MqttConfig, tls_cfg: TlsConfig, ssl_context: ssl.SSLContext | None,
                     reason: str) -> None:
@@ -427,10 +440,12 @@ class Session:
         correlation_data: bytes | None = None,
         user_properties: tuple[tuple[str, str], ...] = (),
         content_type: str | None = None,
+        journal_key: str | None = None,
     ) -> None:
         """Queue a message. With an outbox it is stored first and survives a disconnect or a crash;
-        without one, QoS 1 messages published while offline are sent after the next CONNACK."""
-        msg = OutMessage(topic, payload, qos, correlation_data, user_properties, content_type)
+        without one, QoS 1 messages published while offline are sent after the next CONNACK.
+        `journal_key`: the command journal holds this response already (the outbox need not store it)."""
+        msg = OutMessage(topic, payload, qos, correlation_data, user_properties, content_type, journal_key)
         if self.outbox is not None:
             self.outbox.put(msg)
         else:
@@ -613,11 +628,57 @@ class Session:
             self._retry_subscriptions(now)
             if disconnect_deadline is None and conn.connected_at is not None and self._check_link(conn, now):
                 break
-            rc = self._client.loop(timeout=0.5)
+            rc = self._loop_once(0.5)
             if rc != mqtt.MQTT_ERR_SUCCESS and conn.ended is None and self._client.socket() is None:
                 self._end(conn, False, None, mqtt.error_string(rc))
             if self.outbox is not None:
                 self.outbox.pump()
+
+    def _loop_once(self, timeout: float) -> int:
+        """One turn of the network loop: wait for the socket (or a wake-up), then let paho read, write
+        and keep time, under the I/O lock. The same steps as paho's loop(), on paho's external-loop API."""
+        client = self._client
+        sock = client.socket()
+        if sock is None:
+            return int(mqtt.MQTT_ERR_NO_CONN)
+        pending = sock.pending() if isinstance(sock, ssl.SSLSocket) else 0  # decrypted bytes select() cannot see
+        try:
+            readable, _, _ = select.select([sock, self._wake_r], [sock] if client.want_write() else [], [],
+                                           0.0 if pending else timeout)
+        except (OSError, ValueError):
+            readable = [sock]  # closed under us: the read below reports it
+        if self._wake_r in readable:
+            try:
+                self._wake_r.recv(4096)
+            except BlockingIOError:
+                pass
+        with self._io_lock:
+            if sock in readable or pending:
+                rc = client.loop_read()
+                if rc or client.socket() is None:
+                    return int(rc)
+            if client.want_write():
+                rc = client.loop_write()
+                if rc or client.socket() is None:
+                    return int(rc)
+            return int(client.loop_misc())
+
+    def _write_now(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        """paho has a packet to write (called in the publishing thread): write it now if the network
+        thread is not using the socket; otherwise that thread writes it before it sleeps again."""
+        if self._io_lock.acquire(blocking=False):
+            try:
+                client.loop_write()
+            except Exception:
+                log.debug("writing from the publishing thread failed", exc_info=True)
+            finally:
+                self._io_lock.release()
+
+    def _wake_loop(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is pending already (or the session is closing)
 
     def _check_link(self, conn: _Conn, now: float) -> bool:
         """Close a link that stopped answering (True if it did); once a second, note the uptime and

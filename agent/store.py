@@ -7,6 +7,10 @@ recognised after an agent restart:
     queued   received, not started          -> executed at the next start
     running  handler started                -> if the agent died: answered 500 "interrupted", not re-run
     done     response stored                -> a duplicate gets the stored response again
+
+A finished command's row also holds its response until the broker has acknowledged it
+(`delivered` = 0): the outbox keeps such responses in memory only, and after a crash the
+dispatcher sends them again from here. One write per response instead of two.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -37,7 +42,8 @@ CREATE TABLE IF NOT EXISTS commands (
     status       INTEGER,
     body         BLOB,
     content_type TEXT,
-    finished     REAL
+    finished     REAL,
+    delivered    INTEGER NOT NULL DEFAULT 1
 );
 DROP INDEX IF EXISTS commands_finished;
 """
@@ -75,6 +81,9 @@ class CommandStore:
             # A small page cache: the journal is written, rarely read back; the default 2 MB only grows RSS.
             self._db.execute("PRAGMA cache_size=-256")
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(commands)")}
+            if "delivered" not in columns:  # a journal written by an earlier version
+                self._db.execute("ALTER TABLE commands ADD COLUMN delivered INTEGER NOT NULL DEFAULT 1")
 
     def close(self) -> None:
         with self._lock:
@@ -121,15 +130,35 @@ class CommandStore:
             db = self._db
             db.execute("UPDATE commands SET state = ? WHERE key = ? AND state = ?", (QUEUED, key, RUNNING))
 
-    def finish(self, key: str, response: Response) -> None:
-        """Store the response; the payload is no longer needed and is dropped."""
+    def finish(self, key: str, response: Response, *, deliver: bool = False) -> None:
+        """Store the response; the payload is no longer needed and is dropped. `deliver`: the response is
+        being published and stays pending here until `mark_delivered`."""
         with self._lock:
             db = self._db
             db.execute(
                 "UPDATE commands SET state = ?, payload = NULL, status = ?, body = ?, content_type = ?,"
-                " finished = ? WHERE key = ?",
-                (DONE, response.status, response.body, response.content_type, self._wall(), key),
+                " finished = ?, delivered = ? WHERE key = ?",
+                (DONE, response.status, response.body, response.content_type, self._wall(), 0 if deliver else 1, key),
             )
+
+    def mark_delivered(self, keys: Sequence[str]) -> None:
+        """The broker acknowledged (or the outbox gave up on) the responses of these commands."""
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN")
+            db.executemany("UPDATE commands SET delivered = 1 WHERE key = ?", [(k,) for k in keys])
+            db.execute("COMMIT")
+
+    def undelivered(self) -> list[Record]:
+        """Finished commands whose response the broker never acknowledged (the agent died), oldest first."""
+        with self._lock:
+            db = self._db
+            rows = db.execute(
+                "SELECT key, state, received, topic, payload, meta, status, body, content_type"
+                " FROM commands WHERE state = ? AND delivered = 0 ORDER BY finished",
+                (DONE,),
+            ).fetchall()
+        return [_record(r) for r in rows]
 
     def discard(self, key: str) -> None:
         with self._lock:

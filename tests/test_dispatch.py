@@ -259,6 +259,7 @@ def test_journal_survives_a_restart(parts: dict[str, Any]) -> None:
     d1, rec1 = parts["make"](handlers={"count": counter})
     d1.accept(msg("command///req/done/count"))
     rec1.wait(1)
+    parts["store"].mark_delivered(["//done"])  # the broker's PUBACK, which the outbox would record
     d1.stop_accepting()
     d1.accept(msg("command///req/later/count"))
     assert counter.runs == 1 and len(rec1.sent) == 1
@@ -408,3 +409,23 @@ def test_journal_failure_at_receipt_answers_503(parts: dict[str, Any]) -> None:
     assert topic == "command///res/ro/503"
     assert "cannot record the command in its journal" in json.loads(body)["error"]
     assert counter.runs == 0 and d.in_flight == 0
+
+
+def test_unacknowledged_responses_are_sent_again_after_a_restart(parts: dict[str, Any]) -> None:
+    """A response the broker never acknowledged (the agent died) is re-sent from the journal at the next
+    start, without running the command again; once acknowledged, it is not sent a third time."""
+    counter = Counter()
+    d1, rec1 = parts["make"](handlers={"count": counter})
+    d1.accept(msg("command///req/lost/count"))
+    rec1.wait(1)
+    assert rec1.sent[0][2]["journal_key"] == "//lost"
+    d1.close()
+    store: CommandStore = parts["store"]
+    assert [r.key for r in store.undelivered()] == ["//lost"]
+    _, rec2 = parts["make"](handlers={"count": counter})
+    assert rec2.wait(1)[0][0] == "command///res/lost/200"
+    assert counter.runs == 1
+    store.mark_delivered(["//lost"])
+    _, rec3 = parts["make"](handlers={"count": counter})
+    time.sleep(0.1)
+    assert rec3.sent == []

@@ -219,3 +219,49 @@ def test_config_bounds_the_outbox():
     with pytest.raises(ConfigError) as err:
         parse_config(_config({"max_outbox_message": 5}))
     assert "max_outbox_messages" in str(err.value)  # did-you-mean
+
+
+class FakeJournal:
+    def __init__(self) -> None:
+        self.delivered: list[str] = []
+
+    def mark_delivered(self, keys: list[str]) -> None:
+        self.delivered.extend(keys)
+
+
+def test_journal_backed_responses_are_not_stored_twice(tmp_path):
+    """A command's response is in the journal already: the outbox keeps it in memory only and tells the
+    journal when the broker has it (for an MQTT 5 request, once both of its messages are acknowledged)."""
+    journal = FakeJournal()
+    box = Outbox(tmp_path / "outbox.sqlite3", 100, journal=journal)
+    link = Link()
+    box.bind(link)
+    box.link_up()
+    box.put(OutMessage("command///res/r1/200", b"ok", journal_key="//r1"))
+    box.put(OutMessage("replies/r1", b"ok", journal_key="//r1"))
+    box.put(OutMessage("command///res/r2/404", b"no"))  # a rejection: stored in the outbox file
+    assert rows(tmp_path) == ["command///res/r2/404"]
+    assert box.size == 3
+    mids = list(link.mids)
+    box.acked(mids[0])
+    box.pump(force_flush=True)
+    assert journal.delivered == []  # the second message of r1 is not acknowledged yet
+    box.acked(mids[1])
+    box.acked(mids[2])
+    box.pump(force_flush=True)
+    assert journal.delivered == ["//r1"]
+    assert rows(tmp_path) == []
+    assert box.size == 0
+    box.close()
+
+
+def test_dropping_a_journal_backed_response_settles_it(tmp_path):
+    journal = FakeJournal()
+    box = Outbox(tmp_path / "outbox.sqlite3", 1, journal=journal)
+    box.bind(Link())  # link down: everything waits
+    box.put(OutMessage("command///res/old/200", b"", journal_key="//old"))
+    box.put(OutMessage("command///res/new/200", b"", journal_key="//new"))
+    box.pump(force_flush=True)
+    assert journal.delivered == ["//old"]  # given up on: not re-sent after a restart either
+    assert box.size == 1
+    box.close()
