@@ -7,7 +7,6 @@ Nothing downstream sees the raw TOML dictionary.
 
 from __future__ import annotations
 
-import difflib
 import os
 import pwd
 import re
@@ -309,6 +308,8 @@ class _Table:
         for name in self.data:
             if name in self.known:
                 continue
+            import difflib  # only when there is a mistake to explain
+
             hint = difflib.get_close_matches(name, self.known, n=1, cutoff=0.6)
             where = f"[{self.path}]" if self.path else "the top level"
             msg = f"unknown key in {where}"

@@ -46,13 +46,11 @@ def _bounded(value: str, allowed: Iterable[str]) -> str:
     return value if value in allowed else OTHER
 
 
-def _dist_version(name: str) -> str:
-    try:
-        from importlib.metadata import version
+def _paho_version() -> str:
+    # paho's own attribute: importlib.metadata would cost the agent its import for one string.
+    from paho.mqtt import __version__ as paho_version
 
-        return version(name)
-    except Exception:  # noqa: BLE001 - broken metadata must not stop the exporter
-        return "unknown"
+    return str(paho_version)
 
 
 class ConnectionMetrics(SessionListener):
@@ -283,7 +281,7 @@ class AgentMetrics:
         self.certificates = CertificateExpiry(self.registry, tls)
         build = Gauge("mqtt_agent_build_info", "Versions of the agent, Python and paho-mqtt: 1",
                       ["version", "python", "paho"], registry=self.registry)
-        build.labels(__version__, platform.python_version(), _dist_version("paho-mqtt")).set(1)
+        build.labels(__version__, platform.python_version(), _paho_version()).set(1)
 
 
 class _Server(ThreadingMixIn, WSGIServer):

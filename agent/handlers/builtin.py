@@ -36,12 +36,10 @@ class PingHandler:
 
 
 def _paho_version() -> str:
-    try:
-        from importlib.metadata import version
+    # paho's own attribute: importlib.metadata would cost the agent its import for one string.
+    from paho.mqtt import __version__ as paho_version
 
-        return version("paho-mqtt")
-    except Exception:  # noqa: BLE001 - metadata may be missing in odd installs; info must still answer
-        return "unknown"
+    return str(paho_version)
 
 
 class InfoHandler:

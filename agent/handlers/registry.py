@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable
@@ -18,7 +19,35 @@ log = logging.getLogger(__name__)
 PLUGIN_GROUP = "mqtt_agent.handlers"
 
 
+def _may_have_plugins(paths: Iterable[str]) -> bool:
+    """A cheap look for any installed distribution declaring the plugin group.
+
+    importlib.metadata (with the csv, email and zipfile modules it pulls in) adds about 0.75 MiB to the
+    agent's resident memory; most gateways have no plugins, so it is imported only when this finds one,
+    or when sys.path holds something other than directories (zip files, eggs) that this cannot look into.
+    """
+    marker = f"[{PLUGIN_GROUP}]"
+    for entry in paths:
+        try:
+            with os.scandir(entry or ".") as listing:
+                dirs = [d.path for d in listing if d.name.endswith((".dist-info", ".egg-info")) and d.is_dir()]
+        except NotADirectoryError:
+            return True
+        except OSError:
+            continue  # a missing path entry
+        for dist in dirs:
+            try:
+                with open(dist + "/entry_points.txt", encoding="utf-8", errors="replace") as fh:
+                    if marker in fh.read():
+                        return True
+            except OSError:
+                continue
+    return False
+
+
 def _entry_points() -> Iterable[Any]:
+    if not _may_have_plugins(sys.path):
+        return []
     from importlib import metadata
 
     if sys.version_info < (3, 10):  # pragma: no cover - Python 3.9 has no selection API
