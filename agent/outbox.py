@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 DELETE_BATCH = 64
 DELETE_DELAY = 0.25
 DROP_LOG_INTERVAL = 60.0
+# While the size keeps changing, listeners hear of it at most this often (changes to/from 0 at once).
+REPORT_INTERVAL = 1.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -95,8 +97,10 @@ class Outbox:
         wall: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.monotonic,
         journal: Journal | None = None,
+        report_interval: float = REPORT_INTERVAL,
     ) -> None:
         self.path = path
+        self.report_interval = report_interval
         self._journal = journal
         self._journal_refs: dict[str, int] = {}  # journal key -> its messages not yet acknowledged
         self._to_mark: list[str] = []  # journal keys acknowledged, to record in a batch
@@ -117,6 +121,7 @@ class Outbox:
         self._link_up = False
         self._size = 0
         self._reported = -1
+        self._reported_at = 0.0
         self._dropped_unlogged = 0
         self._drop_logged_at: float | None = None
         self.dropped_total = 0
@@ -213,6 +218,8 @@ class Outbox:
         """Account for acknowledgements, delete acknowledged rows in batches, hand waiting responses over."""
         if (not self._acks and not self._to_delete and not self._to_mark and not (self._link_up and self._pending)
                 and not force_flush):
+            if self._size != self._reported:
+                self._report()  # a change held back while busy
             return
         with self._lock:
             while self._acks:
@@ -311,7 +318,13 @@ class Outbox:
             size = self._size
             if size == self._reported:
                 return
+            now = self._clock()
+            if size and self._reported > 0 and now - self._reported_at < self.report_interval:
+                # Busy: every response moves the size twice; listeners (a gauge, a status line) need the
+                # change to and from empty at once and the rest about once a second (the pump reports it).
+                return
             self._reported = size
+            self._reported_at = now
             try:
                 self._on_size(size)
             except Exception:

@@ -102,20 +102,25 @@ class CommandStore:
     def add(self, key: str, msg: Inbound, *, running: bool = False) -> bool:
         """Record a newly received command (as running if it starts at once). False if `key` is
         journalled already (a redelivery): nothing is replaced."""
-        meta = {
-            "qos": msg.qos,
-            "response_topic": msg.response_topic,
-            "correlation_data": msg.correlation_data.hex() if msg.correlation_data is not None else None,
-            "user_properties": [list(p) for p in msg.user_properties],
-            "message_expiry": msg.message_expiry,
-            "content_type": msg.content_type,
-        }
+        meta: dict[str, object] = {"qos": msg.qos} if msg.qos != 1 else {}
+        # Only what a request carries beyond the usual: most (MQTT 3.1.1) commands store "{}".
+        if msg.response_topic is not None:
+            meta["response_topic"] = msg.response_topic
+        if msg.correlation_data is not None:
+            meta["correlation_data"] = msg.correlation_data.hex()
+        if msg.user_properties:
+            meta["user_properties"] = [list(p) for p in msg.user_properties]
+        if msg.message_expiry is not None:
+            meta["message_expiry"] = msg.message_expiry
+        if msg.content_type is not None:
+            meta["content_type"] = msg.content_type
         with self._lock:
             db = self._db
             cur = db.execute(
                 "INSERT OR IGNORE INTO commands (key, state, received, topic, payload, meta)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                (key, RUNNING if running else QUEUED, msg.received_wall, msg.topic, msg.payload, json.dumps(meta)),
+                (key, RUNNING if running else QUEUED, msg.received_wall, msg.topic, msg.payload,
+                 json.dumps(meta) if meta else "{}"),
             )
             return cur.rowcount == 1
 

@@ -35,7 +35,7 @@ def msg(n: int, **kw: object) -> OutMessage:
 def make(tmp_path, max_messages: int = 100, window: int = 10) -> tuple[Outbox, Link, list[int], list[int]]:
     sizes: list[int] = []
     dropped: list[int] = []
-    box = Outbox(tmp_path / "outbox.sqlite3", max_messages, window=window)
+    box = Outbox(tmp_path / "outbox.sqlite3", max_messages, window=window, report_interval=0)
     link = Link()
     box.bind(link, sizes.append, dropped.append)
     return box, link, sizes, dropped
@@ -265,3 +265,22 @@ def test_dropping_a_journal_backed_response_settles_it(tmp_path):
     assert journal.delivered == ["//old"]  # given up on: not re-sent after a restart either
     assert box.size == 1
     box.close()
+
+
+def test_size_reports_are_throttled_while_busy_but_never_lost(tmp_path):
+    """Each response moves the size twice; listeners hear every change to or from empty at once and
+    the rest at most once per report_interval, the latest value included."""
+    now = [100.0]
+    sizes: list[int] = []
+    box = Outbox(tmp_path / "outbox.sqlite3", 100, clock=lambda: now[0], report_interval=1.0)
+    link = Link()
+    box.bind(link, sizes.append)
+    box.link_up()
+    for n in range(5):
+        box.put(msg(n))
+    assert sizes == [0, 1]  # the change from empty at once, the rest held back
+    now[0] += 1.5
+    box.pump()
+    assert sizes == [0, 1, 5]  # the held-back latest value, once the interval has passed
+    ack_all(box, link)
+    assert sizes == [0, 1, 5, 0]  # back to empty at once

@@ -68,7 +68,8 @@ def session_factory(tmp_path: Path) -> Iterator[Callable[..., tuple[Session, Rec
     def make(cfg: Config) -> tuple[Session, Recorder, Outbox]:
         state = tmp_path / f"state{len(made)}"
         state.mkdir()
-        outbox = Outbox(state / "outbox.sqlite3", cfg.limits.max_outbox_messages, window=cfg.mqtt.max_inflight)
+        outbox = Outbox(state / "outbox.sqlite3", cfg.limits.max_outbox_messages, window=cfg.mqtt.max_inflight,
+                        report_interval=0)
         monitor = ConnectionMonitor(cfg.mqtt, cfg.reconnect, cfg.keepalive_tuning, state_dir=state)
         rec = Recorder()
         session = Session(cfg.mqtt, cfg.tls, cfg.reconnect, ssl_context=build_context(cfg.tls),
