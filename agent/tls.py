@@ -149,23 +149,31 @@ def cert_info(cert: x509.Certificate) -> CertInfo:
     )
 
 
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", re.S)
+
+
+def _certificate_ders(path: Path) -> list[bytes]:
+    """The DER bytes of every certificate in a PEM (or DER) file, in file order; [] if unreadable."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return []
+    if b"-----BEGIN" not in data:
+        return [data]
+    try:
+        return [base64.b64decode(b"".join(m.split())) for m in _PEM_CERT.findall(data)]
+    except binascii.Error:
+        return []
+
+
 def load_certificates(path: Path) -> list[x509.Certificate]:
     """Every certificate in a PEM (or DER) file; [] if none can be read."""
     from cryptography import x509
 
     try:
-        data = path.read_bytes()
-    except OSError:
-        return []
-    try:
-        if b"-----BEGIN" in data:
-            return list(x509.load_pem_x509_certificates(data))
-        return [x509.load_der_x509_certificate(data)]
+        return [x509.load_der_x509_certificate(der) for der in _certificate_ders(path)]
     except ValueError:
         return []
-
-
-_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", re.S)
 
 
 def _der_item(data: bytes, pos: int) -> tuple[int, int, int]:
@@ -213,16 +221,8 @@ def der_not_after(der: bytes) -> float:
 def certificate_expiries(path: Path) -> list[float]:
     """notAfter (Unix time) of every certificate in a PEM or DER file, in file order; [] if unreadable."""
     try:
-        data = path.read_bytes()
-    except OSError:
-        return []
-    try:
-        if b"-----BEGIN" in data:
-            ders = [base64.b64decode(b"".join(m.split())) for m in _PEM_CERT.findall(data)]
-        else:
-            ders = [data]
-        return [der_not_after(der) for der in ders]
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return [der_not_after(der) for der in _certificate_ders(path)]
+    except (ValueError, UnicodeDecodeError):
         return []
 
 

@@ -6,17 +6,9 @@
 #   ./bench/run.sh --help        # counts, fleet size, phases to skip, output directory
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/setup-common.sh
+. scripts/setup-common.sh
 
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-if ! command -v mosquitto >/dev/null; then
-    echo "installing Debian package: mosquitto"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends mosquitto >/dev/null
-fi
-PYTHON="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-    "$PYTHON" -m venv .venv || { $SUDO apt-get install -y -qq python3-venv >/dev/null && "$PYTHON" -m venv .venv; }
-    .venv/bin/pip install -q -e .
-fi
+command -v mosquitto >/dev/null || apt_install mosquitto
+[ -x .venv/bin/python ] || make_venv ""
 exec .venv/bin/python -m bench "$@"

@@ -7,9 +7,8 @@
 # rule test runs a private polkitd); a virtualenv in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+# shellcheck source=scripts/setup-common.sh
+. scripts/setup-common.sh
 
 missing=()
 command -v mosquitto >/dev/null || missing+=(mosquitto)
@@ -26,19 +25,9 @@ pkg-config --exists libsystemd 2>/dev/null || missing+=(libsystemd-dev)
 [ -x /usr/lib/polkit-1/polkitd ] || missing+=(polkitd)
 command -v dbus-daemon >/dev/null || missing+=(dbus-daemon)
 command -v dbus-send >/dev/null || missing+=(dbus-bin)
-if [ "${#missing[@]}" -gt 0 ]; then
-    echo "installing Debian packages: ${missing[*]}"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+apt_install "${missing[@]}"
 # The Debian package starts a system-wide mosquitto on port 1883 where systemd runs; tests use their own.
-
-PYTHON="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-    "$PYTHON" -m venv .venv || { $SUDO apt-get install -y -qq python3-venv >/dev/null && "$PYTHON" -m venv .venv; }
-fi
-.venv/bin/pip install -q --upgrade pip >/dev/null
-.venv/bin/pip install -q -e '.[test,systemd]'
+make_venv "[test,systemd]"
 
 echo "== ruff"; .venv/bin/ruff check agent tests scripts bench
 echo "== mypy"; .venv/bin/mypy
