@@ -21,7 +21,7 @@ from typing import Callable, Protocol
 
 from agent.config import HostPort, LimitsConfig
 from agent.dispatch import ENFORCED_TIMEOUT_GRACE
-from agent.session import ConnectionEnded, SessionListener
+from agent.link import ConnectionEnded, SessionListener
 
 # DNS lookups are not bounded by connect_timeout; allow this much for them on top.
 DNS_ALLOWANCE = 30.0

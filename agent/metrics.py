@@ -25,7 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from agent import __version__
 from agent.config import HostPort, TlsConfig
 from agent.dispatch import DispatchObserver
-from agent.session import ConnectionEnded, SessionListener
+from agent.link import ConnectionEnded, SessionListener
 from agent.tls import certificate_expiries
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from typing import Callable
 
 from agent.config import HostPort
 from agent.health import Verdict
-from agent.session import ConnectionEnded, SessionListener
+from agent.link import ConnectionEnded, SessionListener
 
 log = logging.getLogger(__name__)
 

@@ -40,6 +40,7 @@ from agent.classify import (
 )
 from agent.config import HostPort, KeepaliveTuningConfig, MqttConfig, ReconnectConfig, TlsConfig, read_secret
 from agent.errors import TLSSetupError
+from agent.link import ConnectionEnded, SessionListener, SessionState
 from agent.outbox import Outbox, OutMessage
 from agent.protocol import Inbound
 from agent.resilience import ConnectionMonitor
@@ -211,69 +212,6 @@ def inbound_from(msg: mqtt.MQTTMessage, wall: float, mono: float) -> Inbound:
     )
 
 
-@dataclass(frozen=True)
-class ConnectionEnded:
-    """How one connection (or connection attempt) ended: the raw evidence for classification."""
-
-    host: HostPort
-    kind: str
-    reason: str
-    attempt_started: float
-    ended_at: float
-    connected_at: float | None = None
-    last_in: float | None = None
-    last_out: float | None = None
-    reason_code: int | None = None
-    from_server: bool = False
-    keepalive: int = 0
-    error: str = ""
-    session_present: bool | None = None  # from this connection's CONNACK
-    longest_quiet: float | None = None  # longest silence the link carried (traffic flowed after it)
-    link_error: str = ""  # how the socket ended, if it did: "closed by the peer", "reset by the peer"
-
-    @property
-    def uptime(self) -> float | None:
-        return None if self.connected_at is None else self.ended_at - self.connected_at
-
-    @property
-    def idle_for(self) -> float | None:
-        """Seconds since the last byte received when the connection ended."""
-        return None if self.last_in is None else self.ended_at - self.last_in
-
-
-class SessionListener:
-    """Observes the session (metrics, systemd status, classifier). Default: nothing. Must not block."""
-
-    def connecting(self, host: HostPort, attempt: int) -> None:
-        pass
-
-    def connected(self, host: HostPort, keepalive: int, session_present: bool) -> None:
-        pass
-
-    def connection_ended(self, ended: ConnectionEnded) -> None:
-        pass
-
-    def reconnect_scheduled(self, delay: float, ended: ConnectionEnded) -> None:
-        pass
-
-    def subscribed(self, topic: str, granted: bool, reason: str) -> None:
-        pass
-
-    # Events of the resilience layer (keepalive tuner, takeover detection, outbox).
-
-    def keepalive_changed(self, old: int, new: int, direction: str, evidence: str) -> None:
-        """The keepalive for the next CONNECT changed; direction is "down" or "up"."""
-
-    def session_takeover(self, client_id: str) -> None:
-        """Another client with the same client id took the session over."""
-
-    def outbox_changed(self, size: int) -> None:
-        """Responses waiting in the persistent outbox."""
-
-    def outbox_dropped(self, count: int) -> None:
-        """Responses dropped because the outbox was full (oldest first)."""
-
-
 @dataclass
 class _Conn:
     host: HostPort
@@ -284,19 +222,6 @@ class _Conn:
     ended: ConnectionEnded | None = None
     refused: tuple[int, str] | None = None
     close_reason: tuple[str, str] | None = None  # set when the agent closes the socket itself
-
-
-@dataclass(frozen=True)
-class SessionState:
-    connected: bool
-    host: HostPort | None
-    protocol: str
-    keepalive: int | None
-    connected_since: float | None
-    connects: int
-    attempts: int
-    last_end: ConnectionEnded | None
-    subscribed: bool
 
 
 @dataclass
