@@ -14,7 +14,7 @@ from pathlib import Path
 from types import FrameType
 
 from agent import __version__
-from agent.config import DEFAULT_CONFIG_PATH, Config, load_config, render_config
+from agent.config import DEFAULT_CONFIG_PATH, load_config, render_config
 from agent.errors import EX_CONFIG, EX_FAILURE, EX_OK, AgentError
 from agent.logs import setup_logging
 
@@ -180,14 +180,10 @@ Details and the --json schema: docs/doctor.md.""",
     return parser
 
 
-def _load(path: Path) -> Config:
-    return load_config(path)
-
-
 def _cmd_check_config(args: argparse.Namespace) -> int:
     from agent.tls import build_context
 
-    cfg = _load(args.config)
+    cfg = load_config(args.config)
     if cfg.tls.enabled:
         build_context(cfg.tls)
     if not args.quiet:
@@ -202,7 +198,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 def _cmd_send(args: argparse.Namespace) -> int:
     from agent.sender import send_command
 
-    cfg = _load(args.config)
+    cfg = load_config(args.config)
     payload_arg: str = args.payload
     if payload_arg.startswith("@"):
         try:
@@ -272,7 +268,7 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from agent.app import Agent
 
-    cfg = _load(args.config)
+    cfg = load_config(args.config)
     setup_logging(args.log_level or cfg.agent.log_level)
     # When systemd's watchdog gives up on a wedged agent it sends SIGABRT: the stacks of all threads then
     # go to stderr (the journal), showing where it was stuck.

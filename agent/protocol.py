@@ -100,15 +100,6 @@ class Response:
     def error(cls, status: int, message: str, **extra: Any) -> Response:
         return cls.ok({"error": message, **extra}, status=status)
 
-    def error_text(self) -> str | None:
-        """The `error` field of a JSON error body, if there is one."""
-        if self.status < 400:
-            return None
-        try:
-            value = json.loads(self.body)
-        except ValueError:
-            return None
-        return str(value.get("error")) if isinstance(value, dict) and "error" in value else None
 
 
 class CommandError(Exception):

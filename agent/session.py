@@ -16,7 +16,7 @@ import ssl
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, TypeVar
 
 import paho.mqtt.client as mqtt
@@ -230,7 +230,6 @@ class _SubscribeState:
     granted: bool = False
     failures: int = 0
     retry_at: float | None = None
-    extra: list[str] = field(default_factory=list)
 
 
 class Session:
@@ -349,9 +348,6 @@ class Session:
         self._ssl_context = ssl_context
         self._tls_explained.clear()
 
-    def add_listener(self, listener: SessionListener) -> None:
-        self.listeners.append(listener)
-
     @property
     def thread_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -415,10 +411,6 @@ class Session:
             last_end=self._last_end,
             subscribed=connected and all(s.granted for s in self._sub.values()),
         )
-
-    def link_times(self) -> tuple[float, float]:
-        """(last byte in, last byte out) as time.monotonic() values."""
-        return self._client.last_in, self._client.last_out
 
     # --- network thread --------------------------------------------------------------------------
 

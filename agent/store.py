@@ -188,11 +188,6 @@ class CommandStore:
             cur = db.execute("DELETE FROM commands WHERE state = ? AND finished < ?", (DONE, self._wall() - retention))
             return cur.rowcount
 
-    def count(self) -> int:
-        with self._lock:
-            db = self._db
-            return int(db.execute("SELECT COUNT(*) FROM commands").fetchone()[0])
-
 
 def _record(row: tuple[object, ...]) -> Record:
     key, state, received, topic, payload, meta_text, status, body, content_type = row
