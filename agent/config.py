@@ -7,6 +7,7 @@ Nothing downstream sees the raw TOML dictionary.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import pwd
 import re
@@ -148,6 +149,15 @@ class Config:
 
 _MISSING: Any = object()
 T = TypeVar("T")
+
+
+def is_ip_address(text: str) -> bool:
+    """True for an IPv4 or IPv6 address literal (not a host name)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_host_port(text: str, default_port: int | None) -> HostPort:

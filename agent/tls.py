@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.config import HostPort, TlsConfig, read_secret
+from agent.config import HostPort, TlsConfig, is_ip_address, read_secret
 from agent.errors import EX_CONFIG, TLSSetupError
 
 # `cryptography` is imported only where certificates are inspected (a TLS failure to explain, the doctor,
@@ -356,8 +356,10 @@ def explain_handshake_error(
     reason = getattr(exc, "reason", None) or ""
     shown = f" ({', '.join(info.names)})" if info and info.names else ""
     if code in (X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH):
-        cert_names = [n.split(":", 1)[1] for n in info.names] if info else []
-        suggestion = next((n for n in cert_names if not n.replace(".", "").isdigit() and ":" not in n), "")
+        entries = [n.split(":", 1) for n in info.names] if info else []
+        cert_names = [value for _, value in entries]
+        # A name to verify against: a DNS name (or a CN) of the certificate, never one of its IP entries.
+        suggestion = next((value for kind, value in entries if kind != "IP" and not is_ip_address(value)), "")
         remedy = (
             f'set tls.server_name = "{suggestion}" (connect by {host.host}, verify the name {suggestion}); '
             "or, weaker, tls.insecure = true to skip the name check"

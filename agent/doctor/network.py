@@ -7,14 +7,13 @@ timed out (silence: a firewall drops the packets or the host is down) and unreac
 from __future__ import annotations
 
 import errno
-import ipaddress
 import socket
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from agent.config import HostPort
+from agent.config import HostPort, is_ip_address
 from agent.doctor.report import CheckResult, Finding, fail, result, warn
 
 MAX_ADDRESSES = 4
@@ -29,14 +28,6 @@ class Address:
     @property
     def ip(self) -> str:
         return str(self.sockaddr[0])
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _getaddrinfo(host: HostPort, timeout: float) -> list[Address]:
@@ -67,7 +58,7 @@ def _getaddrinfo(host: HostPort, timeout: float) -> list[Address]:
 def check_dns(host: HostPort, timeout: float) -> tuple[list[Address], CheckResult]:
     """Check 4. Returns the addresses (empty on failure) and the result."""
     target = str(host)
-    if _is_ip(host.host):
+    if is_ip_address(host.host):
         family = socket.AF_INET6 if ":" in host.host else socket.AF_INET
         return [Address(family, (host.host, host.port))], result(4, target, "an IP address: nothing to resolve")
     try:

@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from agent.config import is_ip_address
+
 UTC = datetime.timezone.utc
 
 
@@ -147,7 +149,7 @@ class TestCA:
         csr_path.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
         ext_path = cert_path.with_suffix(".ext")
         san_text = ",".join(
-            (f"IP:{n}" if _is_ip(n) else f"DNS:{n}") for n in sans
+            (f"IP:{n}" if is_ip_address(n) else f"DNS:{n}") for n in sans
         )
         eku = "serverAuth" if server else "clientAuth"
         ext_path.write_text(f"basicConstraints=critical,CA:FALSE\nextendedKeyUsage={eku}\n"
@@ -161,14 +163,6 @@ class TestCA:
         )
         csr_path.unlink()
         ext_path.unlink()
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 @dataclass(frozen=True)
