@@ -18,7 +18,7 @@ from typing import Any
 
 from bench.env import BenchEnv
 from bench.machine import mem_available_kib
-from bench.procs import Proc, stop_all
+from bench.procs import NewLines, Proc, stop_all
 from bench.report import peak_rate, per_second
 
 NEW_CONNECTION = re.compile(r"New connection from ")
@@ -41,8 +41,7 @@ class LogTail:
     lines: list[tuple[float, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._offset = self.path.stat().st_size if self.path.exists() else 0
-        self._partial = b""
+        self._new = NewLines(self.path, self.path.stat().st_size if self.path.exists() else 0)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="log-tail", daemon=True)
@@ -53,20 +52,10 @@ class LogTail:
             self.poll()
 
     def poll(self) -> None:
-        try:
-            with open(self.path, "rb") as fh:
-                fh.seek(self._offset)
-                data = fh.read()
-        except FileNotFoundError:
-            return
-        if not data:
-            return
-        now = time.perf_counter()
-        self._offset += len(data)
-        chunks = (self._partial + data).split(b"\n")
-        self._partial = chunks.pop()
-        with self._lock:
-            self.lines += [(now, c.decode("utf-8", "replace")) for c in chunks]
+        new = self._new.read()
+        if new:
+            with self._lock:
+                self.lines += new
 
     def since(self, t0: float) -> list[tuple[float, str]]:
         with self._lock:

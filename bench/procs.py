@@ -61,6 +61,30 @@ class NotifySocket:
         self.path.unlink(missing_ok=True)
 
 
+class NewLines:
+    """The lines appended to a file since the last call, each stamped (time.perf_counter()) when read."""
+
+    def __init__(self, path: Path, offset: int = 0) -> None:
+        self.path = path
+        self._offset = offset
+        self._partial = b""
+
+    def read(self) -> list[tuple[float, str]]:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self._offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return []
+        if not data:
+            return []
+        now = time.perf_counter()
+        self._offset += len(data)
+        chunks = (self._partial + data).split(b"\n")
+        self._partial = chunks.pop()
+        return [(now, c.decode("utf-8", "replace")) for c in chunks]
+
+
 class Proc:
     """A child process; `started` is time.perf_counter() just before it was spawned."""
 
@@ -78,8 +102,7 @@ class Proc:
             self.env["NOTIFY_SOCKET"] = str(self.notify.path)
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = 0.0
-        self._offset = 0
-        self._partial = b""
+        self._log = NewLines(self.log_path)
         self.lines: list[tuple[float, str]] = []
 
     @classmethod
@@ -111,19 +134,7 @@ class Proc:
 
     def read_lines(self) -> None:
         """Pick up lines written since the last call, stamped with the time they were read."""
-        try:
-            with open(self.log_path, "rb") as fh:
-                fh.seek(self._offset)
-                data = fh.read()
-        except FileNotFoundError:
-            return
-        if not data:
-            return
-        self._offset += len(data)
-        now = time.perf_counter()
-        chunks = (self._partial + data).split(b"\n")
-        self._partial = chunks.pop()
-        self.lines += [(now, c.decode("utf-8", "replace")) for c in chunks]
+        self.lines += self._log.read()
 
     def first_line(self, pattern: str) -> float | None:
         """When a line matching `pattern` was first read, or None."""
