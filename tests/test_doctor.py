@@ -278,16 +278,28 @@ def test_world_readable_key_warns_and_exits_0(broker, make_config, pki: PKI, tmp
 # --- credentials and authorisation ------------------------------------------------------------
 
 
+def user_broker_config(make_broker: Any, make_config: Any, tmp_path: Path, *, sent_password: str,
+                       acl: str | None = None, protocol: str = "3.1.1") -> Path:
+    """A broker that knows user dev-1 (password "pw") and, with `acl`, an acl_file; a config that logs in
+    as dev-1 with `sent_password` (read from a 0600 password_file)."""
+    passwords = make_password_file(tmp_path / "passwd", {"dev-1": "pw"})
+    acl_file = None
+    if acl is not None:
+        acl_file = tmp_path / "acl"
+        acl_file.write_text(acl)
+    broker = make_broker(password_file=passwords, acl_file=acl_file)
+    secret = tmp_path / "mqtt-password"
+    secret.write_text(sent_password + "\n")
+    secret.chmod(0o600)
+    return make_config(broker, {"mqtt": {"protocol": protocol, "username": "dev-1", "password_file": str(secret)}})
+
+
 @pytest.mark.parametrize(("protocol", "connack"), [("3.1.1", "MQTT 3.1.1 CONNACK 5 (Not authorized)"),
                                                     ("5", "MQTT 5 CONNACK 0x87 Not authorized")])
 def test_wrong_password(make_broker, make_config, tmp_path, protocol, connack):
-    passwords = make_password_file(tmp_path / "passwd", {"dev-1": "right-password"})
-    broker = make_broker(password_file=passwords)
+    cfg = user_broker_config(make_broker, make_config, tmp_path, sent_password="wrong-password", protocol=protocol)
     secret = tmp_path / "mqtt-password"
-    secret.write_text("wrong-password\n")
-    secret.chmod(0o600)
-    report = doctor(make_config(broker, {"mqtt": {"protocol": protocol, "username": "dev-1",
-                                                  "password_file": str(secret)}}))
+    report = doctor(cfg)
     assert report.exit_code == 1
     assert one(report, 6).status == "ok"
     refused = finding(one(report, 7), "not_authorized")
@@ -299,14 +311,10 @@ def test_wrong_password(make_broker, make_config, tmp_path, protocol, connack):
 
 
 def test_acl_file_forbidding_the_command_topic(make_broker, make_config, tmp_path):
-    passwords = make_password_file(tmp_path / "passwd", {"dev-1": "pw"})
-    acl = tmp_path / "acl"
     # The device may answer commands, and (mis)configured to write the command topic, but not read it.
-    acl.write_text("user dev-1\ntopic write command///req/#\ntopic readwrite command///res/#\n")
-    broker = make_broker(password_file=passwords, acl_file=acl)
-    secret = tmp_path / "mqtt-password"
-    secret.write_text("pw\n")
-    report = doctor(make_config(broker, {"mqtt": {"username": "dev-1", "password_file": str(secret)}}), timeout=2)
+    cfg = user_broker_config(make_broker, make_config, tmp_path, sent_password="pw",
+                             acl="user dev-1\ntopic write command///req/#\ntopic readwrite command///res/#\n")
+    report = doctor(cfg, timeout=2)
     assert report.exit_code == 1
     sub = one(report, 8)
     denied = finding(sub, "command_topic_not_readable")
@@ -318,13 +326,9 @@ def test_acl_file_forbidding_the_command_topic(make_broker, make_config, tmp_pat
 
 def test_acl_file_allowing_the_command_topic_but_not_publishing_there(make_broker, make_config, tmp_path):
     """The normal device ACL: read commands, write responses. Delivery cannot be probed; that is no failure."""
-    passwords = make_password_file(tmp_path / "passwd", {"dev-1": "pw"})
-    acl = tmp_path / "acl"
-    acl.write_text("user dev-1\ntopic read command///req/#\ntopic write command///res/#\n")
-    broker = make_broker(password_file=passwords, acl_file=acl)
-    secret = tmp_path / "mqtt-password"
-    secret.write_text("pw\n")
-    report = doctor(make_config(broker, {"mqtt": {"username": "dev-1", "password_file": str(secret)}}))
+    cfg = user_broker_config(make_broker, make_config, tmp_path, sent_password="pw",
+                             acl="user dev-1\ntopic read command///req/#\ntopic write command///res/#\n")
+    report = doctor(cfg)
     sub = one(report, 8)
     assert sub.status == "ok", sub
     assert "delivery not tested: this client may not publish on the command topic (PUBACK Not authorized)" \

@@ -294,32 +294,28 @@ def test_metrics_port_free_and_disabled():
     assert check_metrics_port(None, 2).summary == 'disabled ([metrics] listen = "")'
 
 
-def test_metrics_port_owned_by_a_running_agent():
+def check_port_serving(metric: str) -> CheckResult:
+    """check_metrics_port against a real Prometheus exporter that serves one gauge named `metric`."""
     registry = CollectorRegistry()
-    Gauge("mqtt_agent_connected", "1 when connected", registry=registry).set(1)
+    Gauge(metric, "a gauge", registry=registry).set(1)
     port = free_port()
     server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
     try:
-        res = check_metrics_port(HostPort("127.0.0.1", port), 5)
+        return check_metrics_port(HostPort("127.0.0.1", port), 5)
     finally:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+def test_metrics_port_owned_by_a_running_agent():
+    res = check_port_serving("mqtt_agent_connected")
     assert res.status == "ok"
     assert res.summary == "in use by a running mqtt-agent (its /metrics answers)"
 
 
 def test_metrics_port_owned_by_another_exporter_fails():
-    registry = CollectorRegistry()
-    Gauge("node_load1", "load", registry=registry).set(0.5)
-    port = free_port()
-    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
-    try:
-        res = check_metrics_port(HostPort("127.0.0.1", port), 5)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    res = check_port_serving("node_load1")
     assert res.findings[0].code == "metrics_port_in_use"
     assert "it answers /metrics with HTTP 200, without mqtt_agent_ metrics" in res.findings[0].cause
 
