@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.config import TlsConfig, check_device_id, read_secret
+from agent.durable import fsync_dir, write_atomic
 from agent.errors import AgentError, ConfigError
 from agent.tls import cert_info, load_certificates
 
@@ -262,35 +263,6 @@ def load_private_key(paths: EnrollPaths) -> PrivateKey:
     return key
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, data: bytes, mode: int, owner: Owner | None = None) -> None:
-    """Write `data` to a temporary file beside `path` with `mode` and `owner` already set, then rename it.
-
-    The file never exists with wider permissions than `mode`, not even for a moment (mkstemp creates 0600).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            if owner is not None:
-                os.fchown(fh.fileno(), owner.uid, owner.gid)
-            os.fchmod(fh.fileno(), mode)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _key_pem(key: PrivateKey, password: bytes | None) -> bytes:
@@ -332,7 +304,7 @@ def enroll(paths: EnrollPaths, *, device_id: str | None = None, key_type: str | 
     key_created = force or not paths.key_file.exists()
     if key_created:
         key = generate_key(key_type or "ec")
-        write_atomically(paths.key_file, _key_pem(key, password), 0o600, owner)
+        write_atomic(paths.key_file, _key_pem(key, password), 0o600, (owner.uid, owner.gid) if owner else None)
         if force and paths.cert_file.exists():
             warnings.append(f"the certificate {paths.cert_file} belongs to the previous key: the agent cannot "
                             "connect until the new CSR is signed and installed with --install-cert")
@@ -352,7 +324,7 @@ def enroll(paths: EnrollPaths, *, device_id: str | None = None, key_type: str | 
     csr_written = key_created or not _existing_csr_fits(paths.csr_file, key, chosen)
     if csr_written:
         csr = build_csr(key, chosen)
-        write_atomically(paths.csr_file, csr.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_atomic(paths.csr_file, csr.public_bytes(serialization.Encoding.PEM), 0o644)
     result = EnrollResult(paths=paths, device_id=chosen, key_desc=describe_key(key), key_created=key_created,
                           csr_written=csr_written, owner=owner, notes=notes, warnings=warnings)
     if not key_created:
@@ -508,7 +480,7 @@ def _install_checked(paths: EnrollPaths, pem: bytes, source: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(paths.cert_file.parent)
+    fsync_dir(paths.cert_file.parent)
 
 
 # --- what to tell the operator -------------------------------------------------------------------

@@ -14,18 +14,16 @@ Decisions are plain arithmetic over plain data with injected clocks; `StateFile`
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from agent.config import KeepaliveTuningConfig
+from agent.durable import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -255,17 +253,7 @@ class StateFile:
         """Replace the file atomically; an I/O error is logged, not raised (the agent keeps running)."""
         payload = json.dumps({"version": STATE_VERSION, **data}, indent=1, sort_keys=True) + "\n"
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".connection-state.", dir=self.path.parent)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as fh:  # mkstemp creates it 0600
-                    fh.write(payload)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                Path(tmp).replace(self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    Path(tmp).unlink()
-                raise
+            write_atomic(self.path, payload.encode("utf-8"))
         except OSError as exc:
             log.warning("cannot write %s: %s", self.path, exc.strerror or exc)
 
