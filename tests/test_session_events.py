@@ -14,10 +14,10 @@ import pytest
 
 from agent.classify import FINAL_KINDS, IDLE_TIMEOUT, SHUTDOWN
 from agent.config import Config, load_config
-from agent.state.outbox import Outbox
-from agent.state.store import StateStore
 from agent.resilience import ConnectionMonitor
 from agent.session import ConnectionEnded, Session, SessionListener
+from agent.state.outbox import Outbox
+from agent.state.store import StateStore
 from agent.tls import build_context
 from tests.support.proxy import FaultProxy
 
