@@ -275,12 +275,12 @@ class StateStore:
             commands += 1
             if state == DONE and delivered == 0 and parsed is not None and status is not None:
                 info = json.loads(str(meta))
-                self._insert(db, OutMessage(f"{parsed.response_base}/{int(status)}", bytes(body or b""),  # type: ignore[call-overload]
+                self._insert(db, OutMessage(f"{parsed.response_base}/{int(status)}", _as_bytes(body),  # type: ignore[call-overload]
                                             content_type=content_type if content_type is None else str(content_type)))
                 messages += 1
                 if info.get("response_topic"):
                     corr = info.get("correlation_data")
-                    self._insert(db, OutMessage(str(info["response_topic"]), bytes(body or b""),  # type: ignore[call-overload]
+                    self._insert(db, OutMessage(str(info["response_topic"]), _as_bytes(body),
                                                 correlation_data=bytes.fromhex(corr) if corr else None,
                                                 user_properties=(("status", str(status)),)))
                     messages += 1
@@ -291,8 +291,8 @@ class StateStore:
                                        " ORDER BY seq")
         for topic, payload, qos, content_type, correlation, user_props in rows:
             self._insert(db, OutMessage(
-                str(topic), bytes(payload or b""), int(qos), kind="rejection",  # type: ignore[call-overload]
-                correlation_data=bytes(correlation) if correlation is not None else None,  # type: ignore[call-overload]
+                str(topic), _as_bytes(payload), int(qos), kind="rejection",  # type: ignore[call-overload]
+                correlation_data=_as_bytes(correlation) if correlation is not None else None,
                 user_properties=tuple((str(k), str(v)) for k, v in json.loads(str(user_props))) if user_props else (),
                 content_type=str(content_type) if content_type is not None else None))
         return len(rows)
@@ -477,7 +477,10 @@ class StateStore:
                 break
             removed += cur.rowcount
         if removed:
-            db.execute("PRAGMA incremental_vacuum")
+            # Python's sqlite3 steps this pragma once per execute, and each step frees one page.
+            free = int(db.execute("PRAGMA freelist_count").fetchone()[0])
+            for _ in range(free):
+                db.execute("PRAGMA incremental_vacuum")
             self.pruned_total += removed
             log.info("the state store reached limits.max_state_bytes (%d bytes): forgot the %d oldest finished "
                      "command(s)", self.max_bytes, removed)
@@ -535,6 +538,14 @@ class StateStore:
             self._db.close()
 
 
+def _as_bytes(value: object) -> bytes:
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    return b""
+
+
 def _meta(msg: Inbound) -> str:
     meta: dict[str, object] = {"qos": msg.qos} if msg.qos != 1 else {}
     # Only what a request carries beyond the usual: most (MQTT 3.1.1) commands store "{}".
@@ -557,7 +568,7 @@ def _record(row: tuple[object, ...]) -> Record:
     corr = meta.get("correlation_data")
     inbound = Inbound(
         topic=str(topic),
-        payload=bytes(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else b"",
+        payload=_as_bytes(payload),
         qos=int(meta.get("qos", 1)),
         received_wall=float(received),  # type: ignore[arg-type]
         response_topic=meta.get("response_topic"),
@@ -568,6 +579,6 @@ def _record(row: tuple[object, ...]) -> Record:
     )
     response = None
     if state == DONE and status is not None:
-        response = Response(int(status), bytes(body) if body is not None else b"",  # type: ignore[call-overload]
+        response = Response(int(status), _as_bytes(body),  # type: ignore[call-overload]
                             str(content_type) if content_type is not None else None)
     return Record(str(key), str(state), inbound, response)
