@@ -467,7 +467,7 @@ class Dispatcher:
                 response = Response.error(
                     INTERNAL_ERROR,
                     "the agent stopped while this command was running; it may or may not have taken effect, "
-                    "and it is not run again",
+                    "and it is not run again", interrupted=True,
                 ) if record.state == RUNNING else Response.error(
                     NOT_FOUND, f"unknown command {topic.command!r}; it is no longer configured")
                 if record.state == RUNNING:
