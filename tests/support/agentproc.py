@@ -40,8 +40,9 @@ def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
 
 class AgentProcess:
     def __init__(self, config: Path, *, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
-                 new_session: bool = False) -> None:
+                 new_session: bool = False, wrapper: tuple[str, ...] = ()) -> None:
         self.config = config
+        self.wrapper = wrapper  # e.g. ("strace", "-f", ...): the agent runs under it
         self.new_session = new_session  # its own process group: `kill_group` takes its children too
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.args = args
@@ -52,7 +53,7 @@ class AgentProcess:
 
     def start(self) -> AgentProcess:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(self.config), *self.args],
+            [*self.wrapper, sys.executable, "-m", "agent", "run", "--config", str(self.config), *self.args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=self.env,
             start_new_session=self.new_session,
         )
