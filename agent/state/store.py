@@ -164,6 +164,7 @@ class StateStore:
         self._commits_since_check = 0
         self._size = 0
         self._identity: tuple[int, int] | None = None
+        self._lost = False
         self._next_id = 1
         self._db = self._open()
         self._size = self._measure()
@@ -308,9 +309,12 @@ class StateStore:
             same = False
         if same:
             return
-        log.error("%s was removed or replaced while the agent ran; what it held is lost; opening a fresh state "
-                  "store there before anything else is acknowledged", self.path, extra={"STATE_RECOVERED": "replaced"})
-        self.recovered["replaced"] += 1
+        if not self._lost:
+            self._lost = True  # one line per loss, however long the directory stays unusable
+            self.recovered["replaced"] += 1
+            log.error("%s was removed or replaced while the agent ran; what it held is lost; opening a fresh "
+                      "state store there before anything else is acknowledged", self.path,
+                      extra={"STATE_RECOVERED": "replaced"})
         with self._lock:
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
@@ -318,13 +322,18 @@ class StateStore:
             try:
                 self._db = self._open()
             except (OSError, sqlite3.Error) as exc:
-                # Keep a closed connection: every write fails (answered 503) until a retry succeeds.
+                # Keep a closed connection: every write fails (answered 503) until a later retry succeeds.
                 self._db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
                 self._db.close()
                 raise StateError(f"cannot open a fresh state store in {self.state_dir}: {exc}") from exc
+        self._lost = False
+        log.info("opened a fresh state store at %s", self.path)
 
     def _idle(self) -> None:
-        self._check_identity()
+        try:
+            self._check_identity()
+        except StateError:
+            pass  # retried at the next tick or write; said once already
 
     def _committed(self, ops: int) -> None:
         self.fsyncs += 1
