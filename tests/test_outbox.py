@@ -70,9 +70,9 @@ def test_link_up_sends_at_once_and_the_ack_empties_it(tmp_path):
     box.link_up()
     box.put(msg(1))
     assert [m.topic for m in link.sent] == ["command///res/req1/200"]
-    assert box.size == 1 and rows(tmp_path) == ["command///res/req1/200"]  # on disk until acknowledged
+    assert box.size == 1 and rows(tmp_path, box) == ["command///res/req1/200"]  # on disk until acknowledged
     ack_all(box, link)
-    assert box.size == 0 and rows(tmp_path) == []
+    assert box.size == 0 and rows(tmp_path, box) == []
     assert sizes == [0, 1, 0]
     box.close()
 
@@ -131,7 +131,7 @@ def test_overflow_drops_the_oldest_waiting_with_a_log_line(tmp_path, caplog):
             box.put(msg(n))
     assert dropped == [1, 1]
     assert box.dropped_total == 2 and box.size == 3
-    assert rows(tmp_path) == [f"command///res/req{n}/200" for n in (2, 3, 4)]
+    assert rows(tmp_path, box) == [f"command///res/req{n}/200" for n in (2, 3, 4)]
     lines = [r.getMessage() for r in caplog.records if "outbox full" in r.getMessage()]
     assert len(lines) == 1  # rate-limited: one line per minute, with the count
     assert "limits.max_outbox_messages = 3" in lines[0] and "command///res/req0/200" in lines[0]
