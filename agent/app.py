@@ -112,6 +112,7 @@ class Agent:
             listeners=[self.metrics.connection, self.status_line, self.phases],
             monitor=self.monitor,
             outbox=self.outbox,
+            on_ack_delay=self.metrics.ack_delay.observe,
         )
         self._health_check = HealthCheck(self.session, self.dispatcher, self.phases, lambda: self.registry or {},
                                          stall_limit=ServiceWatchdog.stall_limit(interval))

@@ -200,6 +200,7 @@ class Dispatcher:
         self._active: dict[str, _Job] = {}  # dedupe key -> job queued or running
         self._pending = 0  # queued + running
         self._running = 0
+        self._committing = 0  # finished, response not yet on disk
         self._accepting = False
         self._idle = threading.Condition(self._lock)
         self._deadlines: dict[_Job, float] = {}  # running job -> when the monitor answers 504 for it
@@ -230,10 +231,11 @@ class Dispatcher:
         self._accepting = False
 
     def drain(self, timeout: float) -> bool:
-        """Wait until no handler is running (queued ones are deferred). True if drained in time."""
+        """Wait until no handler is running and their responses are stored (queued ones are deferred). True if
+        drained in time."""
         end = self._clock() + timeout
         with self._idle:
-            while self._running:
+            while self._running or self._committing:
                 left = end - self._clock()
                 if left <= 0:
                     return False
@@ -567,43 +569,55 @@ class Dispatcher:
                         job.topic.command, job.topic.req_id or "-")
 
     def _complete(self, job: _Job, response: Response) -> bool:
-        """Record and send the outcome once; False if the job was already answered (timeout)."""
+        """Record and send the outcome once; False if the job was already answered (timeout).
+
+        The worker is free at once; the response is stored (with its messages, one durable commit that
+        the writer shares with other commands) and published from the writer's callback, so a worker
+        never waits for an fsync and many responses share one."""
         with job.lock:
             if job.done:
                 return False
             job.done = True
         self._unschedule_timeout(job)
         seconds = self._clock() - job.started
-        messages = response_messages(job.route, response)
-        try:
-            # The response and its messages in one durable commit, before anything is published.
-            self._responder.adopt(self._store.finish(job.journal_key, response, messages))
-        except Exception as exc:  # noqa: BLE001 - the disk failed: answer from memory rather than not at all
-            self._journal_failed(exc, "store a response")
-            for m in messages:
-                self._responder.put_volatile(m)
         with self._lock:
-            if job.dedupe_key:
-                self._active.pop(job.dedupe_key, None)
-            waiters, job.waiters = job.waiters, []
             self._running -= 1
-            self._pending -= 1
-            self._idle.notify_all()
+            self._committing += 1
             self.stats.executed += 1
             self.stats.by_status[response.status] += 1
         self.last_progress = self._clock()
         self.observer.command_finished(job.topic.command, response.status, seconds)
-        for route in waiters:
-            self._reply(route, response, "response")
-        if response.status >= 500:
-            level = logging.WARNING
-        elif getattr(job.handler, "quiet", False):
-            level = logging.DEBUG  # health probes (ping, info) every minute from a fleet monitor would drown the log
-        else:
-            level = logging.INFO
-        log.log(level, "command %s req %s -> %d in %.1f ms%s", job.topic.command, job.topic.req_id or "-",
-                response.status, seconds * 1000, f" (+{len(waiters)} duplicate)" if waiters else "",
-                extra={"COMMAND": job.topic.command, "REQ_ID": job.topic.req_id, "STATUS": response.status})
+        messages = response_messages(job.route, response)
+
+        def stored(outcome: Outcome[list[OutMessage]]) -> None:
+            # Writer thread: the response is on disk (or the disk failed: answer from memory rather than not at all).
+            if outcome.error is None and outcome.value is not None:
+                self._responder.adopt(outcome.value)
+            else:
+                self._journal_failed(outcome.error, "store a response")
+                for m in messages:
+                    self._responder.put_volatile(m)
+            with self._lock:
+                # Only now: a re-sent id that arrived meanwhile waited on the job, or finds the stored response.
+                if job.dedupe_key:
+                    self._active.pop(job.dedupe_key, None)
+                waiters, job.waiters = job.waiters, []
+                self._pending -= 1
+                self._committing -= 1
+                self._idle.notify_all()
+            for route in waiters:
+                self._reply_async(route, response, _no_ack, "response")
+            if response.status >= 500:
+                level = logging.WARNING
+            elif getattr(job.handler, "quiet", False):
+                level = logging.DEBUG  # health probes (ping, info) every minute from a fleet monitor: no log flood
+            else:
+                level = logging.INFO
+            log.log(level, "command %s req %s -> %d in %.1f ms%s", job.topic.command, job.topic.req_id or "-",
+                    response.status, seconds * 1000, f" (+{len(waiters)} duplicate)" if waiters else "",
+                    extra={"COMMAND": job.topic.command, "REQ_ID": job.topic.req_id, "STATUS": response.status})
+
+        self._store.finish_async(job.journal_key, response, messages, then=stored)
         return True
 
     # --- timeouts --------------------------------------------------------------------------------

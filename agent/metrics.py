@@ -310,6 +310,11 @@ class AgentMetrics:
         self.certificates = CertificateExpiry(self.registry, tls)
         if state is not None:
             self.registry.register(StateMetrics(state))
+        # Eclipse Hono releases a command it has no PUBACK for after about 1 s.
+        self.ack_delay = Histogram("mqtt_agent_command_ack_delay_seconds", "Time from a command's receipt to its "
+                                   "PUBACK (sent once its journal row is on disk)",
+                                   buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0),
+                                   registry=self.registry)
         build = Gauge("mqtt_agent_build_info", "Versions of the agent, Python and paho-mqtt: 1",
                       ["version", "python", "paho"], registry=self.registry)
         build.labels(__version__, platform.python_version(), _paho_version()).set(1)

@@ -261,8 +261,10 @@ class Session:
         wall: Callable[[], float] = time.time,
         monitor: ConnectionMonitor | None = None,
         outbox: Outbox | None = None,
+        on_ack_delay: Callable[[float], None] | None = None,
     ) -> None:
         self.cfg = mqtt_cfg
+        self._on_ack_delay = on_ack_delay  # seconds from a command's receipt to its PUBACK (a metric)
         self.tls_cfg = tls_cfg
         self._ssl_context = ssl_context
         self._on_message = on_message
@@ -286,7 +288,7 @@ class Session:
         self._client.on_subscribe = self._handle_subscribe
         self._client.on_publish = self._handle_publish
         self._client.manual_ack_set(True)
-        self._acks: deque[tuple[_Conn, int, int]] = deque()  # (connection, mid, qos) to acknowledge
+        self._acks: deque[tuple[_Conn, int, int, float]] = deque()  # (connection, mid, qos, received) to ack
         if outbox is not None:
             outbox.bind(self._send_now, lambda size: self._notify("outbox_changed", size),
                         lambda count: self._notify("outbox_dropped", count))
@@ -593,14 +595,17 @@ class Session:
 
     def _send_acks(self, conn: _Conn) -> None:
         """PUBACK the commands that are durable now (network thread), in the order they became so."""
+        observe = self._on_ack_delay
         while self._acks:
-            owner, mid, qos = self._acks.popleft()
+            owner, mid, qos, received = self._acks.popleft()
             if owner is conn and conn.ended is None:
                 self._client.ack(mid, qos)
+                if observe is not None:
+                    observe(self._clock() - received)
 
-    def _queue_ack(self, conn: _Conn, mid: int, qos: int) -> None:
+    def _queue_ack(self, conn: _Conn, mid: int, qos: int, received: float) -> None:
         """Any thread: acknowledge `mid` of `conn` from the network thread, soon."""
-        self._acks.append((conn, mid, qos))
+        self._acks.append((conn, mid, qos, received))
         self._wake_loop()
 
     def _write_now(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -816,14 +821,15 @@ class Session:
     @_guarded
     def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         conn = self._conn
-        ack = Ack(self, conn, msg.mid, msg.qos) if conn is not None and msg.qos > 0 else Ack(None, None, 0, 0)
+        now = self._clock()
+        ack = Ack(self, conn, msg.mid, msg.qos, now) if conn is not None and msg.qos > 0 else Ack(None, None, 0, 0)
         if msg.retain:
             log.warning("ignored a retained message on %s: a retained command would run again at every "
                         "reconnect; publish commands without the retain flag", msg.topic)
             ack()
             return
         try:
-            self._on_message(inbound_from(msg, self._wall(), self._clock()), ack)
+            self._on_message(inbound_from(msg, self._wall(), now), ack)
         except BaseException:
             ack()  # never leave a message unacknowledged: the broker would stop sending (receive maximum)
             raise
@@ -832,13 +838,15 @@ class Session:
 class Ack:
     """The PUBACK of one received message, sent at most once, from the network thread, on its connection."""
 
-    __slots__ = ("_conn", "_session", "done", "mid", "qos")
+    __slots__ = ("_conn", "_session", "done", "mid", "qos", "received")
 
-    def __init__(self, session: Session | None, conn: _Conn | None, mid: int, qos: int) -> None:
+    def __init__(self, session: Session | None, conn: _Conn | None, mid: int, qos: int,
+                 received: float = 0.0) -> None:
         self._session = session
         self._conn = conn
         self.mid = mid
         self.qos = qos
+        self.received = received
         self.done = False
 
     def __call__(self) -> None:
@@ -846,7 +854,7 @@ class Ack:
             return
         self.done = True
         if self._session is not None and self._conn is not None:
-            self._session._queue_ack(self._conn, self.mid, self.qos)
+            self._session._queue_ack(self._conn, self.mid, self.qos, self.received)
 
 
 def no_ack() -> Ack:

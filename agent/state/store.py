@@ -73,6 +73,8 @@ SET_ASIDE_LOG_INTERVAL = 60.0
 BOUND_CHECK_EVERY = 64
 PRUNE_CHUNK = 200
 
+# The journal is keyed by its dedupe key alone (WITHOUT ROWID: one B-tree, not a table plus an index, so an
+# insert dirties one leaf page instead of two; the WAL writes whole pages).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS commands (
     key          TEXT PRIMARY KEY,
@@ -85,7 +87,7 @@ CREATE TABLE IF NOT EXISTS commands (
     body         BLOB,
     content_type TEXT,
     finished     REAL
-);
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS outbox (
     id        INTEGER PRIMARY KEY,
     kind      TEXT NOT NULL,
@@ -179,6 +181,8 @@ class StateStore:
             log.info("removed %s, a temporary file an interrupted write left behind", stale)
         try:
             db = self._connect()
+        except sqlite3.OperationalError:
+            raise  # locked by another process, unreadable, an I/O error: not a corrupt file, say so as it is
         except sqlite3.DatabaseError as exc:
             self._set_aside_corrupt(exc)
             db = self._connect()
@@ -195,6 +199,10 @@ class StateStore:
             if fresh or db.execute("PRAGMA page_count").fetchone()[0] == 0:
                 db.execute(f"PRAGMA page_size={PAGE_SIZE}")
                 db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # space freed by pruning goes back to the disk
+            # One process owns the store. Exclusive before WAL: the WAL index lives in the heap, not in a
+            # mmapped -shm file whose header page every commit would dirty (4 KiB written per commit), and a
+            # second agent on the same state_dir is refused ("database is locked") instead of sharing it.
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA cache_size=-256")  # written, rarely read back: a big page cache only grows RSS
@@ -424,6 +432,17 @@ class StateStore:
             return [self._insert(db, m) for m in messages]
 
         return self._writer.call(op)
+
+    def finish_async(self, key: str, response: Response, messages: Sequence[OutMessage],
+                     then: Callable[[Outcome[list[OutMessage]]], None]) -> None:
+        """`finish` without waiting: `then` hears (with the messages' ids) once it is on disk."""
+        def op(db: sqlite3.Connection) -> list[OutMessage]:
+            db.execute("UPDATE commands SET state = ?, payload = NULL, status = ?, body = ?, content_type = ?,"
+                       " finished = ? WHERE key = ?",
+                       (DONE, response.status, response.body, response.content_type, self._wall(), key))
+            return [self._insert(db, m) for m in messages]
+
+        self._writer.submit(op, then=then)
 
     def discard(self, key: str) -> None:
         self._writer.call(lambda db: db.execute("DELETE FROM commands WHERE key = ?", (key,)))

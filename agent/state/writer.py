@@ -140,32 +140,13 @@ class GroupWriter:
         try:
             self._before_batch()
             with self._lock:
-                db = self._connection()
-                mode = "FULL" if durable else "NORMAL"
-                if mode != self._sync_mode:
-                    db.execute(f"PRAGMA synchronous={mode}")
-                    self._sync_mode = mode
-                db.execute("BEGIN IMMEDIATE")
-                try:
+                failed = self._transaction(batch, outcomes, durable)
+                if failed:
+                    # One operation failed (a bug, a constraint): run each alone, so that only it fails.
+                    outcomes = [Outcome() for _ in batch]
                     for op, outcome in zip(batch, outcomes):
-                        db.execute("SAVEPOINT op")
-                        try:
-                            outcome.value = op.fn(db)
-                            db.execute("RELEASE op")
-                        except Exception as exc:
-                            if not db.in_transaction:
-                                raise  # the whole transaction is gone (disk full, I/O error)
-                            db.execute("ROLLBACK TO op")
-                            db.execute("RELEASE op")
-                            outcome.error = exc
-                    db.execute("COMMIT")
-                except BaseException:
-                    if db.in_transaction:
-                        try:
-                            db.execute("ROLLBACK")
-                        except sqlite3.Error:
-                            pass
-                    raise
+                        if self._transaction([op], [outcome], op.durable):
+                            outcome.value = None
         except Exception as exc:  # noqa: BLE001 - every caller hears why its write failed
             self._sync_mode = ""  # a reopened connection starts with its own setting
             for outcome in outcomes:
@@ -181,6 +162,35 @@ class GroupWriter:
                     op.then(outcome)
                 except Exception:
                     log.exception("internal error in a state store callback")
+
+    def _transaction(self, batch: Sequence[_Op], outcomes: list[Outcome[Any]], durable: bool) -> bool:
+        """Run `batch` in one transaction and commit it (lock held). True if an operation raised: then
+        nothing was committed and that operation's outcome holds its error. A failing commit raises."""
+        db = self._connection()
+        mode = "FULL" if durable else "NORMAL"
+        if mode != self._sync_mode:
+            db.execute(f"PRAGMA synchronous={mode}")
+            self._sync_mode = mode
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for op, outcome in zip(batch, outcomes):
+                try:
+                    outcome.value = op.fn(db)
+                except Exception as exc:
+                    if not db.in_transaction:
+                        raise  # the whole transaction is gone (disk full, I/O error): the batch fails
+                    outcome.error = exc
+                    db.execute("ROLLBACK")
+                    return True
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            raise
+        return False
 
     @staticmethod
     def _safe(fn: Callable[[], None]) -> None:

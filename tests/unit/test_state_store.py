@@ -136,8 +136,8 @@ def test_a_removed_state_dir_is_noticed_while_idle(tmp_path: Path) -> None:
         p.unlink()
     state.rmdir()
     end = time.monotonic() + 5
-    while store.recovered["replaced"] == 0 and time.monotonic() < end:
-        time.sleep(0.05)
+    while not (state / STATE_FILE).exists() and time.monotonic() < end:
+        time.sleep(0.05)  # the writer's idle tick (1 s) notices and opens a fresh store
     assert store.recovered["replaced"] == 1 and (state / STATE_FILE).exists()
     store.close()
 
@@ -185,3 +185,13 @@ def test_the_size_bound_forgets_the_oldest_finished_commands_first(tmp_path: Pat
     store.close()
     size = (tmp_path / STATE_FILE).stat().st_size
     assert size <= 1024 * 1024, size  # the space went back to the disk (incremental vacuum)
+
+
+def test_a_second_agent_on_the_same_state_dir_is_refused_not_treated_as_corrupt(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    add(store, "k", inbound("1"))
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        StateStore(tmp_path)
+    assert list(tmp_path.glob("*.corrupt-*")) == []
+    store.close()
+    assert [r.key for r in StateStore(tmp_path).pending()] == ["k"]
