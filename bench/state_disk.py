@@ -130,7 +130,7 @@ def old_agent(ref: str, workdir: Path) -> Path | None:
         fh.write(archive)
         fh.flush()
         with tarfile.open(fh.name) as tar:
-            tar.extractall(target)  # noqa: S202 - our own repository's files
+            tar.extractall(target)
     return target
 
 
@@ -187,7 +187,8 @@ def table(results: dict[str, Any], fsync_s: float, counts: dict[str, int]) -> st
     base = results["baseline"]
     row("`ping` p50", lambda r: f"{r['ping_p50_ms']:.3f} ms", f"{base['ping_p50_ms']:.3f} ms")
     row("`ping` p50 - baseline", lambda r: f"+{r['ping_p50_ms'] - base['ping_p50_ms']:.3f} ms", "")
-    row("throughput, 64 outstanding", lambda r: f"{r['throughput']:,.0f}/s ({r['throughput'] / base['throughput']:.2f} x)",
+    row("throughput, 64 outstanding",
+        lambda r: f"{r['throughput']:,.0f}/s ({r['throughput'] / base['throughput']:.2f} x)",
         f"{base['throughput']:,.0f}/s")
     row("PUBACK delay p50 / p99 (histogram bucket bounds)",
         lambda r: (f"<= {r['puback_p50_ms']:g} / <= {r['puback_p99_ms']:g} ms" if r.get("puback_p50_ms") is not None
@@ -235,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         loader.close()
     finally:
         env.close()
-    text = (f"State-disk figures ({'quick' if args.quick else 'short'} run, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    text = (f"State-disk figures ({'quick' if args.quick else 'short'} run, {when}; "
             f"`before` = the agent of `{args.before}`)\n\n" + table(results, fsync_s, counts))
     print(text)
     out = Path(args.out)
