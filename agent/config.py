@@ -15,7 +15,7 @@ import shutil
 import stat
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -667,54 +667,64 @@ def read_secret(path: Path) -> str:
 
 # --- rendering (check-config) ----------------------------------------------------------------
 
+# Keys whose value is never printed, whatever its type: check-config shows that they are set, not what.
+SECRET_KEYS = frozenset({"password"})
+REDACTED = "<redacted>"
 
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
+
+def _plain(value: object) -> object:
+    """A config value as TOML can hold it (paths and hosts as strings, tuples as arrays)."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, HostPort):
+        return str(value)
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    text = str(value)
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value) if getattr(value, f.name) is not None}
+    return str(value)
+
+
+def _table(section: object, skip: frozenset[str] = frozenset()) -> tuple[dict[str, object], list[str]]:
+    """(the section's set values, the names of those not set); secrets redacted."""
+    values: dict[str, object] = {}
+    unset: list[str] = []
+    for f in fields(section):  # type: ignore[arg-type]
+        if f.name in skip:
+            continue
+        value = getattr(section, f.name)
+        if value is None:
+            unset.append(f.name)
+        else:
+            values[f.name] = REDACTED if f.name in SECRET_KEYS else _plain(value)
+    return values, unset
 
 
 def render_config(cfg: Config) -> str:
-    """The effective configuration as TOML, defaults filled in and secrets redacted."""
-    out: list[str] = []
+    """The effective configuration as TOML, defaults filled in and secrets redacted.
 
-    def section(title: str, items: list[tuple[str, object]]) -> None:
-        out.append(f"[{title}]")
-        for key, value in items:
-            if value is None:
-                out.append(f"# {key} is not set")
-            else:
-                out.append(f"{key} = {_toml_value(value)}")
-        out.append("")
+    Generated from the dataclasses, so a new key shows up here without being listed twice.
+    """
+    import tomli_w  # only the commands that write TOML need it
 
-    a, m, t, lim = cfg.agent, cfg.mqtt, cfg.tls, cfg.limits
-    section("agent", [("device_id", a.device_id), ("state_dir", a.state_dir), ("log_level", a.log_level),
-                      ("shutdown_grace", a.shutdown_grace)])
-    section("mqtt", [
-        ("hosts", [str(h) for h in m.hosts]), ("client_id", m.client_id), ("protocol", m.protocol),
-        ("keepalive", m.keepalive), ("clean_session", m.clean_session), ("session_expiry", m.session_expiry),
-        ("username", m.username), ("password_file", m.password_file),
-        ("password", "<redacted>" if m.password else None), ("qos", m.qos),
-        ("command_topic", m.command_topic), ("connect_timeout", m.connect_timeout),
-        ("max_inflight", m.max_inflight),
-    ])
-    section("tls", [
-        ("enabled", t.enabled), ("ca_file", t.ca_file), ("cert_file", t.cert_file), ("key_file", t.key_file),
-        ("key_password_file", t.key_password_file), ("security_level", t.security_level),
-        ("server_name", t.server_name), ("insecure", t.insecure),
-    ])
-    section("limits", [(k, getattr(lim, k)) for k in LimitsConfig.__dataclass_fields__])
-    section("reconnect", [(k, getattr(cfg.reconnect, k)) for k in ReconnectConfig.__dataclass_fields__])
-    section("keepalive_tuning",
-            [(k, getattr(cfg.keepalive_tuning, k)) for k in KeepaliveTuningConfig.__dataclass_fields__])
-    section("metrics", [("listen", cfg.metrics.listen)])
-    for spec in cfg.commands.values():
-        section(f"commands.{spec.name}", [("argv", list(spec.argv)), ("timeout", spec.timeout),
-                                           ("max_output_bytes", spec.max_output_bytes)])
-    return "\n".join(out).rstrip() + "\n"
+    parts: list[str] = []
+
+    def emit(title: str, values: dict[str, object], unset: list[str]) -> None:
+        nested: dict[str, object] = values
+        for name in reversed(title.split(".")):
+            nested = {name: nested}
+        text = tomli_w.dumps(nested).rstrip("\n") if values else f"[{title}]"
+        parts.append("\n".join([text, *(f"# {key} is not set" for key in unset)]) + "\n")
+
+    for f in fields(cfg):
+        section = getattr(cfg, f.name)
+        if f.name == "source":
+            continue
+        if f.name == "commands":
+            for spec in section.values():
+                emit(f"commands.{spec.name}", *_table(spec, skip=frozenset({"name"})))
+            continue
+        emit(f.name, *_table(section))
+    return "\n".join(parts)
