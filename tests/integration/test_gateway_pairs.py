@@ -267,3 +267,27 @@ def test_mqtt_311_with_shared_group_is_a_config_error_naming_the_key(make_config
     assert proc.returncode == 78
     assert ("mqtt.shared_group: needs MQTT 5 (shared subscriptions do not exist in MQTT 3.1.1): set "
             "mqtt.protocol = \"5\" or remove mqtt.shared_group (got 'site-a')") in proc.stderr
+
+
+def test_doctor_checks_the_shared_subscription_without_joining_the_agents_group(
+        make_broker, make_config, run_agent, tmp_path):
+    from agent.doctor import run_doctor
+
+    broker, ledger, members, client = start_pair(make_broker, make_config, run_agent, tmp_path)
+    report = run_doctor(members["gw-a"][0], timeout=5.0, service_user=None)
+    (check,) = [c for c in report.checks if c.number == 8]
+    assert check.status == "ok", check
+    subscription = f"$share/{GROUP}.{report.probe_client_id}/command///req/#"
+    assert check.details["subscription"] == subscription
+    assert check.details["suback"] == 1 and check.details["delivery"] == "delivered"
+    assert check.summary.startswith(f"shared subscription {subscription} granted QoS 1 (SUBACK 0x01)")
+    # What the broker saw: the doctor subscribed in a group of its own, never in the agents' group, so
+    # it cannot have taken a member's command.
+    subscribes = re.findall(rf"^\S+ {re.escape(report.probe_client_id)} 1 (\S+)$", broker.log_text(), re.M)
+    assert subscribes == [subscription]
+    # The members still serve every command.
+    ids = [f"d{i}" for i in range(10)]
+    publish_all(client, ids)
+    client.wait(len(ids), timeout=30)
+    assert set(answers(client)) == set(ids) and {m for _, m in executions(ledger)} <= set(MEMBERS)
+    client.close()
