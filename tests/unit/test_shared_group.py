@@ -123,3 +123,11 @@ def test_doctor_names_suback_0x9e_and_the_fix(tmp_path: Path) -> None:
 
 def test_the_agent_log_names_the_setting_for_0x9e() -> None:
     assert "mqtt.shared_group" in SHARED_UNSUPPORTED_FIX
+
+
+def test_joining_or_leaving_a_group_takes_a_restart(tmp_path: Path) -> None:
+    from agent.reload import plan_reload
+
+    plan = plan_reload(parsed(tmp_path), parsed(tmp_path, shared_group="site-a"))
+    assert plan.restart_needed == ("mqtt.shared_group",)
+    assert plan.effective.mqtt.shared_group is None  # the running agent keeps its subscription
