@@ -87,7 +87,8 @@ class Agent:
         tuning = cfg.keepalive_tuning
         self.metrics = AgentMetrics(protocol=protocol, configured_keepalive=cfg.mqtt.keepalive, tls=cfg.tls,
                                     keepalive_floor=tuning.min if tuning.enabled else None,
-                                    commands=self.registry, in_flight=lambda: dispatcher_box[0].in_flight)
+                                    commands=self.registry, in_flight=lambda: dispatcher_box[0].in_flight,
+                                    shared_group=cfg.mqtt.shared_group)
         interval = watchdog_interval()
         self.watchdog = ServiceWatchdog(self.notifier, self._connection_status, self._health, interval=interval)
         self.status_line = StatusLine(protocol, cfg.mqtt.keepalive, on_change=self.watchdog.poke)
@@ -152,6 +153,8 @@ class Agent:
                 last_disconnect=st.last_end.kind if st.last_end else None,
                 outbox=self.session.unacknowledged(),
             )
+            if self.cfg.mqtt.shared_group:
+                out["shared_group"] = self.cfg.mqtt.shared_group
         if self.monitor:
             out["duplicate_client_id_suspected"] = self.monitor.classifier.suspecting_takeover
         if self.dispatcher:
@@ -214,7 +217,7 @@ class Agent:
         self.watchdog.start()
         log.info("mqtt-agent %s started: device %s, brokers %s, subscription %s, commands: %s", __version__,
                  self.cfg.agent.device_id, ", ".join(str(h) for h in self.cfg.mqtt.hosts),
-                 self.cfg.mqtt.command_topic, ", ".join(sorted(self.registry)))
+                 self.cfg.mqtt.subscription, ", ".join(sorted(self.registry)))
         if self.cfg.tls.enabled and self.cfg.tls.insecure:
             log.warning("tls.insecure = true: the broker's host name is not verified (the chain still is); "
                         "prefer tls.server_name")

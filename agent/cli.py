@@ -125,7 +125,8 @@ checks that depend on it are skipped.
    6 tls           the handshake exactly as the agent does it; on failure, retries with relaxed
                    settings pinpoint the cause, and the broker's certificate chain is shown
    7 mqtt_connect  CONNACK in words (MQTT 3.1.1 and 5)
-   8 subscribe     SUBACK for mqtt.command_topic, then a delivery probe
+   8 subscribe     SUBACK for mqtt.command_topic, then a delivery probe (with mqtt.shared_group:
+                   a shared subscription in a group of the doctor's own, never the agents' group)
    9 history       disconnects, learned keepalive, duplicate client id (from agent.state_dir)
   10 local         clock, free space in agent.state_dir, the [metrics] listen port
 

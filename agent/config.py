@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from agent.errors import ConfigError
+from agent.topics import check_shared_group, shared_filter
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -65,10 +66,16 @@ class MqttConfig:
     command_topic: str = "command///req/#"
     connect_timeout: float = 10.0
     max_inflight: int = 100
+    shared_group: str | None = None  # MQTT 5 shared subscription group (gateway pairs), see docs/connection.md
 
     @property
     def is_v5(self) -> bool:
         return self.protocol == "5"
+
+    @property
+    def subscription(self) -> str:
+        """The filter the agent subscribes to: the command topic, or its shared form in a group."""
+        return shared_filter(self.shared_group, self.command_topic) if self.shared_group else self.command_topic
 
 
 @dataclass(frozen=True)
@@ -422,9 +429,19 @@ def _mqtt(t: _Table, device_id: str | None, tls_enabled: bool) -> MqttConfig | N
     command_topic = _valid(t.string("command_topic", "command///req/#"), check_command_topic, t, "command_topic")
     connect_timeout = t.number("connect_timeout", 10.0, 0.5, 300.0)
     max_inflight = t.integer("max_inflight", 100, 1, 65535)
+    # "" means no group, as for the other optional strings (username = "" in etc/mqtt-agent.toml).
+    shared_group = _valid(t.string("shared_group", "") or None, check_shared_group, t, "shared_group")
+    if shared_group and protocol == "3.1.1":
+        # An MQTT 3.1.1 broker either refuses $share/... or takes it as an ordinary topic that nobody
+        # publishes to: the agent would be subscribed and never receive a command.
+        t.error("shared_group", f"needs MQTT 5 (shared subscriptions do not exist in MQTT 3.1.1): set "
+                f"mqtt.protocol = \"5\" or remove mqtt.shared_group (got {shared_group!r})")
+        shared_group = None
     t.finish()
     values = (client_id, protocol, keepalive, clean_session, session_expiry, qos, command_topic, connect_timeout)
     if not hosts or len(hosts) != len(raw_hosts or []) or None in values or max_inflight is None:
+        return None
+    if shared_group is None and t.data.get("shared_group"):
         return None
     assert command_topic is not None
     return MqttConfig(
@@ -441,6 +458,7 @@ def _mqtt(t: _Table, device_id: str | None, tls_enabled: bool) -> MqttConfig | N
         command_topic=command_topic,
         connect_timeout=connect_timeout,
         max_inflight=max_inflight,
+        shared_group=shared_group,
     )
 
 

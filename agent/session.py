@@ -55,6 +55,9 @@ RC_CONNECTION_LOST = 0x80  # paho: "Unspecified error", the socket closed withou
 RC_KEEPALIVE_TIMEOUT = 0x8D
 RC_SESSION_TAKEN_OVER = 0x8E
 AUTH_FAILURE_CODES = frozenset({0x86, 0x87, 0x8C})  # bad user name or password, not authorized, bad auth method
+RC_SHARED_UNSUPPORTED = 0x9E  # SUBACK: "Shared Subscriptions not supported"
+SHARED_UNSUPPORTED_FIX = ("this broker does not serve shared subscriptions (mqtt.shared_group): remove "
+                          "mqtt.shared_group, or use a broker that supports them (mosquitto 2, EMQX, HiveMQ)")
 
 # What ended a connection is first named by the session alone (agent/classify.py lists the kinds);
 # the ConnectionMonitor's classifier turns "connection_lost" and "reconnect_requested" into final
@@ -266,7 +269,7 @@ class Session:
         self.backoff = self.monitor.backoff
         self.listeners = list(listeners)
         self.outbox = outbox
-        self.topics = list(topics if topics is not None else [mqtt_cfg.command_topic])
+        self.topics = list(topics if topics is not None else [mqtt_cfg.subscription])
         self._clock = clock
         self._wall = wall
         self._hosts = HostRotation(mqtt_cfg.hosts)
@@ -766,9 +769,11 @@ class Session:
             state.failures += 1
             delay = min(60.0, 2.0 ** state.failures)
             state.retry_at = self._clock() + delay
-            log.error("the broker refused the subscription to %s (SUBACK %s): commands cannot arrive; check the "
-                      "broker ACL for client %s; retrying in %.0f s", topic,
-                      f"0x{int(code.value):02X} {code}" if code is not None else "missing", self.client_id, delay,
+            fix = (SHARED_UNSUPPORTED_FIX if code is not None and int(code.value) == RC_SHARED_UNSUPPORTED
+                   else f"check the broker ACL for client {self.client_id}")
+            log.error("the broker refused the subscription to %s (SUBACK %s): commands cannot arrive; %s; "
+                      "retrying in %.0f s", topic,
+                      f"0x{int(code.value):02X} {code}" if code is not None else "missing", fix, delay,
                       extra={"MQTT_REASON": "subscribe_failed"})
             self._notify("subscribed", topic, False, str(code))
 
