@@ -13,7 +13,7 @@ from agent import __version__
 from agent.commands.processes import REAPER, become_subreaper
 from agent.config import CREDENTIAL_KEYS, Config, load_config
 from agent.dispatch import Dispatcher
-from agent.errors import AgentError, ConfigError
+from agent.errors import AgentError, ConfigError, TLSSetupError
 from agent.handlers import HandlerRegistry
 from agent.handlers.builtin import PingHandler
 from agent.handlers.registry import build_registry
@@ -284,9 +284,11 @@ class Agent:
         except AgentError as exc:
             problems = list(getattr(exc, "problems", []) or [str(exc)])
             # The credentials hint only where it explains something: a problem with a key that comes from a
-            # systemd credential (not, say, a mistyped mqtt.keepalive next to it).
+            # systemd credential, or a TLS setup failure while the key does (a new certificate for a key
+            # systemd has not copied yet) -- not, say, a mistyped mqtt.keepalive next to it.
             creds = [key for key in self._credentials_in_use()
-                     if any(p.startswith((f"{key}:", f"{key} ")) for p in problems)]
+                     if any(p.startswith((f"{key}:", f"{key} ")) for p in problems)
+                     or (isinstance(exc, TLSSetupError) and key.startswith("tls."))]
             hint = (f" ({', '.join(creds)} come(s) from systemd credentials, which systemd copies only when the "
                     "service starts: after replacing a key or password, run systemctl restart mqtt-agent)"
                     if creds else "")

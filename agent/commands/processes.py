@@ -146,6 +146,7 @@ def command_processes(root: int | None, exec_id: str, proc: Path = PROC) -> set[
 class KillReport:
     killed: int  # processes sent SIGKILL
     survivors: int  # still alive after the last round (should be 0)
+    pids: frozenset[int] = frozenset()
 
     def describe(self) -> str:
         if not self.killed:
@@ -178,7 +179,7 @@ def kill_command(popen: subprocess.Popen[bytes], exec_id: str, proc: Path = PROC
             except ProcessLookupError:
                 pass
         time.sleep(0.01)  # let the kernel turn them into zombies before the next walk
-    return KillReport(len(killed), len(left))
+    return KillReport(len(killed), len(left), frozenset(killed))
 
 
 @dataclass
@@ -218,8 +219,9 @@ class Reaper:
         with self._lock:
             self._owned.discard(pid)
 
-    def command_ended(self, command: str, exec_id: str) -> list[ProcInfo]:
-        """After a command's main process exited: processes it left running, now tracked until they exit."""
+    def command_ended(self, command: str, exec_id: str, killed: frozenset[int] = frozenset()) -> list[ProcInfo]:
+        """After a command's main process exited: processes it left running, now tracked until they exit.
+        `killed`: the pids a timeout killed (zombies now; re-parented ones are the agent's to reap)."""
         if not self.enabled:
             return []
         left = command_processes(None, exec_id, self._proc)
@@ -229,12 +231,15 @@ class Reaper:
         with self._lock:
             for info in infos:
                 self._orphans.setdefault(info.pid, _Orphan(info.pid, info.name, command, now))
+            for pid in killed:
+                if pid in table and pid not in self._owned:
+                    self._orphans.setdefault(pid, _Orphan(pid, table[pid].name, command, now))
         if infos:
             log.warning("command %s left %d process(es) running after it exited: %s; they are reaped when "
                         "they exit", command, len(infos),
                         ", ".join(f"{i.pid} ({untrusted(i.name, 32)})" for i in infos[:10]),
                         extra={"COMMAND": command})
-            self.poke()
+        self.poke()  # re-parented zombies are reaped now, not at the next idle look
         return infos
 
     # --- reaping -------------------------------------------------------------------------------

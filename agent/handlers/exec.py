@@ -75,7 +75,7 @@ class ExecHandler:
             outcome = _communicate(proc, request.payload, request.deadline, self.spec.max_output_bytes, exec_id)
         finally:
             self._reaper.release(proc.pid)
-        self._reaper.command_ended(self.spec.name, exec_id)
+        self._reaper.command_ended(self.spec.name, exec_id, outcome.kill.pids if outcome.kill else frozenset())
         if outcome.timed_out:
             done = outcome.kill.describe() if outcome.kill else "it was killed"
             raise CommandTimeout(f"command {self.spec.name!r} did not finish within {self.spec.timeout:g} s; {done}")
