@@ -236,6 +236,7 @@ class Dispatcher:
 
     def close(self) -> None:
         self._stopped = True
+        self._reject_log.flush()  # the counts still held back by the rate limit
         if self._pool:
             self._pool.stop()
         with self._timeout_cond:

@@ -53,8 +53,12 @@ POLL_TRACKING = 0.5
 POLL_IDLE = 30.0
 
 
+_subreaper = False  # set once this process is a subreaper: then every process of a command is below it
+
+
 def become_subreaper() -> bool:
     """Make this process the child subreaper of its descendants. False (and no error) where unsupported."""
+    global _subreaper
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -66,6 +70,7 @@ def become_subreaper() -> bool:
     except (OSError, AttributeError) as exc:
         log.warning("cannot become a child subreaper (%s)", exc)
         return False
+    _subreaper = True
     return True
 
 
@@ -128,14 +133,62 @@ def descendants(root: int, table: dict[int, ProcInfo]) -> set[int]:
     return found
 
 
-def command_processes(root: int | None, exec_id: str, proc: Path = PROC) -> set[int]:
+def _children(pid: int, proc: Path) -> list[int] | None:
+    """Children of `pid` from /proc/PID/task/*/children (CONFIG_PROC_CHILDREN); None if unavailable."""
+    try:
+        tasks = [entry.name for entry in (proc / str(pid) / "task").iterdir()]
+    except OSError:
+        return [] if not (proc / str(pid)).exists() else None
+    out: list[int] = []
+    for tid in tasks:
+        try:
+            out += [int(c) for c in (proc / str(pid) / "task" / tid / "children").read_text().split()]
+        except FileNotFoundError:
+            if tid == str(pid) and (proc / str(pid)).exists():
+                return None  # the kernel has no children files: callers walk the whole table
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def subtree_table(root: int, proc: Path = PROC) -> dict[int, ProcInfo] | None:
+    """ProcInfo of `root`'s descendants only, through the children files: a few reads instead of one per
+    process on the machine (which cost ~8 ms per command on a 150-process box). None if unavailable."""
+    table: dict[int, ProcInfo] = {}
+    stack = [root]
+    while stack:
+        kids = _children(stack.pop(), proc)
+        if kids is None:
+            return None
+        for kid in kids:
+            if kid not in table:
+                info = _stat(kid, proc)
+                if info is not None:
+                    table[kid] = info
+                    stack.append(kid)
+    return table
+
+
+def agent_table(proc: Path = PROC) -> dict[int, ProcInfo]:
+    """The processes the agent needs to look at: as a subreaper, its own descendants (everything a command
+    started is among them); otherwise, or without children files, every process."""
+    if _subreaper:
+        table = subtree_table(os.getpid(), proc)
+        if table is not None:
+            return table
+    return process_table(proc)
+
+
+def command_processes(root: int | None, exec_id: str, proc: Path = PROC,
+                      table: dict[int, ProcInfo] | None = None) -> set[int]:
     """Live (not zombie) processes of one command: `root`'s tree and everything carrying `exec_id`."""
-    table = process_table(proc)
+    if table is None:
+        table = agent_table(proc)
     me = os.getpid()
     found = descendants(root, table) if root is not None else set()
     if root is not None and root in table:
         found.add(root)
-    for pid in table:
+    for pid in list(table):
         if pid not in found and pid != me and has_exec_id(pid, exec_id, proc):
             found.add(pid)
             found |= descendants(pid, table)
@@ -224,8 +277,8 @@ class Reaper:
         `killed`: the pids a timeout killed (zombies now; re-parented ones are the agent's to reap)."""
         if not self.enabled:
             return []
-        left = command_processes(None, exec_id, self._proc)
-        table = process_table(self._proc)
+        table = agent_table(self._proc)
+        left = command_processes(None, exec_id, self._proc, table)
         infos = [table[pid] for pid in sorted(left) if pid in table]
         now = self._clock()
         with self._lock:
@@ -251,7 +304,7 @@ class Reaper:
         me = os.getpid()
         count = 0
         with self._lock:
-            table = process_table(self._proc)
+            table = agent_table(self._proc)
             mine = {pid: info for pid, info in table.items() if info.ppid == me and pid not in self._owned}
             for pid, info in mine.items():
                 if info.state not in ("Z", "X"):

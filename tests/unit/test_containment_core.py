@@ -4,6 +4,8 @@ table walk, and the config checks for secrets and MQTT strings."""
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +138,34 @@ def test_command_env_table() -> None:
         "commands.r.env.N: must be a string, got integer (write \"...\"; value not shown)",
         "commands.r.env.BIG: must be at most 32768 bytes without NUL (value not shown)",
     ]
+
+
+def test_subtree_table_finds_the_same_descendants_as_a_full_scan() -> None:
+    import signal
+    import subprocess
+
+    from agent.commands.processes import process_table, subtree_table
+
+    child = subprocess.Popen(["/bin/sh", "-c", "sleep 5 & sleep 5 & wait"])
+    grandchildren: set[int] = set()
+    try:
+        for _ in range(200):
+            grandchildren = descendants(child.pid, process_table())
+            if len(grandchildren) >= 2:
+                break
+            time.sleep(0.02)
+        assert len(grandchildren) == 2
+        sub = subtree_table(os.getpid())
+        assert sub is not None, "no /proc/PID/task/*/children on this kernel"
+        assert {child.pid} | grandchildren <= set(sub)
+        assert {sub[pid].ppid for pid in grandchildren} == {child.pid}
+        assert set(sub) <= set(process_table()) | set(sub)  # nothing invented
+        assert all(info.ppid in set(sub) | {os.getpid()} for info in sub.values())
+    finally:
+        for pid in grandchildren:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        child.kill()
+        child.wait()
