@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from agent.commands.environment import RESERVED_PREFIX, is_removed
 from agent.errors import ConfigError
 from agent.topics import check_shared_group, shared_filter
 
@@ -32,6 +33,18 @@ BUILTIN_COMMANDS = frozenset({"ping", "info"})
 COMMAND_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Characters that would break an MQTT topic segment or a client id used in one.
 _TOPIC_UNSAFE = re.compile(r"[/+#\x00]")
+# MQTT strings (client id, topics, user name, password) are length-prefixed with 2 bytes: at most 65535
+# bytes of UTF-8. The agent's own limits are far lower, so that a typo (a pasted file) is caught here and
+# not by `run` retrying forever: a device id is one topic level, and with "-doctor-XXXXXX" a client id.
+MQTT_STRING_MAX = 65535
+MAX_ID_BYTES = 256
+MAX_HOST_BYTES = 253  # a DNS name
+# Keys whose values are never printed, whatever their type (in errors, check-config, doctor, the log).
+SECRET_KEY_PATHS = frozenset({"mqtt.password"})
+# [commands.NAME.env]: bounded, and names a POSIX shell can use.
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+MAX_ENV_ENTRIES = 64
+MAX_ENV_VALUE_BYTES = 32768
 
 
 @dataclass(frozen=True)
@@ -103,12 +116,16 @@ class LimitsConfig:
 
 @dataclass(frozen=True)
 class CommandSpec:
-    """An exec command: argv run directly (never through a shell), payload on stdin."""
+    """An exec command: argv run directly (never through a shell), payload on stdin.
+
+    `env`: the `[commands.NAME.env]` table, added to the command's clean environment (see
+    agent.commands.environment); values are not printed anywhere (they may be tokens)."""
 
     name: str
     argv: tuple[str, ...]
     timeout: float
     max_output_bytes: int = 65536
+    env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True)
@@ -172,29 +189,54 @@ def parse_host_port(text: str, default_port: int | None) -> HostPort:
     text = text.strip()
     if not text:
         raise ValueError("empty address")
+    if any(ch.isspace() for ch in text):
+        raise ValueError(f"must not contain whitespace, got {_excerpt(text)}")
     if text.startswith("["):
         end = text.find("]")
         if end < 0:
-            raise ValueError(f"unclosed '[' in {text!r}")
+            raise ValueError(f"unclosed '[' in {_excerpt(text)}")
         host, rest = text[1:end], text[end + 1 :]
         if rest and not rest.startswith(":"):
-            raise ValueError(f"expected ':port' after ']' in {text!r}")
+            raise ValueError(f"expected ':port' after ']' in {_excerpt(text)}")
         port_text = rest[1:] if rest else ""
     elif text.count(":") == 1:
         host, port_text = text.split(":")
+        if not port_text:
+            raise ValueError(f"empty port in {_excerpt(text)}: write host:port, or leave out the ':'")
     elif text.count(":") > 1:
-        raise ValueError(f"IPv6 address {text!r} must be written as [address]:port")
+        raise ValueError(f"IPv6 address {_excerpt(text)} must be written as [address]:port")
     else:
         host, port_text = text, ""
     if not host:
-        raise ValueError(f"missing host in {text!r}")
+        raise ValueError(f"missing host in {_excerpt(text)}")
+    if "\x00" in host or len(host.encode("utf-8")) > MAX_HOST_BYTES:
+        raise ValueError(f"host must be at most {MAX_HOST_BYTES} bytes without NUL, got {len(host.encode())} bytes")
+    if text.startswith("[") and rest == ":":
+        raise ValueError(f"empty port in {_excerpt(text)}: write [address]:port, or leave out the ':'")
     if not port_text:
         if default_port is None:
-            raise ValueError(f"missing port in {text!r} (write host:port)")
+            raise ValueError(f"missing port in {_excerpt(text)} (write host:port)")
         return HostPort(host, default_port)
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"port must be 1..65535, got {port_text!r}")
+        raise ValueError(f"port must be 1..65535, got {_excerpt(port_text)}")
     return HostPort(host, int(port_text))
+
+
+def _excerpt(value: object, limit: int = 80) -> str:
+    """repr(value), cut short: a config error quotes the value, not a pasted file."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}...[{len(text)} chars]"
+
+
+def check_mqtt_string(value: str, max_bytes: int = MQTT_STRING_MAX, *, secret: bool = False) -> str | None:
+    """What makes `value` unusable as an MQTT UTF-8 string (no NUL; at most `max_bytes` bytes), or None."""
+    size = len(value.encode("utf-8", "surrogatepass"))
+    shown = "" if secret else f": {_excerpt(value)}"
+    if "\x00" in value:
+        return f"must not contain NUL characters{shown}"
+    if size > max_bytes:
+        return f"must be at most {max_bytes} bytes (UTF-8), got {size} bytes{shown}"
+    return None
 
 
 def _type_name(value: object) -> str:
@@ -258,10 +300,15 @@ class _Table:
         value = self.data[name]
         # bool is a subclass of int: refuse `keepalive = true`.
         if isinstance(value, bool) and bool not in kinds:
-            self.error(name, f"must be {expected}, got boolean {str(value).lower()}")
+            shown = "(value not shown: it is a secret)" if self.key(name) in SECRET_KEY_PATHS else str(value).lower()
+            self.error(name, f"must be {expected}, got boolean {shown}")
             return None
         if not isinstance(value, kinds):
-            self.error(name, f"must be {expected}, got {_type_name(value)} {value!r}")
+            if self.key(name) in SECRET_KEY_PATHS:
+                # Never the value of a secret, not even a mistyped one: this message reaches the journal.
+                self.error(name, f"must be {expected}, got {_type_name(value)} (value not shown: it is a secret)")
+            else:
+                self.error(name, f"must be {expected}, got {_type_name(value)} {_excerpt(value)}")
             return None
         return value
 
@@ -295,7 +342,7 @@ class _Table:
             return value
         for i, item in enumerate(value):
             if not isinstance(item, str):
-                self.error(f"{name}[{i}]", f"must be a string, got {_type_name(item)} {item!r}")
+                self.error(f"{name}[{i}]", f"must be a string, got {_type_name(item)} {_excerpt(item)}")
                 return None
         return value
 
@@ -348,17 +395,21 @@ def _valid(value: T | None, check: Callable[[T], str | None], table: _Table, nam
 
 
 def check_device_id(value: str) -> str | None:
+    """A device id or client id: one MQTT topic level (gateway topics, the doctor's probe topic)."""
     if not value:
         return "must not be empty"
     if _TOPIC_UNSAFE.search(value):
-        return f"must not contain '/', '+', '#' or NUL (it is used in MQTT topics), got {value!r}"
-    return None
+        return f"must not contain '/', '+', '#' or NUL (it is used in MQTT topics), got {_excerpt(value)}"
+    return check_mqtt_string(value, MAX_ID_BYTES)
 
 
 def check_command_topic(value: str) -> str | None:
     """The subscription must be one of the Hono command forms; returns a problem or None."""
     parts = value.split("/")
     forms = "'command///req/#', 'command//+/req/#' (gateway), 'command/TENANT/DEVICE/req/#' or 'c///q/#'"
+    problem = check_mqtt_string(value, 1024)
+    if problem:
+        return problem
     if len(parts) != 5 or parts[0] not in ("command", "c") or parts[3] not in ("req", "q") or parts[4] != "#":
         return f"must be a Hono command subscription such as {forms}, got {value!r}"
     for segment in parts[1:3]:
@@ -414,12 +465,14 @@ def _mqtt(t: _Table, device_id: str | None, tls_enabled: bool) -> MqttConfig | N
     if isinstance(client_id, str) and not client_id:
         t.error("client_id", "must not be empty")
         client_id = None
+    elif "client_id" in t.data:  # the default is agent.device_id, checked there
+        client_id = _valid(client_id, check_device_id, t, "client_id")
     protocol = t.string("protocol", "3.1.1", choices=("3.1.1", "5"))
     keepalive = t.integer("keepalive", 60, 1, 65535)
     clean_session = t.boolean("clean_session", False)
     session_expiry = t.integer("session_expiry", 86400, 0, 0xFFFFFFFF)
-    username = t.string("username", "")
-    password = t.string("password", "")
+    username = _valid(t.string("username", ""), check_mqtt_string, t, "username")
+    password = _valid(t.string("password", ""), lambda v: check_mqtt_string(v, secret=True), t, "password")
     password_file = t.file("password_file")
     if password and password_file:
         t.error("password", "set either mqtt.password or mqtt.password_file, not both")
@@ -529,6 +582,7 @@ def _commands(t: _Table, default_timeout: float) -> dict[str, CommandSpec] | Non
         argv = sub.string_list("argv")
         timeout = sub.number("timeout", default_timeout, 0.1, 86400.0)
         max_output = sub.integer("max_output_bytes", 65536, 1, 268435455)
+        env = _command_env(sub)
         sub.finish()
         if isinstance(argv, list):
             if not argv or not argv[0]:
@@ -545,11 +599,43 @@ def _commands(t: _Table, default_timeout: float) -> dict[str, CommandSpec] | Non
             elif shutil.which(argv[0]) is None:
                 sub.error("argv", f"program {argv[0]!r} is not found in PATH; give its absolute path")
                 argv = None
-        if argv is None or timeout is None or max_output is None:
+        if argv is None or timeout is None or max_output is None or env is None:
             ok = False
             continue
-        specs[name] = CommandSpec(name=name, argv=tuple(argv), timeout=timeout, max_output_bytes=max_output)
+        specs[name] = CommandSpec(name=name, argv=tuple(argv), timeout=timeout, max_output_bytes=max_output,
+                                  env=env)
     return specs if ok else None
+
+
+def _command_env(sub: _Table) -> tuple[tuple[str, str], ...] | None:
+    """[commands.NAME.env]: extra environment variables for the command. Values are never printed."""
+    env = sub.table("env")
+    ok = True
+    out: list[tuple[str, str]] = []
+    if len(env.data) > MAX_ENV_ENTRIES:
+        env.problems.append(f"{env.path}: at most {MAX_ENV_ENTRIES} variables, got {len(env.data)}")
+        return None
+    for key, value in env.data.items():
+        env.known.append(key)
+        if not ENV_NAME_RE.match(key):
+            env.error(key, "variable names use letters, digits and '_', not starting with a digit (1-128)")
+            ok = False
+        elif key.startswith(RESERVED_PREFIX):
+            env.error(key, f"{RESERVED_PREFIX}* variables are set by the agent for each request")
+            ok = False
+        elif is_removed(key):
+            env.error(key, "is the agent's own systemd or credential variable, which commands never get "
+                           "(docs/systemd.md, 'Exec commands')")
+            ok = False
+        elif not isinstance(value, str):
+            env.error(key, f"must be a string, got {_type_name(value)} (write \"...\"; value not shown)")
+            ok = False
+        elif "\x00" in value or len(value.encode("utf-8", "surrogatepass")) > MAX_ENV_VALUE_BYTES:
+            env.error(key, f"must be at most {MAX_ENV_VALUE_BYTES} bytes without NUL (value not shown)")
+            ok = False
+        else:
+            out.append((key, value))
+    return tuple(out) if ok else None
 
 
 def _reconnect(t: _Table) -> ReconnectConfig | None:
@@ -742,7 +828,9 @@ def render_config(cfg: Config) -> str:
             continue
         if f.name == "commands":
             for spec in section.values():
-                emit(f"commands.{spec.name}", *_table(spec, skip=frozenset({"name"})))
+                emit(f"commands.{spec.name}", *_table(spec, skip=frozenset({"name", "env"})))
+                if spec.env:  # names only: a value may be a token
+                    emit(f"commands.{spec.name}.env", {k: REDACTED for k, _ in spec.env}, [])
             continue
         emit(f.name, *_table(section))
     return "\n".join(parts)

@@ -19,6 +19,7 @@ from typing import Callable, Protocol
 
 from agent.config import LimitsConfig
 from agent.handlers import Handler
+from agent.logs import LogSummary, untrusted
 from agent.protocol import (
     GONE,
     INTERNAL_ERROR,
@@ -70,8 +71,8 @@ class DispatchObserver:
     def command_finished(self, command: str, status: int, seconds: float) -> None:
         pass
 
-    def command_rejected(self, command: str, reason: str) -> None:
-        pass
+    def command_rejected(self, command: str, reason: str, status: int | None = None) -> None:
+        """`status`: the response published for it (None: no response, or one counted by command_finished)."""
 
 
 def publish_response(publisher: Publisher, route: ReplyRoute, response: Response,
@@ -199,6 +200,7 @@ class Dispatcher:
         self._timeout_cond = threading.Condition()
         self._stopped = False
         self.stats = DispatchStats()
+        self._reject_log = LogSummary(log, clock=clock)
         self.last_progress = clock()
         self._pool: _WorkerPool | None = None
         self._monitor: threading.Thread | None = None
@@ -234,6 +236,7 @@ class Dispatcher:
 
     def close(self) -> None:
         self._stopped = True
+        self._reject_log.flush()  # the counts still held back by the rate limit
         if self._pool:
             self._pool.stop()
         with self._timeout_cond:
@@ -254,7 +257,7 @@ class Dispatcher:
         try:
             self._accept(msg)
         except Exception:
-            log.exception("internal error while accepting a command on %s; it was dropped", msg.topic)
+            log.exception("internal error while accepting a command on %s; it was dropped", untrusted(msg.topic))
 
     def _reply(self, route: ReplyRoute, response: Response, journal_key: str | None = None) -> None:
         if route.silent:
@@ -269,9 +272,12 @@ class Dispatcher:
         with self._lock:
             self.stats.rejected[reason] += 1
             self.stats.by_status[status] += 1
-        self.observer.command_rejected(topic.command, reason)
-        log.warning("command %s (req %s) rejected with %d: %s", topic.command, topic.req_id or "-", status, message,
-                    extra={"COMMAND": topic.command, "REQ_ID": topic.req_id, "STATUS": status})
+        self.observer.command_rejected(topic.command, reason, None if route.silent else status)
+        # One line per reason per minute: a flood of 429s or hostile names must not fill the journal.
+        self._reject_log.log(reason, logging.WARNING, "command %s (req %s) rejected with %d: %s",
+                             untrusted(topic.command), untrusted(topic.req_id or "-"), status, untrusted(message, 300),
+                             extra={"COMMAND": untrusted(topic.command), "REQ_ID": untrusted(topic.req_id),
+                                    "STATUS": status, "REJECT_REASON": reason})
         response = Response.error(status, message)
         if journal_key:
             self._store.finish(journal_key, response)
@@ -287,12 +293,12 @@ class Dispatcher:
         if topic is None:
             if DOCTOR_PROBE_MARK in msg.topic.rsplit("/", 1)[-1]:
                 # `mqtt-agent doctor` proves delivery with a 5-segment probe message: expected, not a problem.
-                log.debug("ignored the delivery probe of mqtt-agent doctor on %r", msg.topic)
+                log.debug("ignored the delivery probe of mqtt-agent doctor on %s", untrusted(msg.topic))
                 return
             self.stats.rejected["malformed_topic"] += 1
             self.observer.command_rejected("", "malformed_topic")
-            log.warning("ignored a message on %r: not a command request topic (command/TENANT/DEVICE/req/REQ_ID/NAME)",
-                        msg.topic[:200])
+            self._reject_log.log("malformed_topic", logging.WARNING, "ignored a message on %s: not a command "
+                                 "request topic (command/TENANT/DEVICE/req/REQ_ID/NAME)", untrusted(msg.topic))
             return
         self.stats.received += 1
         route = self._route(topic, msg)
@@ -304,7 +310,7 @@ class Dispatcher:
         handler = self._registry.get(topic.command)
         if handler is None:
             self._reject(topic, route, NOT_FOUND, "unknown_command",
-                         f"unknown command {topic.command!r}; this agent serves: "
+                         f"unknown command '{untrusted(topic.command)}'; this agent serves: "
                          + ", ".join(sorted(self._registry)), recovered_key)
             return
         dedupe_key = None if topic.one_way else topic.dedupe_key
@@ -316,7 +322,8 @@ class Dispatcher:
             if running is not None:
                 self.stats.duplicates += 1
                 log.info("command %s req %s redelivered while it runs: it will be answered, not run again",
-                         topic.command, topic.req_id, extra={"COMMAND": topic.command, "REQ_ID": topic.req_id})
+                         topic.command, untrusted(topic.req_id),
+                         extra={"COMMAND": topic.command, "REQ_ID": untrusted(topic.req_id)})
                 return
         journal_key = recovered_key or dedupe_key or f"one-way:{uuid.uuid4().hex}"
         claimed = False
@@ -337,7 +344,8 @@ class Dispatcher:
             try:
                 inserted = self._store.add(journal_key, msg, running=claimed)
             except Exception as exc:  # noqa: BLE001 - disk full, read-only file system, locked database
-                log.error("cannot journal command %s req %s (%s): not run", topic.command, topic.req_id or "-", exc)
+                log.error("cannot journal command %s req %s (%s): not run", topic.command,
+                          untrusted(topic.req_id or "-"), exc)
                 self._reject(topic, route, UNAVAILABLE, "journal_error",
                              "the agent cannot record the command in its journal (agent.state_dir); it was not run")
                 return
@@ -350,7 +358,7 @@ class Dispatcher:
                    device_id=topic.device or self._device_id, claimed=claimed)
         if not self._accepting:
             log.info("command %s req %s received during shutdown: journalled, runs at the next start",
-                     topic.command, topic.req_id or "-")
+                     topic.command, untrusted(topic.req_id or "-"))
             return
         with self._lock:
             if dedupe_key:
@@ -367,12 +375,12 @@ class Dispatcher:
         self.stats.duplicates += 1
         if record.response is not None:
             log.info("command %s req %s was already executed: re-sending its %d response",
-                     topic.command, topic.req_id, record.response.status,
-                     extra={"COMMAND": topic.command, "REQ_ID": topic.req_id})
+                     topic.command, untrusted(topic.req_id), record.response.status,
+                     extra={"COMMAND": topic.command, "REQ_ID": untrusted(topic.req_id)})
             self._reply(route, record.response)
         else:
             log.info("command %s req %s is already journalled and will run at the next start",
-                     topic.command, topic.req_id)
+                     topic.command, untrusted(topic.req_id))
         return True
 
     def _recover(self) -> None:
@@ -397,12 +405,12 @@ class Dispatcher:
                     "and it is not run again",
                 )
                 log.warning("command %s req %s was interrupted by an agent stop; answering 500",
-                            topic.command, topic.req_id or "-")
+                            topic.command, untrusted(topic.req_id or "-"))
                 self._store.finish(record.key, response, deliver=not route.silent)
                 self._reply(route, response, record.key)
             elif record.state == QUEUED:
                 log.info("resuming command %s req %s received before the last stop", topic.command,
-                         topic.req_id or "-")
+                         untrusted(topic.req_id or "-"))
                 self._accept(record.inbound, recovered_key=record.key)
 
     # --- execution (worker threads) --------------------------------------------------------------
@@ -415,7 +423,7 @@ class Dispatcher:
         except Exception:
             error_id = uuid.uuid4().hex[:12]
             log.exception("internal error while running command %s req %s (error id %s); it is answered 500 "
-                          "without running", job.topic.command, job.topic.req_id or "-", error_id)
+                          "without running", job.topic.command, untrusted(job.topic.req_id or "-"), error_id)
             with self._lock:
                 if not job.counted:
                     self._running += 1
@@ -482,14 +490,15 @@ class Dispatcher:
         except Exception as exc:
             error_id = uuid.uuid4().hex[:12]
             log.error("command %s req %s failed with an internal error (error id %s): %s: %s",
-                      job.topic.command, job.topic.req_id or "-", error_id, type(exc).__name__, exc,
-                      exc_info=True, extra={"COMMAND": job.topic.command, "REQ_ID": job.topic.req_id,
+                      job.topic.command, untrusted(job.topic.req_id or "-"), error_id, type(exc).__name__,
+                      untrusted(exc, 500), exc_info=True,
+                      extra={"COMMAND": job.topic.command, "REQ_ID": untrusted(job.topic.req_id),
                                             "ERROR_ID": error_id})
             response = Response.error(INTERNAL_ERROR, f"internal error in command {job.topic.command!r}",
                                       error_id=error_id)
         if not self._complete(job, response):
             log.warning("command %s req %s finished after it had been answered 504; its result is discarded",
-                        job.topic.command, job.topic.req_id or "-")
+                        job.topic.command, untrusted(job.topic.req_id or "-"))
 
     def _complete(self, job: _Job, response: Response) -> bool:
         """Record and send the outcome once; False if the job was already answered (timeout)."""
@@ -523,9 +532,10 @@ class Dispatcher:
             level = logging.DEBUG  # health probes (ping, info) every minute from a fleet monitor would drown the log
         else:
             level = logging.INFO
-        log.log(level, "command %s req %s -> %d in %.1f ms%s", job.topic.command, job.topic.req_id or "-",
-                response.status, seconds * 1000, f" (+{len(waiters)} duplicate)" if waiters else "",
-                extra={"COMMAND": job.topic.command, "REQ_ID": job.topic.req_id, "STATUS": response.status})
+        log.log(level, "command %s req %s -> %d in %.1f ms%s", job.topic.command,
+                untrusted(job.topic.req_id or "-"), response.status, seconds * 1000,
+                f" (+{len(waiters)} duplicate)" if waiters else "",
+                extra={"COMMAND": job.topic.command, "REQ_ID": untrusted(job.topic.req_id), "STATUS": response.status})
         return True
 
     # --- timeouts --------------------------------------------------------------------------------
@@ -566,7 +576,7 @@ class Dispatcher:
         if self._complete(job, Response.error(TIMEOUT, f"command {job.topic.command!r} did not finish "
                                                        f"within {timeout:g} s")):
             log.error("command %s req %s is still running past its %g s timeout: answered 504; "
-                      "its worker is written off and replaced", job.topic.command, job.topic.req_id or "-",
+                      "its worker is written off and replaced", job.topic.command, untrusted(job.topic.req_id or "-"),
                       timeout)
             assert self._pool is not None
             self._pool.replace_stuck()

@@ -210,8 +210,13 @@ class CommandMetrics(DispatchObserver):
         children[0].inc()
         children[1].observe(max(seconds, 0.0))
 
-    def command_rejected(self, command: str, reason: str) -> None:
+    def command_rejected(self, command: str, reason: str, status: int | None = None) -> None:
         self.rejected.labels(_bounded(reason, REJECT_REASONS)).inc()
+        if status is not None:
+            # A rejection answered with a response (404, 413, 429, 503) is an answered command too, so that
+            # `sum by (status) (mqtt_agent_commands_total)` counts every response the agent publishes.
+            # No duration sample: nothing ran.
+            self.total.labels(self.label(command), str(status)).inc()
 
 
 class CertificateExpiry:

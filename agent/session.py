@@ -41,12 +41,15 @@ from agent.classify import (
 from agent.config import HostPort, KeepaliveTuningConfig, MqttConfig, ReconnectConfig, TlsConfig, read_secret
 from agent.errors import TLSSetupError
 from agent.link import ConnectionEnded, SessionListener, SessionState
+from agent.logs import LogSummary, untrusted
 from agent.outbox import Outbox, OutMessage
 from agent.protocol import Inbound
 from agent.resilience import ConnectionMonitor
 from agent.tls import explain_handshake_error, fetch_peer_certificate
 
 log = logging.getLogger(__name__)
+# A publisher that retains commands would otherwise cost one warning per message.
+_RETAINED_LOG = LogSummary(log)
 
 F = TypeVar("F", bound=Callable[..., None])
 
@@ -381,7 +384,7 @@ class Session:
                  if self.cfg.is_v5 else None)
         info = self._client.publish(msg.topic, msg.payload, msg.qos, properties=props)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-            log.error("could not queue a message for %s: %s", msg.topic, mqtt.error_string(info.rc))
+            log.error("could not queue a message for %s: %s", untrusted(msg.topic), mqtt.error_string(info.rc))
             return None
         return int(info.mid)
 
@@ -798,7 +801,8 @@ class Session:
     @_guarded
     def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.retain:
-            log.warning("ignored a retained message on %s: a retained command would run again at every "
-                        "reconnect; publish commands without the retain flag", msg.topic)
+            _RETAINED_LOG.log("retained", logging.WARNING, "ignored a retained message on %s: a retained command "
+                              "would run again at every reconnect; publish commands without the retain flag",
+                              untrusted(msg.topic))
             return
         self._on_message(inbound_from(msg, self._wall(), self._clock()))
