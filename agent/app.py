@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from agent import __version__
+from agent.commands.processes import REAPER, become_subreaper
 from agent.config import CREDENTIAL_KEYS, Config, load_config
 from agent.dispatch import Dispatcher
-from agent.errors import AgentError, ConfigError
+from agent.errors import AgentError, ConfigError, TLSSetupError
 from agent.handlers import HandlerRegistry
 from agent.handlers.builtin import PingHandler
 from agent.handlers.registry import build_registry
@@ -23,6 +24,7 @@ from agent.metrics import AgentMetrics, MetricsServer
 from agent.notify import Notifier, ServiceWatchdog, StatusLine, sender_from_environment, watchdog_interval
 from agent.reload import ReloadOutcome, fingerprint, plan_reload, secret_files
 from agent.resilience import ConnectionMonitor
+from agent.service.reload_verdict import read_request, verdict_dir, write_verdict
 from agent.session import Session
 from agent.state.outbox import Outbox
 from agent.state.store import StateStore
@@ -71,6 +73,7 @@ class Agent:
         self._reload_requested = threading.Event()
         self.outbox: Outbox | None = None
         self.monitor: ConnectionMonitor | None = None
+        self.subreaper = False
 
     def build(self) -> None:
         cfg = self.cfg
@@ -88,7 +91,7 @@ class Agent:
                                     keepalive_floor=tuning.min if tuning.enabled else None,
                                     commands=self.registry,
                                     in_flight=lambda: self.dispatcher.in_flight if self.dispatcher else 0,
-                                    state=self.store)
+                                    state=self.store, shared_group=cfg.mqtt.shared_group)
         interval = watchdog_interval()
         self.watchdog = ServiceWatchdog(self.notifier, self._connection_status, self._health, interval=interval)
         self.status_line = StatusLine(protocol, cfg.mqtt.keepalive, on_change=self.watchdog.poke)
@@ -153,6 +156,8 @@ class Agent:
                 last_disconnect=st.last_end.kind if st.last_end else None,
                 outbox=self.session.unacknowledged(),
             )
+            if self.cfg.mqtt.shared_group:
+                out["shared_group"] = self.cfg.mqtt.shared_group
         if self.monitor:
             out["duplicate_client_id_suspected"] = self.monitor.classifier.suspecting_takeover
         if self.dispatcher:
@@ -206,6 +211,9 @@ class Agent:
         assert self.session and self.dispatcher and self.store and self.registry is not None
         assert self.phases and self.watchdog
         self._log_credentials()
+        # Whatever an exec command starts stays the agent's to kill and to reap (agent.commands.processes).
+        self.subreaper = become_subreaper()
+        REAPER.start()
         self._start_metrics()
         self.dispatcher.start()
         self.session.start()
@@ -215,7 +223,7 @@ class Agent:
         self.watchdog.start()
         log.info("mqtt-agent %s started: device %s, brokers %s, subscription %s, commands: %s", __version__,
                  self.cfg.agent.device_id, ", ".join(str(h) for h in self.cfg.mqtt.hosts),
-                 self.cfg.mqtt.command_topic, ", ".join(sorted(self.registry)))
+                 self.cfg.mqtt.subscription, ", ".join(sorted(self.registry)))
         if self.cfg.tls.enabled and self.cfg.tls.insecure:
             log.warning("tls.insecure = true: the broker's host name is not verified (the chain still is); "
                         "prefer tls.server_name")
@@ -230,7 +238,15 @@ class Agent:
                 break
             if self._reload_requested.is_set():
                 self._reload_requested.clear()
-                self.reload()
+                # Read after clearing: a request written before this signal is answered by this reload.
+                where = verdict_dir(self.cfg.agent.state_dir)
+                token = read_request(where)
+                outcome = self.reload()
+                try:
+                    write_verdict(where, token, outcome.ok, outcome.message)
+                except OSError as exc:
+                    log.warning("cannot record the reload verdict for `mqtt-agent reload` in %s: %s", where,
+                                exc.strerror or exc)
             if self._clock() >= next_housekeeping:
                 self.housekeeping()
                 next_housekeeping = self._clock() + HOUSEKEEPING_INTERVAL
@@ -267,12 +283,18 @@ class Agent:
             ssl_context = build_context(new.tls) if new.tls.enabled else None
         except AgentError as exc:
             problems = list(getattr(exc, "problems", []) or [str(exc)])
-            creds = self._credentials_in_use()
+            # The credentials hint only where it explains something: a problem with a key that comes from a
+            # systemd credential, or a TLS setup failure while the key does (a new certificate for a key
+            # systemd has not copied yet) -- not, say, a mistyped mqtt.keepalive next to it.
+            creds = [key for key in self._credentials_in_use()
+                     if any(p.startswith((f"{key}:", f"{key} ")) for p in problems)
+                     or (isinstance(exc, TLSSetupError) and key.startswith("tls."))]
             hint = (f" ({', '.join(creds)} come(s) from systemd credentials, which systemd copies only when the "
                     "service starts: after replacing a key or password, run systemctl restart mqtt-agent)"
                     if creds else "")
             log.error("configuration reload rejected, the running configuration stays in effect: %s%s", exc, hint)
-            return ReloadOutcome(False, str(exc), problems=problems)
+            return ReloadOutcome(False, f"rejected, the running configuration stays in effect: {exc}{hint}",
+                                 problems=problems)
         files = fingerprint(secret_files(new))
         plan = plan_reload(self.cfg, new, self._files, files)
         eff = plan.effective
@@ -335,6 +357,7 @@ class Agent:
                         "for the next start", self.session.unacknowledged())
         # The watchdog judges a live network loop: stop it before the loop ends on purpose.
         self.watchdog.stop()
+        REAPER.stop()
         self.session.stop()
         self.dispatcher.close()
         if self.outbox is not None:

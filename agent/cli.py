@@ -110,6 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--one-way", action="store_true",
                       help="send a one-way command (empty request id): it runs, nothing comes back")
 
+    reload = sub.add_parser(
+        "reload",
+        help="make the running agent re-read its configuration; fail if it rejects the file",
+        description="Ask the running agent to re-read its configuration (as SIGHUP does) and wait for its "
+        "verdict: print what it applied, or why it rejected the file (the running configuration then stays). "
+        "The unit's ExecReload= runs this, so `systemctl reload mqtt-agent` fails when the new file is "
+        "rejected. It reads no configuration itself (the agent, which has the systemd credentials, judges "
+        "it): request and verdict go through $RUNTIME_DIRECTORY, else agent.state_dir of --config.",
+        epilog="exit codes:\n  0  the new configuration is in effect\n  1  it was rejected (or the agent "
+        "could not be signalled)\n  2  no verdict within --timeout\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config(reload)
+    reload.add_argument("--pid", type=int, default=int(os.environ.get("MAINPID") or 0) or None,
+                        help="the agent's process id (default: $MAINPID, which systemd sets for ExecReload=)")
+    reload.add_argument("--timeout", metavar="S", type=_positive_seconds, default=20.0,
+                        help="seconds to wait for the verdict (default: 20)")
+
     doctor = sub.add_parser(
         "doctor",
         help="diagnose why the gateway cannot connect, with cause and remedy for each problem",
@@ -125,7 +143,8 @@ checks that depend on it are skipped.
    6 tls           the handshake exactly as the agent does it; on failure, retries with relaxed
                    settings pinpoint the cause, and the broker's certificate chain is shown
    7 mqtt_connect  CONNACK in words (MQTT 3.1.1 and 5)
-   8 subscribe     SUBACK for mqtt.command_topic, then a delivery probe
+   8 subscribe     SUBACK for mqtt.command_topic, then a delivery probe (with mqtt.shared_group:
+                   a shared subscription in a group of the doctor's own, never the agents' group)
    9 history       disconnects, learned keepalive, duplicate client id (from agent.state_dir)
   10 local         clock, free space in agent.state_dir, the [metrics] listen port
 
@@ -246,6 +265,47 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         print(render_text(report), end="")
     return report.exit_code
 
+def _state_dir_of(config: Path) -> Path:
+    """agent.state_dir from the raw file, without validating it (judging the file is the agent's job)."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.9/3.10
+        import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+
+    try:
+        with open(config, "rb") as fh:
+            agent_table = tomllib.load(fh).get("agent", {})
+        value = agent_table.get("state_dir") if isinstance(agent_table, dict) else None
+    except (OSError, ValueError):
+        value = None
+    path = Path(value if isinstance(value, str) and value else "/var/lib/mqtt-agent").expanduser()
+    return path if path.is_absolute() else config.resolve().parent / path
+
+
+def _cmd_reload(args: argparse.Namespace) -> int:
+    from agent.service.reload_verdict import EX_NO_VERDICT, EX_REJECTED, request_reload, verdict_dir
+
+    if not args.pid:
+        print("mqtt-agent reload: no agent process given (--pid, or $MAINPID under systemd)", file=sys.stderr)
+        return EX_FAILURE
+    where = verdict_dir(_state_dir_of(args.config))
+    try:
+        verdict = request_reload(args.pid, where, args.timeout)
+    except OSError as exc:
+        print(f"mqtt-agent reload: cannot ask process {args.pid} to reload ({where}): {exc.strerror or exc}",
+              file=sys.stderr)
+        return EX_FAILURE
+    if verdict is None:
+        print(f"mqtt-agent reload: no verdict from process {args.pid} within {args.timeout:g} s; see "
+              "journalctl -u mqtt-agent", file=sys.stderr)
+        return EX_NO_VERDICT
+    if verdict.ok:
+        print(f"configuration reloaded: {verdict.message}")
+        return EX_OK
+    print(f"mqtt-agent reload: {verdict.message}", file=sys.stderr)
+    return EX_REJECTED
+
+
 def _cmd_enroll(args: argparse.Namespace) -> int:
     from agent import provision
 
@@ -304,6 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "send": _cmd_send,
         "doctor": _cmd_doctor,
         "enroll": _cmd_enroll,
+        "reload": _cmd_reload,
     }
     try:
         return handlers[args.command](args)

@@ -15,11 +15,13 @@ import shutil
 import stat
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from agent.commands.environment import RESERVED_PREFIX, is_removed
 from agent.errors import ConfigError
+from agent.topics import check_shared_group, shared_filter
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,6 +33,18 @@ BUILTIN_COMMANDS = frozenset({"ping", "info"})
 COMMAND_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Characters that would break an MQTT topic segment or a client id used in one.
 _TOPIC_UNSAFE = re.compile(r"[/+#\x00]")
+# MQTT strings (client id, topics, user name, password) are length-prefixed with 2 bytes: at most 65535
+# bytes of UTF-8. The agent's own limits are far lower, so that a typo (a pasted file) is caught here and
+# not by `run` retrying forever: a device id is one topic level, and with "-doctor-XXXXXX" a client id.
+MQTT_STRING_MAX = 65535
+MAX_ID_BYTES = 256
+MAX_HOST_BYTES = 253  # a DNS name
+# Keys whose values are never printed, whatever their type (in errors, check-config, doctor, the log).
+SECRET_KEY_PATHS = frozenset({"mqtt.password"})
+# [commands.NAME.env]: bounded, and names a POSIX shell can use.
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+MAX_ENV_ENTRIES = 64
+MAX_ENV_VALUE_BYTES = 32768
 
 
 @dataclass(frozen=True)
@@ -65,10 +79,16 @@ class MqttConfig:
     command_topic: str = "command///req/#"
     connect_timeout: float = 10.0
     max_inflight: int = 100
+    shared_group: str | None = None  # MQTT 5 shared subscription group (gateway pairs), see docs/connection.md
 
     @property
     def is_v5(self) -> bool:
         return self.protocol == "5"
+
+    @property
+    def subscription(self) -> str:
+        """The filter the agent subscribes to: the command topic, or its shared form in a group."""
+        return shared_filter(self.shared_group, self.command_topic) if self.shared_group else self.command_topic
 
 
 @dataclass(frozen=True)
@@ -98,12 +118,16 @@ class LimitsConfig:
 
 @dataclass(frozen=True)
 class CommandSpec:
-    """An exec command: argv run directly (never through a shell), payload on stdin."""
+    """An exec command: argv run directly (never through a shell), payload on stdin.
+
+    `env`: the `[commands.NAME.env]` table, added to the command's clean environment (see
+    agent.commands.environment); values are not printed anywhere (they may be tokens)."""
 
     name: str
     argv: tuple[str, ...]
     timeout: float
     max_output_bytes: int = 65536
+    env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True)
@@ -167,29 +191,54 @@ def parse_host_port(text: str, default_port: int | None) -> HostPort:
     text = text.strip()
     if not text:
         raise ValueError("empty address")
+    if any(ch.isspace() for ch in text):
+        raise ValueError(f"must not contain whitespace, got {_excerpt(text)}")
     if text.startswith("["):
         end = text.find("]")
         if end < 0:
-            raise ValueError(f"unclosed '[' in {text!r}")
+            raise ValueError(f"unclosed '[' in {_excerpt(text)}")
         host, rest = text[1:end], text[end + 1 :]
         if rest and not rest.startswith(":"):
-            raise ValueError(f"expected ':port' after ']' in {text!r}")
+            raise ValueError(f"expected ':port' after ']' in {_excerpt(text)}")
         port_text = rest[1:] if rest else ""
     elif text.count(":") == 1:
         host, port_text = text.split(":")
+        if not port_text:
+            raise ValueError(f"empty port in {_excerpt(text)}: write host:port, or leave out the ':'")
     elif text.count(":") > 1:
-        raise ValueError(f"IPv6 address {text!r} must be written as [address]:port")
+        raise ValueError(f"IPv6 address {_excerpt(text)} must be written as [address]:port")
     else:
         host, port_text = text, ""
     if not host:
-        raise ValueError(f"missing host in {text!r}")
+        raise ValueError(f"missing host in {_excerpt(text)}")
+    if "\x00" in host or len(host.encode("utf-8")) > MAX_HOST_BYTES:
+        raise ValueError(f"host must be at most {MAX_HOST_BYTES} bytes without NUL, got {len(host.encode())} bytes")
+    if text.startswith("[") and rest == ":":
+        raise ValueError(f"empty port in {_excerpt(text)}: write [address]:port, or leave out the ':'")
     if not port_text:
         if default_port is None:
-            raise ValueError(f"missing port in {text!r} (write host:port)")
+            raise ValueError(f"missing port in {_excerpt(text)} (write host:port)")
         return HostPort(host, default_port)
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"port must be 1..65535, got {port_text!r}")
+        raise ValueError(f"port must be 1..65535, got {_excerpt(port_text)}")
     return HostPort(host, int(port_text))
+
+
+def _excerpt(value: object, limit: int = 80) -> str:
+    """repr(value), cut short: a config error quotes the value, not a pasted file."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}...[{len(text)} chars]"
+
+
+def check_mqtt_string(value: str, max_bytes: int = MQTT_STRING_MAX, *, secret: bool = False) -> str | None:
+    """What makes `value` unusable as an MQTT UTF-8 string (no NUL; at most `max_bytes` bytes), or None."""
+    size = len(value.encode("utf-8", "surrogatepass"))
+    shown = "" if secret else f": {_excerpt(value)}"
+    if "\x00" in value:
+        return f"must not contain NUL characters{shown}"
+    if size > max_bytes:
+        return f"must be at most {max_bytes} bytes (UTF-8), got {size} bytes{shown}"
+    return None
 
 
 def _type_name(value: object) -> str:
@@ -253,10 +302,15 @@ class _Table:
         value = self.data[name]
         # bool is a subclass of int: refuse `keepalive = true`.
         if isinstance(value, bool) and bool not in kinds:
-            self.error(name, f"must be {expected}, got boolean {str(value).lower()}")
+            shown = "(value not shown: it is a secret)" if self.key(name) in SECRET_KEY_PATHS else str(value).lower()
+            self.error(name, f"must be {expected}, got boolean {shown}")
             return None
         if not isinstance(value, kinds):
-            self.error(name, f"must be {expected}, got {_type_name(value)} {value!r}")
+            if self.key(name) in SECRET_KEY_PATHS:
+                # Never the value of a secret, not even a mistyped one: this message reaches the journal.
+                self.error(name, f"must be {expected}, got {_type_name(value)} (value not shown: it is a secret)")
+            else:
+                self.error(name, f"must be {expected}, got {_type_name(value)} {_excerpt(value)}")
             return None
         return value
 
@@ -290,7 +344,7 @@ class _Table:
             return value
         for i, item in enumerate(value):
             if not isinstance(item, str):
-                self.error(f"{name}[{i}]", f"must be a string, got {_type_name(item)} {item!r}")
+                self.error(f"{name}[{i}]", f"must be a string, got {_type_name(item)} {_excerpt(item)}")
                 return None
         return value
 
@@ -343,17 +397,21 @@ def _valid(value: T | None, check: Callable[[T], str | None], table: _Table, nam
 
 
 def check_device_id(value: str) -> str | None:
+    """A device id or client id: one MQTT topic level (gateway topics, the doctor's probe topic)."""
     if not value:
         return "must not be empty"
     if _TOPIC_UNSAFE.search(value):
-        return f"must not contain '/', '+', '#' or NUL (it is used in MQTT topics), got {value!r}"
-    return None
+        return f"must not contain '/', '+', '#' or NUL (it is used in MQTT topics), got {_excerpt(value)}"
+    return check_mqtt_string(value, MAX_ID_BYTES)
 
 
 def check_command_topic(value: str) -> str | None:
     """The subscription must be one of the Hono command forms; returns a problem or None."""
     parts = value.split("/")
     forms = "'command///req/#', 'command//+/req/#' (gateway), 'command/TENANT/DEVICE/req/#' or 'c///q/#'"
+    problem = check_mqtt_string(value, 1024)
+    if problem:
+        return problem
     if len(parts) != 5 or parts[0] not in ("command", "c") or parts[3] not in ("req", "q") or parts[4] != "#":
         return f"must be a Hono command subscription such as {forms}, got {value!r}"
     for segment in parts[1:3]:
@@ -409,12 +467,14 @@ def _mqtt(t: _Table, device_id: str | None, tls_enabled: bool) -> MqttConfig | N
     if isinstance(client_id, str) and not client_id:
         t.error("client_id", "must not be empty")
         client_id = None
+    elif "client_id" in t.data:  # the default is agent.device_id, checked there
+        client_id = _valid(client_id, check_device_id, t, "client_id")
     protocol = t.string("protocol", "3.1.1", choices=("3.1.1", "5"))
     keepalive = t.integer("keepalive", 60, 1, 65535)
     clean_session = t.boolean("clean_session", False)
     session_expiry = t.integer("session_expiry", 86400, 0, 0xFFFFFFFF)
-    username = t.string("username", "")
-    password = t.string("password", "")
+    username = _valid(t.string("username", ""), check_mqtt_string, t, "username")
+    password = _valid(t.string("password", ""), lambda v: check_mqtt_string(v, secret=True), t, "password")
     password_file = t.file("password_file")
     if password and password_file:
         t.error("password", "set either mqtt.password or mqtt.password_file, not both")
@@ -424,9 +484,19 @@ def _mqtt(t: _Table, device_id: str | None, tls_enabled: bool) -> MqttConfig | N
     command_topic = _valid(t.string("command_topic", "command///req/#"), check_command_topic, t, "command_topic")
     connect_timeout = t.number("connect_timeout", 10.0, 0.5, 300.0)
     max_inflight = t.integer("max_inflight", 100, 1, 65535)
+    # "" means no group, as for the other optional strings (username = "" in etc/mqtt-agent.toml).
+    shared_group = _valid(t.string("shared_group", "") or None, check_shared_group, t, "shared_group")
+    if shared_group and protocol == "3.1.1":
+        # An MQTT 3.1.1 broker either refuses $share/... or takes it as an ordinary topic that nobody
+        # publishes to: the agent would be subscribed and never receive a command.
+        t.error("shared_group", f"needs MQTT 5 (shared subscriptions do not exist in MQTT 3.1.1): set "
+                f"mqtt.protocol = \"5\" or remove mqtt.shared_group (got {shared_group!r})")
+        shared_group = None
     t.finish()
     values = (client_id, protocol, keepalive, clean_session, session_expiry, qos, command_topic, connect_timeout)
     if not hosts or len(hosts) != len(raw_hosts or []) or None in values or max_inflight is None:
+        return None
+    if shared_group is None and t.data.get("shared_group"):
         return None
     assert command_topic is not None
     return MqttConfig(
@@ -443,6 +513,7 @@ def _mqtt(t: _Table, device_id: str | None, tls_enabled: bool) -> MqttConfig | N
         command_topic=command_topic,
         connect_timeout=connect_timeout,
         max_inflight=max_inflight,
+        shared_group=shared_group,
     )
 
 
@@ -514,6 +585,7 @@ def _commands(t: _Table, default_timeout: float) -> dict[str, CommandSpec] | Non
         argv = sub.string_list("argv")
         timeout = sub.number("timeout", default_timeout, 0.1, 86400.0)
         max_output = sub.integer("max_output_bytes", 65536, 1, 268435455)
+        env = _command_env(sub)
         sub.finish()
         if isinstance(argv, list):
             if not argv or not argv[0]:
@@ -530,11 +602,43 @@ def _commands(t: _Table, default_timeout: float) -> dict[str, CommandSpec] | Non
             elif shutil.which(argv[0]) is None:
                 sub.error("argv", f"program {argv[0]!r} is not found in PATH; give its absolute path")
                 argv = None
-        if argv is None or timeout is None or max_output is None:
+        if argv is None or timeout is None or max_output is None or env is None:
             ok = False
             continue
-        specs[name] = CommandSpec(name=name, argv=tuple(argv), timeout=timeout, max_output_bytes=max_output)
+        specs[name] = CommandSpec(name=name, argv=tuple(argv), timeout=timeout, max_output_bytes=max_output,
+                                  env=env)
     return specs if ok else None
+
+
+def _command_env(sub: _Table) -> tuple[tuple[str, str], ...] | None:
+    """[commands.NAME.env]: extra environment variables for the command. Values are never printed."""
+    env = sub.table("env")
+    ok = True
+    out: list[tuple[str, str]] = []
+    if len(env.data) > MAX_ENV_ENTRIES:
+        env.problems.append(f"{env.path}: at most {MAX_ENV_ENTRIES} variables, got {len(env.data)}")
+        return None
+    for key, value in env.data.items():
+        env.known.append(key)
+        if not ENV_NAME_RE.match(key):
+            env.error(key, "variable names use letters, digits and '_', not starting with a digit (1-128)")
+            ok = False
+        elif key.startswith(RESERVED_PREFIX):
+            env.error(key, f"{RESERVED_PREFIX}* variables are set by the agent for each request")
+            ok = False
+        elif is_removed(key):
+            env.error(key, "is the agent's own systemd or credential variable, which commands never get "
+                           "(docs/systemd.md, 'Exec commands')")
+            ok = False
+        elif not isinstance(value, str):
+            env.error(key, f"must be a string, got {_type_name(value)} (write \"...\"; value not shown)")
+            ok = False
+        elif "\x00" in value or len(value.encode("utf-8", "surrogatepass")) > MAX_ENV_VALUE_BYTES:
+            env.error(key, f"must be at most {MAX_ENV_VALUE_BYTES} bytes without NUL (value not shown)")
+            ok = False
+        else:
+            out.append((key, value))
+    return tuple(out) if ok else None
 
 
 def _reconnect(t: _Table) -> ReconnectConfig | None:
@@ -670,54 +774,66 @@ def read_secret(path: Path) -> str:
 
 # --- rendering (check-config) ----------------------------------------------------------------
 
+# Keys whose value is never printed, whatever its type: check-config shows that they are set, not what.
+SECRET_KEYS = frozenset({"password"})
+REDACTED = "<redacted>"
 
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
+
+def _plain(value: object) -> object:
+    """A config value as TOML can hold it (paths and hosts as strings, tuples as arrays)."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, HostPort):
+        return str(value)
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    text = str(value)
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value) if getattr(value, f.name) is not None}
+    return str(value)
+
+
+def _table(section: object, skip: frozenset[str] = frozenset()) -> tuple[dict[str, object], list[str]]:
+    """(the section's set values, the names of those not set); secrets redacted."""
+    values: dict[str, object] = {}
+    unset: list[str] = []
+    for f in fields(section):  # type: ignore[arg-type]
+        if f.name in skip:
+            continue
+        value = getattr(section, f.name)
+        if value is None:
+            unset.append(f.name)
+        else:
+            values[f.name] = REDACTED if f.name in SECRET_KEYS else _plain(value)
+    return values, unset
 
 
 def render_config(cfg: Config) -> str:
-    """The effective configuration as TOML, defaults filled in and secrets redacted."""
-    out: list[str] = []
+    """The effective configuration as TOML, defaults filled in and secrets redacted.
 
-    def section(title: str, items: list[tuple[str, object]]) -> None:
-        out.append(f"[{title}]")
-        for key, value in items:
-            if value is None:
-                out.append(f"# {key} is not set")
-            else:
-                out.append(f"{key} = {_toml_value(value)}")
-        out.append("")
+    Generated from the dataclasses, so a new key shows up here without being listed twice.
+    """
+    import tomli_w  # only the commands that write TOML need it
 
-    a, m, t, lim = cfg.agent, cfg.mqtt, cfg.tls, cfg.limits
-    section("agent", [("device_id", a.device_id), ("state_dir", a.state_dir), ("log_level", a.log_level),
-                      ("shutdown_grace", a.shutdown_grace)])
-    section("mqtt", [
-        ("hosts", [str(h) for h in m.hosts]), ("client_id", m.client_id), ("protocol", m.protocol),
-        ("keepalive", m.keepalive), ("clean_session", m.clean_session), ("session_expiry", m.session_expiry),
-        ("username", m.username), ("password_file", m.password_file),
-        ("password", "<redacted>" if m.password else None), ("qos", m.qos),
-        ("command_topic", m.command_topic), ("connect_timeout", m.connect_timeout),
-        ("max_inflight", m.max_inflight),
-    ])
-    section("tls", [
-        ("enabled", t.enabled), ("ca_file", t.ca_file), ("cert_file", t.cert_file), ("key_file", t.key_file),
-        ("key_password_file", t.key_password_file), ("security_level", t.security_level),
-        ("server_name", t.server_name), ("insecure", t.insecure),
-    ])
-    section("limits", [(k, getattr(lim, k)) for k in LimitsConfig.__dataclass_fields__])
-    section("reconnect", [(k, getattr(cfg.reconnect, k)) for k in ReconnectConfig.__dataclass_fields__])
-    section("keepalive_tuning",
-            [(k, getattr(cfg.keepalive_tuning, k)) for k in KeepaliveTuningConfig.__dataclass_fields__])
-    section("metrics", [("listen", cfg.metrics.listen)])
-    for spec in cfg.commands.values():
-        section(f"commands.{spec.name}", [("argv", list(spec.argv)), ("timeout", spec.timeout),
-                                           ("max_output_bytes", spec.max_output_bytes)])
-    return "\n".join(out).rstrip() + "\n"
+    parts: list[str] = []
+
+    def emit(title: str, values: dict[str, object], unset: list[str]) -> None:
+        nested: dict[str, object] = values
+        for name in reversed(title.split(".")):
+            nested = {name: nested}
+        text = tomli_w.dumps(nested).rstrip("\n") if values else f"[{title}]"
+        parts.append("\n".join([text, *(f"# {key} is not set" for key in unset)]) + "\n")
+
+    for f in fields(cfg):
+        section = getattr(cfg, f.name)
+        if f.name == "source":
+            continue
+        if f.name == "commands":
+            for spec in section.values():
+                emit(f"commands.{spec.name}", *_table(spec, skip=frozenset({"name", "env"})))
+                if spec.env:  # names only: a value may be a token
+                    emit(f"commands.{spec.name}.env", {k: REDACTED for k, _ in spec.env}, [])
+            continue
+        emit(f.name, *_table(section))
+    return "\n".join(parts)

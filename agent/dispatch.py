@@ -23,6 +23,7 @@ from typing import Callable, Protocol
 
 from agent.config import LimitsConfig
 from agent.handlers import Handler
+from agent.logs import LogSummary, untrusted
 from agent.protocol import (
     GONE,
     INTERNAL_ERROR,
@@ -81,8 +82,8 @@ class DispatchObserver:
     def command_finished(self, command: str, status: int, seconds: float) -> None:
         pass
 
-    def command_rejected(self, command: str, reason: str) -> None:
-        pass
+    def command_rejected(self, command: str, reason: str, status: int | None = None) -> None:
+        """`status`: the response published for it (None: no response, or one counted by command_finished)."""
 
 
 def response_messages(route: ReplyRoute, response: Response, kind: str = "response") -> list[OutMessage]:
@@ -208,6 +209,7 @@ class Dispatcher:
         self._timeout_cond = threading.Condition()
         self._stopped = False
         self.stats = DispatchStats()
+        self._reject_log = LogSummary(log, clock=clock)
         self.last_progress = clock()
         self._pool: _WorkerPool | None = None
         self._monitor: threading.Thread | None = None
@@ -244,6 +246,7 @@ class Dispatcher:
 
     def close(self) -> None:
         self._stopped = True
+        self._reject_log.flush()  # the counts still held back by the rate limit
         if self._pool:
             self._pool.stop()
         with self._timeout_cond:
@@ -265,7 +268,7 @@ class Dispatcher:
         try:
             self._accept(msg, ack)
         except Exception:
-            log.exception("internal error while accepting a command on %s; it was dropped", msg.topic)
+            log.exception("internal error while accepting a command on %s; it was dropped", untrusted(msg.topic))
             ack()
 
     def _reply(self, route: ReplyRoute, response: Response, kind: str = "response") -> None:
@@ -314,9 +317,13 @@ class Dispatcher:
         with self._lock:
             self.stats.rejected[reason] += 1
             self.stats.by_status[status] += 1
-        self.observer.command_rejected(topic.command, reason)
-        log.warning("command %s (req %s) rejected with %d: %s", topic.command, topic.req_id or "-", status, message,
-                    extra={"COMMAND": topic.command, "REQ_ID": topic.req_id, "STATUS": status})
+        self.observer.command_rejected(topic.command, reason, None if route.silent else status)
+        # One line per reason per minute: a flood of 429s or hostile names must not fill the journal.
+        self._reject_log.log(reason, logging.WARNING, "command %s (req %s) rejected with %d: %s",
+                             untrusted(topic.command), untrusted(topic.req_id or "-"), status,
+                             untrusted(message, 300),
+                             extra={"COMMAND": untrusted(topic.command), "REQ_ID": untrusted(topic.req_id),
+                                    "STATUS": status, "REJECT_REASON": reason})
         self._reply_async(route, Response.error(status, message), ack)
 
     def _route(self, topic: CommandTopic, msg: Inbound) -> ReplyRoute:
@@ -330,12 +337,12 @@ class Dispatcher:
             ack()
             if DOCTOR_PROBE_MARK in msg.topic.rsplit("/", 1)[-1]:
                 # `mqtt-agent doctor` proves delivery with a 5-segment probe message: expected, not a problem.
-                log.debug("ignored the delivery probe of mqtt-agent doctor on %r", msg.topic)
+                log.debug("ignored the delivery probe of mqtt-agent doctor on %s", untrusted(msg.topic))
                 return
             self.stats.rejected["malformed_topic"] += 1
             self.observer.command_rejected("", "malformed_topic")
-            log.warning("ignored a message on %r: not a command request topic (command/TENANT/DEVICE/req/REQ_ID/NAME)",
-                        msg.topic[:200])
+            self._reject_log.log("malformed_topic", logging.WARNING, "ignored a message on %s: not a command "
+                                 "request topic (command/TENANT/DEVICE/req/REQ_ID/NAME)", untrusted(msg.topic))
             return
         self.stats.received += 1
         route = self._route(topic, msg)
@@ -347,7 +354,7 @@ class Dispatcher:
         handler = self._registry.get(topic.command)
         if handler is None:
             self._reject(topic, route, NOT_FOUND, "unknown_command",
-                         f"unknown command {topic.command!r}; this agent serves: "
+                         f"unknown command '{untrusted(topic.command)}'; this agent serves: "
                          + ", ".join(sorted(self._registry)), ack)
             return
         dedupe_key = None if topic.one_way else topic.dedupe_key
@@ -360,7 +367,8 @@ class Dispatcher:
                 self.stats.duplicates += 1
                 ack()  # the command is durable already (it runs); the waiter is answered with it
                 log.info("command %s req %s redelivered while it runs: it will be answered, not run again",
-                         topic.command, topic.req_id, extra={"COMMAND": topic.command, "REQ_ID": topic.req_id})
+                         topic.command, untrusted(topic.req_id),
+                         extra={"COMMAND": topic.command, "REQ_ID": untrusted(topic.req_id)})
                 return
         journal_key = dedupe_key or f"one-way:{uuid.uuid4().hex}"
         capacity = self.limits.max_concurrent_commands + self.limits.max_queued_commands
@@ -405,7 +413,7 @@ class Dispatcher:
                 self.stats.rejected["journal_error"] += 1
                 self.stats.by_status[UNAVAILABLE] += 1
             self._journal_failed(outcome.error, "record a command")
-            self.observer.command_rejected(topic.command, "journal_error")
+            self.observer.command_rejected(topic.command, "journal_error", None if route.silent else UNAVAILABLE)
             response = Response.error(UNAVAILABLE, "the agent cannot record the command in its journal "
                                                    "(agent.state_dir); it was not run")
             for m in response_messages(route, response, "rejection"):
@@ -422,15 +430,16 @@ class Dispatcher:
             if result.queued:
                 assert result.record is not None and result.record.response is not None
                 log.info("command %s req %s was already executed: re-sending its %d response",
-                         topic.command, topic.req_id, result.record.response.status,
-                         extra={"COMMAND": topic.command, "REQ_ID": topic.req_id})
+                         topic.command, untrusted(topic.req_id), result.record.response.status,
+                         extra={"COMMAND": topic.command, "REQ_ID": untrusted(topic.req_id)})
                 self._responder.adopt(list(result.queued))
             elif job is not None:
                 log.info("command %s req %s redelivered while it runs: it will be answered, not run again",
-                         topic.command, topic.req_id, extra={"COMMAND": topic.command, "REQ_ID": topic.req_id})
+                         topic.command, untrusted(topic.req_id),
+                         extra={"COMMAND": topic.command, "REQ_ID": untrusted(topic.req_id)})
             else:
                 log.info("command %s req %s is already journalled and will run at the next start",
-                         topic.command, topic.req_id)
+                         topic.command, untrusted(topic.req_id))
             return
         self._start(topic, msg, handler, route, journal_key, dedupe_key, claimed, reserved=True)
 
@@ -445,7 +454,7 @@ class Dispatcher:
             if claimed:
                 self._store.mark_queued(journal_key)
             log.info("command %s req %s received during shutdown: journalled, runs at the next start",
-                     topic.command, topic.req_id or "-")
+                     topic.command, untrusted(topic.req_id or "-"))
             return
         with self._lock:
             if dedupe_key:
@@ -474,11 +483,11 @@ class Dispatcher:
                     NOT_FOUND, f"unknown command {topic.command!r}; it is no longer configured")
                 if record.state == RUNNING:
                     log.warning("command %s req %s was interrupted by an agent stop; answering 500",
-                                topic.command, topic.req_id or "-")
+                                topic.command, untrusted(topic.req_id or "-"))
                 self._responder.adopt(self._store.finish(record.key, response, response_messages(route, response)))
             elif record.state == QUEUED:
                 log.info("resuming command %s req %s received before the last stop", topic.command,
-                         topic.req_id or "-")
+                         untrusted(topic.req_id or "-"))
                 self._start(topic, record.inbound, handler, route, record.key,
                             None if topic.one_way else topic.dedupe_key, claimed=False)
 
@@ -492,7 +501,7 @@ class Dispatcher:
         except Exception:
             error_id = uuid.uuid4().hex[:12]
             log.exception("internal error while running command %s req %s (error id %s); it is answered 500 "
-                          "without running", job.topic.command, job.topic.req_id or "-", error_id)
+                          "without running", job.topic.command, untrusted(job.topic.req_id or "-"), error_id)
             with self._lock:
                 if not job.counted:
                     self._running += 1
@@ -559,14 +568,14 @@ class Dispatcher:
         except Exception as exc:
             error_id = uuid.uuid4().hex[:12]
             log.error("command %s req %s failed with an internal error (error id %s): %s: %s",
-                      job.topic.command, job.topic.req_id or "-", error_id, type(exc).__name__, exc,
-                      exc_info=True, extra={"COMMAND": job.topic.command, "REQ_ID": job.topic.req_id,
-                                            "ERROR_ID": error_id})
+                      job.topic.command, untrusted(job.topic.req_id or "-"), error_id, type(exc).__name__,
+                      untrusted(exc, 500), exc_info=True,
+                      extra={"COMMAND": job.topic.command, "REQ_ID": untrusted(job.topic.req_id), "ERROR_ID": error_id})
             response = Response.error(INTERNAL_ERROR, f"internal error in command {job.topic.command!r}",
                                       error_id=error_id)
         if not self._complete(job, response):
             log.warning("command %s req %s finished after it had been answered 504; its result is discarded",
-                        job.topic.command, job.topic.req_id or "-")
+                        job.topic.command, untrusted(job.topic.req_id or "-"))
 
     def _complete(self, job: _Job, response: Response) -> bool:
         """Record and send the outcome once; False if the job was already answered (timeout).
@@ -613,9 +622,11 @@ class Dispatcher:
                 level = logging.DEBUG  # health probes (ping, info) every minute from a fleet monitor: no log flood
             else:
                 level = logging.INFO
-            log.log(level, "command %s req %s -> %d in %.1f ms%s", job.topic.command, job.topic.req_id or "-",
-                    response.status, seconds * 1000, f" (+{len(waiters)} duplicate)" if waiters else "",
-                    extra={"COMMAND": job.topic.command, "REQ_ID": job.topic.req_id, "STATUS": response.status})
+            log.log(level, "command %s req %s -> %d in %.1f ms%s", job.topic.command,
+                    untrusted(job.topic.req_id or "-"), response.status, seconds * 1000,
+                    f" (+{len(waiters)} duplicate)" if waiters else "",
+                    extra={"COMMAND": job.topic.command, "REQ_ID": untrusted(job.topic.req_id),
+                           "STATUS": response.status})
 
         self._store.finish_async(job.journal_key, response, messages, then=stored)
         return True
@@ -658,7 +669,7 @@ class Dispatcher:
         if self._complete(job, Response.error(TIMEOUT, f"command {job.topic.command!r} did not finish "
                                                        f"within {timeout:g} s")):
             log.error("command %s req %s is still running past its %g s timeout: answered 504; "
-                      "its worker is written off and replaced", job.topic.command, job.topic.req_id or "-",
+                      "its worker is written off and replaced", job.topic.command, untrusted(job.topic.req_id or "-"),
                       timeout)
             assert self._pool is not None
             self._pool.replace_stuck()

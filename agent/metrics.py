@@ -210,8 +210,13 @@ class CommandMetrics(DispatchObserver):
         children[0].inc()
         children[1].observe(max(seconds, 0.0))
 
-    def command_rejected(self, command: str, reason: str) -> None:
+    def command_rejected(self, command: str, reason: str, status: int | None = None) -> None:
         self.rejected.labels(_bounded(reason, REJECT_REASONS)).inc()
+        if status is not None:
+            # A rejection answered with a response (404, 413, 429, 503) is an answered command too, so that
+            # `sum by (status) (mqtt_agent_commands_total)` counts every response the agent publishes.
+            # No duration sample: nothing ran.
+            self.total.labels(self.label(command), str(status)).inc()
 
 
 class CertificateExpiry:
@@ -302,6 +307,7 @@ class AgentMetrics:
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        shared_group: str | None = None,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.connection = ConnectionMetrics(self.registry, protocol=protocol, configured_keepalive=configured_keepalive,
@@ -318,6 +324,12 @@ class AgentMetrics:
         build = Gauge("mqtt_agent_build_info", "Versions of the agent, Python and paho-mqtt: 1",
                       ["version", "python", "paho"], registry=self.registry)
         build.labels(__version__, platform.python_version(), _paho_version()).set(1)
+        if shared_group:
+            # Each member counts only the commands it served (mqtt_agent_commands_total); this label lets a
+            # query add up or compare the members of one group: `* on(instance) group_left(group)`.
+            shared = Gauge("mqtt_agent_shared_group_info", "The MQTT 5 shared subscription group this agent "
+                           "serves commands in (mqtt.shared_group): 1", ["group"], registry=self.registry)
+            shared.labels(shared_group).set(1)
 
 
 class _Server(ThreadingMixIn, WSGIServer):

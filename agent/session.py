@@ -49,6 +49,7 @@ from agent.classify import (
 from agent.config import HostPort, KeepaliveTuningConfig, MqttConfig, ReconnectConfig, TlsConfig, read_secret
 from agent.errors import TLSSetupError
 from agent.link import ConnectionEnded, SessionListener, SessionState
+from agent.logs import LogSummary, untrusted
 from agent.protocol import Inbound
 from agent.resilience import ConnectionMonitor
 from agent.state.outbox import Outbox
@@ -56,6 +57,8 @@ from agent.state.store import OutMessage
 from agent.tls import explain_handshake_error, fetch_peer_certificate
 
 log = logging.getLogger(__name__)
+# A publisher that retains commands would otherwise cost one warning per message.
+_RETAINED_LOG = LogSummary(log)
 
 F = TypeVar("F", bound=Callable[..., None])
 
@@ -64,6 +67,9 @@ RC_CONNECTION_LOST = 0x80  # paho: "Unspecified error", the socket closed withou
 RC_KEEPALIVE_TIMEOUT = 0x8D
 RC_SESSION_TAKEN_OVER = 0x8E
 AUTH_FAILURE_CODES = frozenset({0x86, 0x87, 0x8C})  # bad user name or password, not authorized, bad auth method
+RC_SHARED_UNSUPPORTED = 0x9E  # SUBACK: "Shared Subscriptions not supported"
+SHARED_UNSUPPORTED_FIX = ("this broker does not serve shared subscriptions (mqtt.shared_group): remove "
+                          "mqtt.shared_group, or use a broker that supports them (mosquitto 2, EMQX, HiveMQ)")
 
 # What ended a connection is first named by the session alone (agent/classify.py lists the kinds);
 # the ConnectionMonitor's classifier turns "connection_lost" and "reconnect_requested" into final
@@ -277,7 +283,7 @@ class Session:
         self.backoff = self.monitor.backoff
         self.listeners = list(listeners)
         self.outbox = outbox
-        self.topics = list(topics if topics is not None else [mqtt_cfg.command_topic])
+        self.topics = list(topics if topics is not None else [mqtt_cfg.subscription])
         self._clock = clock
         self._wall = wall
         self._hosts = HostRotation(mqtt_cfg.hosts)
@@ -389,7 +395,7 @@ class Session:
                  if self.cfg.is_v5 else None)
         info = self._client.publish(msg.topic, msg.payload, msg.qos, properties=props)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-            log.error("could not queue a message for %s: %s", msg.topic, mqtt.error_string(info.rc))
+            log.error("could not queue a message for %s: %s", untrusted(msg.topic), mqtt.error_string(info.rc))
             return None
         return int(info.mid)
 
@@ -794,9 +800,11 @@ class Session:
             state.failures += 1
             delay = min(60.0, 2.0 ** state.failures)
             state.retry_at = self._clock() + delay
-            log.error("the broker refused the subscription to %s (SUBACK %s): commands cannot arrive; check the "
-                      "broker ACL for client %s; retrying in %.0f s", topic,
-                      f"0x{int(code.value):02X} {code}" if code is not None else "missing", self.client_id, delay,
+            fix = (SHARED_UNSUPPORTED_FIX if code is not None and int(code.value) == RC_SHARED_UNSUPPORTED
+                   else f"check the broker ACL for client {self.client_id}")
+            log.error("the broker refused the subscription to %s (SUBACK %s): commands cannot arrive; %s; "
+                      "retrying in %.0f s", topic,
+                      f"0x{int(code.value):02X} {code}" if code is not None else "missing", fix, delay,
                       extra={"MQTT_REASON": "subscribe_failed"})
             self._notify("subscribed", topic, False, str(code))
 
@@ -824,8 +832,9 @@ class Session:
         now = self._clock()
         ack = Ack(self, conn, msg.mid, msg.qos, now) if conn is not None and msg.qos > 0 else Ack(None, None, 0, 0)
         if msg.retain:
-            log.warning("ignored a retained message on %s: a retained command would run again at every "
-                        "reconnect; publish commands without the retain flag", msg.topic)
+            _RETAINED_LOG.log("retained", logging.WARNING, "ignored a retained message on %s: a retained command "
+                              "would run again at every reconnect; publish commands without the retain flag",
+                              untrusted(msg.topic))
             ack()
             return
         try:

@@ -12,6 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 _RESPONSE_ACTION = {"req": "res", "q": "s"}
+SHARE_PREFIX = "$share/"
+# A group name travels in every SUBSCRIBE and in broker logs and dashboards: keep it short.
+MAX_SHARED_GROUP = 64
 _PREFIXES = ("command", "c")
 
 
@@ -92,3 +95,22 @@ def parse_response(topic: str) -> tuple[str, int] | None:
     if not parts[5].isdigit():
         return None
     return parts[4], int(parts[5])
+
+
+def check_shared_group(group: str) -> str | None:
+    """A problem with an MQTT 5 shared subscription group name (section 4.8.2), or None."""
+    if not group:
+        return "must not be empty (remove the key to subscribe without a group)"
+    if len(group) > MAX_SHARED_GROUP:
+        return f"must be at most {MAX_SHARED_GROUP} characters, got {len(group)}"
+    bad = sorted({ch for ch in group if ch in "/+#" or ord(ch) < 0x20 or ord(ch) == 0x7F})
+    if bad:
+        shown = ", ".join(repr(ch) for ch in bad)
+        return f"must not contain '/', '+', '#' or control characters (MQTT 5 section 4.8.2), found {shown}"
+    return None
+
+
+def shared_filter(group: str, topic_filter: str) -> str:
+    """`$share/GROUP/FILTER`: the broker hands each matching message to one member of GROUP.
+    Messages still arrive on their own topic, so nothing downstream of the subscription changes."""
+    return f"{SHARE_PREFIX}{group}/{topic_filter}"

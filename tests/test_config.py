@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from pathlib import Path
 
 import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 from agent.config import load_config, parse_config, parse_host_port, render_config
 from agent.errors import ConfigError
@@ -188,7 +194,8 @@ def test_render_redacts_the_password_and_round_trips(tmp_path: Path) -> None:
     text = render_config(parse_config(data))
     assert "hunter2" not in text
     assert 'password = "<redacted>"' in text
-    assert 'hosts = ["broker.example:8883"]' in text
+    back = tomllib.loads(text)
+    assert back["mqtt"]["hosts"] == ["broker.example:8883"] and back["mqtt"]["password"] == "<redacted>"
 
 
 def test_parse_host_port_rejects_garbage() -> None:
@@ -206,3 +213,11 @@ def test_key_permission_bits_are_not_a_config_error(tmp_path: Path) -> None:
     key.chmod(stat.S_IRUSR | stat.S_IRGRP)
     cfg = parse_config(minimal(tmp_path, tls={"cert_file": str(key), "key_file": str(key)}))
     assert cfg.tls.key_file == key
+
+
+def test_render_is_valid_toml_that_parses_back_to_the_same_config(tmp_path: Path) -> None:
+    """Values with quotes, backslashes and newlines survive (the hand-written writer produced invalid TOML)."""
+    data = minimal(tmp_path, tls={"enabled": False})
+    data["commands"] = {"odd": {"argv": ["/bin/echo", 'a "quoted"\nline', "back\\slash"], "timeout": 5}}
+    cfg = parse_config(data)
+    assert parse_config(tomllib.loads(render_config(cfg))) == cfg

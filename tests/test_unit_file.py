@@ -86,7 +86,12 @@ def test_service_contract():
     assert service("Restart") == ["on-failure"]
     assert service("RestartPreventExitStatus") == [str(EX_CONFIG)]
     assert service("ExecStart") == ["/opt/mqtt-agent/bin/mqtt-agent run --config /etc/mqtt-agent/mqtt-agent.toml"]
-    assert service("ExecReload") == ["/bin/kill -HUP $MAINPID"]
+    # The reload waits for the agent's verdict (through RuntimeDirectory=), so a rejected file fails it.
+    assert service("ExecReload") == ["/opt/mqtt-agent/bin/mqtt-agent reload --config "
+                                     "/etc/mqtt-agent/mqtt-agent.toml --pid $MAINPID"]
+    assert service("RuntimeDirectory") == ["mqtt-agent"]
+    assert service("RuntimeDirectoryMode") == ["0700"]
+    assert service("KillMode") in ([], ["control-group"])  # what commands left running dies with the service
     assert (service("User"), service("Group")) == (["mqtt-agent"], ["mqtt-agent"])
     assert service("StateDirectory") == ["mqtt-agent"]
     assert service("ConfigurationDirectory") == ["mqtt-agent"]

@@ -61,13 +61,14 @@ def check_config(path: Path) -> tuple[Config | None, CheckResult]:
     tls = "no TLS" if not t.enabled else ("mutual TLS" if t.cert_file else "TLS")
     n = len(m.hosts)
     summary = (f"valid: {n} broker{'s' if n != 1 else ''}, MQTT {m.protocol}, {tls}, client id {m.client_id}, "
-               f"subscription {m.command_topic}")
+               f"subscription {m.subscription}")
     details = {
         "hosts": [str(h) for h in m.hosts],
         "protocol": m.protocol,
         "tls": t.enabled,
         "client_id": m.client_id,
         "command_topic": m.command_topic,
+        "shared_group": m.shared_group,
         "state_dir": str(cfg.agent.state_dir),
     }
     return cfg, result(1, "", summary, findings, details)

@@ -11,6 +11,8 @@ from dataclasses import replace
 from agent.config import Config, HostPort, MqttConfig
 from agent.doctor import probe
 from agent.doctor.report import CheckResult, Finding, fail, result
+from agent.session import RC_SHARED_UNSUPPORTED
+from agent.topics import MAX_SHARED_GROUP, shared_filter
 
 UNTESTED = "untested"  # the delivery probe could not run
 MAX_V311_CLIENT_ID = 23  # MQTT 3.1.1 brokers must accept 1..23 characters and may refuse longer ids
@@ -133,10 +135,43 @@ def _acl_hint(cfg: Config) -> str:
     return f"mosquitto acl_file: {user}`topic read {cfg.mqtt.command_topic}`"
 
 
+def probe_subscription(mqtt_cfg: MqttConfig, probe_id: str) -> str:
+    """What the doctor subscribes to. In a shared group it never joins the agents' own group: the broker
+    would hand it a share of the real commands, which the probe neither runs nor acknowledges, and which
+    mosquitto then discards with the probe's session. A group of its own asks the same questions (are shared
+    subscriptions granted, are they delivered) and takes nothing from the members."""
+    if not mqtt_cfg.shared_group:
+        return mqtt_cfg.command_topic
+    return shared_filter(f"{mqtt_cfg.shared_group}.{probe_id}"[:MAX_SHARED_GROUP], mqtt_cfg.command_topic)
+
+
+def subscribe_refused(cfg: Config, topic: str, code: int, text: str,
+                      connack: dict[str, object] | None = None) -> Finding:
+    """A SUBACK failure code in words, with the setting to change."""
+    if code == RC_SHARED_UNSUPPORTED:
+        said = (" (its CONNACK said so too: Shared Subscription Available = 0)"
+                if (connack or {}).get("SharedSubscriptionAvailable") == 0 else "")
+        return fail(
+            "shared_subscriptions_unsupported",
+            f"the broker refused the subscription to {topic} (SUBACK 0x9E Shared Subscriptions not supported)"
+            f"{said}: with mqtt.shared_group = {cfg.mqtt.shared_group!r} no command can arrive",
+            "remove mqtt.shared_group (each gateway then gets its own copy of every command), or use a broker "
+            "that supports MQTT 5 shared subscriptions (mosquitto 2, EMQX, HiveMQ)",
+        )
+    words = _SUBACK_WORDS.get(code, text)
+    return fail(
+        "subscribe_refused",
+        f"the broker refused the subscription to {topic} (SUBACK 0x{code:02X}, {words}): commands cannot "
+        "arrive",
+        f"allow {_identity(cfg)} to subscribe to {topic} in the broker's ACL ({_acl_hint(cfg)}; "
+        "mosquitto dynamic security: a subscribePattern ACL)",
+    )
+
+
 def check_subscribe(cfg: Config, host: HostPort, attempt: probe.Attempt, ctx: ssl.SSLContext | None,
                     probe_id: str, timeout: float) -> CheckResult:
     """Check 8 on an accepted probe connection (which it closes)."""
-    topic, qos = cfg.mqtt.command_topic, cfg.mqtt.qos
+    topic, qos = probe_subscription(cfg.mqtt, probe_id), cfg.mqtt.qos
     sub = probe.subscribe(attempt, topic, qos, timeout)
     target = str(host)
     if sub.granted is None:
@@ -147,16 +182,13 @@ def check_subscribe(cfg: Config, host: HostPort, attempt: probe.Attempt, ctx: ss
     if not sub.granted:
         attempt.close()
         assert sub.code is not None
-        words = _SUBACK_WORDS.get(sub.code, sub.text)
-        return result(8, target, f"refused: SUBACK 0x{sub.code:02X}", [fail(
-            "subscribe_refused",
-            f"the broker refused the subscription to {topic} (SUBACK 0x{sub.code:02X}, {words}): commands cannot "
-            "arrive",
-            f"allow {_identity(cfg)} to subscribe to {topic} in the broker's ACL ({_acl_hint(cfg)}; "
-            "mosquitto dynamic security: a subscribePattern ACL)",
-        )], {"suback": sub.code})
+        return result(8, target, f"refused: SUBACK 0x{sub.code:02X}",
+                      [subscribe_refused(cfg, topic, sub.code, sub.text, attempt.properties)],
+                      {"suback": sub.code, "subscription": topic})
     granted = f"granted QoS {sub.code} (SUBACK 0x{sub.code:02X})"
-    details: dict[str, object] = {"suback": sub.code}
+    if cfg.mqtt.shared_group:
+        granted = f"shared subscription {topic} {granted}"
+    details: dict[str, object] = {"suback": sub.code, "subscription": topic}
     delivery, note = _probe_delivery(cfg, host, attempt, ctx, probe_id, timeout)
     details["delivery"] = delivery.outcome
     notes = []

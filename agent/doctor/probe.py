@@ -56,7 +56,7 @@ class _Recorder:
     def on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         props = {}
         for name in ("ServerKeepAlive", "AssignedClientIdentifier", "ServerReference", "ReasonString",
-                     "MaximumPacketSize", "ReceiveMaximum"):
+                     "MaximumPacketSize", "ReceiveMaximum", "SharedSubscriptionAvailable"):
             value = getattr(properties, name, None)
             if value is not None:
                 props[name] = value

@@ -1,7 +1,10 @@
 """Exec commands from `[commands.NAME]`: argv run directly, never through a shell.
 
 The payload goes to stdin, stdout (capped at max_output_bytes) is the response body. Exit 0 -> 200,
-non-zero -> 500 with the tail of stderr, past the timeout -> the whole process group is killed, 504.
+non-zero -> 500 with the tail of stderr, past the timeout -> every process of the command is killed
+(its tree and whatever carries its exec id, see agent.commands.processes), 504. The environment is the
+agent's minus its systemd and credential variables (agent.commands.environment). Processes a command
+leaves running are reaped when they exit, and logged.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+from agent.commands.environment import clean_environment
+from agent.commands.processes import REAPER, KillReport, Reaper, kill_command, new_exec_id
 from agent.config import CommandSpec
 from agent.protocol import OK, CommandError, CommandTimeout, Request, Response
 
@@ -21,6 +26,9 @@ log = logging.getLogger(__name__)
 
 STDERR_TAIL = 2048
 _CHUNK = 65536
+# After the command's own process exits, output still arriving through pipes a detached child holds open
+# is read for this long, then the response is sent (the child is reaped when it exits).
+PIPE_LINGER = 0.5
 
 
 @dataclass
@@ -30,40 +38,47 @@ class _Outcome:
     truncated: bool
     timed_out: bool
     returncode: int | None
+    kill: KillReport | None = None
 
 
 class ExecHandler:
     enforces_timeout = True
 
-    def __init__(self, spec: CommandSpec) -> None:
+    def __init__(self, spec: CommandSpec, reaper: Reaper = REAPER) -> None:
         self.spec = spec
         self.timeout = spec.timeout
+        self._reaper = reaper
 
     def handle(self, request: Request) -> Response:
-        env = dict(os.environ)
-        env.update(
-            MQTT_AGENT_COMMAND=request.command,
-            MQTT_AGENT_REQ_ID=request.req_id,
-            MQTT_AGENT_DEVICE_ID=request.device_id,
-        )
+        exec_id = new_exec_id()
+        env = clean_environment(extra=self.spec.env, agent_vars={
+            "MQTT_AGENT_COMMAND": request.command,
+            "MQTT_AGENT_REQ_ID": request.req_id,
+            "MQTT_AGENT_DEVICE_ID": request.device_id,
+            "MQTT_AGENT_EXEC_ID": exec_id,  # inherited by all it starts: how its processes are found
+        })
         try:
-            proc = subprocess.Popen(
-                self.spec.argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=env,
-                close_fds=True,
-                start_new_session=True,  # own process group, so a timeout kills its children too
-            )
+            with self._reaper.spawning() as own:
+                proc = subprocess.Popen(
+                    self.spec.argv,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    env=env,
+                    close_fds=True,
+                    start_new_session=True,  # own process group and session, away from the agent's signals
+                )
+                own(proc.pid)
         except OSError as exc:
             raise CommandError(f"cannot start {self.spec.argv[0]}: {exc.strerror or exc}") from exc
-        outcome = _communicate(proc, request.payload, request.deadline, self.spec.max_output_bytes)
+        try:
+            outcome = _communicate(proc, request.payload, request.deadline, self.spec.max_output_bytes, exec_id)
+        finally:
+            self._reaper.release(proc.pid)
+        self._reaper.command_ended(self.spec.name, exec_id, outcome.kill.pids if outcome.kill else frozenset())
         if outcome.timed_out:
-            raise CommandTimeout(
-                f"command {self.spec.name!r} did not finish within {self.spec.timeout:g} s; "
-                "its process group was killed"
-            )
+            done = outcome.kill.describe() if outcome.kill else "it was killed"
+            raise CommandTimeout(f"command {self.spec.name!r} did not finish within {self.spec.timeout:g} s; {done}")
         if outcome.truncated:
             log.warning(
                 "command %s: output exceeded max_output_bytes (%d); the response is truncated",
@@ -84,14 +99,7 @@ class ExecHandler:
         raise CommandError(f"command {self.spec.name!r} {what}", exit_status=rc, stderr=stderr)
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _communicate(proc: subprocess.Popen[bytes], data: bytes, deadline: float, cap: int) -> _Outcome:
+def _communicate(proc: subprocess.Popen[bytes], data: bytes, deadline: float, cap: int, exec_id: str) -> _Outcome:
     """Feed stdin, read stdout (up to `cap`) and the stderr tail until EOF or the deadline."""
     assert proc.stdin and proc.stdout and proc.stderr
     sel = selectors.DefaultSelector()
@@ -107,13 +115,22 @@ def _communicate(proc: subprocess.Popen[bytes], data: bytes, deadline: float, ca
     sel.register(proc.stdout, selectors.EVENT_READ)
     sel.register(proc.stderr, selectors.EVENT_READ)
     timed_out = False
+    linger_until: float | None = None
+    kill: KillReport | None = None
     try:
         while sel.get_map():
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
                 timed_out = True
                 break
-            for key, _ in sel.select(min(remaining, 1.0)):
+            if linger_until is None and proc.poll() is not None:
+                # The command exited; a detached child may hold its pipes open for hours: do not wait for it.
+                linger_until = now + PIPE_LINGER
+            if linger_until is not None and now >= linger_until:
+                break
+            wait = min(remaining, 0.1 if linger_until is None else max(linger_until - now, 0.0))
+            for key, _ in sel.select(wait):
                 fobj = key.fileobj
                 if fobj is proc.stdin:
                     try:
@@ -145,9 +162,9 @@ def _communicate(proc: subprocess.Popen[bytes], data: bytes, deadline: float, ca
     finally:
         sel.close()
         if timed_out:
-            _kill_group(proc)
+            kill = kill_command(proc, exec_id)
             proc.wait()
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             if stream and not stream.closed:
                 stream.close()
-    return _Outcome(bytes(out), bytes(err), truncated, timed_out, None if timed_out else proc.returncode)
+    return _Outcome(bytes(out), bytes(err), truncated, timed_out, None if timed_out else proc.returncode, kill)

@@ -13,28 +13,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
-
-
 def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    """Write {"agent": {...}, "commands.echo": {...}} as TOML."""
-    lines: list[str] = []
+    """Write {"agent": {...}, "commands.echo": {...}} as TOML (a dotted name is a nested table)."""
+    doc: dict[str, Any] = {}
     for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
-        lines.append("")
-    path.write_text("\n".join(lines))
+        table = doc
+        for part in name.split("."):
+            table = table.setdefault(part, {})
+        table.update(values)
+    path.write_text(tomli_w.dumps(doc))
     return path
 
 

@@ -1,0 +1,1 @@
+"""The service edge: wiring, systemd notification, health, metrics, logs, reload."""
