@@ -29,7 +29,7 @@ else:  # pragma: no cover - exercised on Python 3.9/3.10 only
     import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
 DEFAULT_CONFIG_PATH = Path("/etc/mqtt-agent/mqtt-agent.toml")
-BUILTIN_COMMANDS = frozenset({"ping", "info"})
+BUILTIN_COMMANDS = frozenset({"ping", "info", "cert.csr", "cert.install"})
 COMMAND_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Characters that would break an MQTT topic segment or a client id used in one.
 _TOPIC_UNSAFE = re.compile(r"[/+#\x00]")

@@ -1,0 +1,273 @@
+"""Certificate renewal against a real mosquitto with require_certificate and a CA made by the tests.
+
+The broker runs with `use_subject_as_username`, so its log names the subject of the certificate each
+client connected with: the exec signer below issues renewed certificates with O=renewed in the subject,
+which is how the tests see that the broker got the new certificate (and not the configured one).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import textwrap
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from agent.config import load_config
+from agent.sender import send_command
+from tests.conftest import DEVICE_ID
+from tests.support.mosquitto import free_port
+from tests.support.mqttclient import TestClient
+from tests.support.pki import TestCA
+
+UTC = datetime.timezone.utc
+REVOKED_SERIAL = 0x5EED5EED
+
+
+def script(path: Path, body: str) -> str:
+    path.write_text("#!/bin/sh\nset -e\n" + textwrap.dedent(body))
+    path.chmod(0o755)
+    return str(path)
+
+
+def openssl_signer(tmp_path: Path, ca: TestCA, *, serial: str = "", name: str = "sign.sh") -> str:
+    """An exec signer as an operator would write it: the CSR on stdin, `openssl x509 -req` signs it."""
+    set_serial = f"-set_serial {serial}" if serial else ""
+    return script(tmp_path / name, f"""
+        work=$(mktemp -d)
+        trap 'rm -rf "$work"' EXIT
+        cat > "$work/req.csr"
+        echo "$MQTT_AGENT_DEVICE_ID" > "{tmp_path}/signer-saw-device"
+        openssl x509 -req -in "$work/req.csr" -CA "{ca.cert_path}" -CAkey "{ca.key_path}" -days 2 -sha256 \\
+            -copy_extensions copy -subj "/CN=$MQTT_AGENT_DEVICE_ID/O=renewed" {set_serial} 2>"$work/err" \\
+            || {{ cat "$work/err" >&2; exit 1; }}
+        """)
+
+
+def short_lived(ca: TestCA, seconds: float, name: str) -> Any:
+    now = datetime.datetime.now(UTC)
+    return ca.issue(DEVICE_ID, not_before=now - datetime.timedelta(seconds=60),
+                    not_after=now + datetime.timedelta(seconds=seconds), filename=name)
+
+
+def revocation_list(ca: TestCA, path: Path, serials: list[int]) -> Path:
+    now = datetime.datetime.now(UTC)
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca.cert.subject)
+               .last_update(now - datetime.timedelta(minutes=5)).next_update(now + datetime.timedelta(days=1)))
+    for serial in serials:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build())
+    path.write_bytes(builder.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def broker_subjects(broker: Any) -> list[str]:
+    """The subjects (user names) the broker logged for connections with the agent's own client id."""
+    return re.findall(rf"as {re.escape(DEVICE_ID)} \([^)]*u'([^']*)'\)", broker.log_text())
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        return str(resp.read().decode())
+
+
+def sample(text: str, name: str, labels: str = "") -> float | None:
+    m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, f"not reached within {timeout} s: {what}"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def renewal_broker(make_broker, pki, tmp_path):
+    def make(extra: list[str] | None = None):
+        return make_broker(extra=["use_subject_as_username true", *(extra or [])])
+    return make
+
+
+def renewal_config(make_config, broker, pki, device, tmp_path, renewal: dict[str, Any],
+                   metrics_port: int | None = None, commands: dict[str, Any] | None = None) -> Path:
+    sections: dict[str, Any] = {
+        "tls": {"cert_file": str(device.cert), "key_file": str(device.key)},
+        "renewal": {"check_interval": 0.5, "probe_timeout": 5.0, "retry_min": 60.0, **renewal},
+        "metrics": {"listen": f"127.0.0.1:{metrics_port}" if metrics_port else ""},
+    }
+    sections.update(commands or {})
+    return make_config(broker, sections)
+
+
+def test_short_lived_certificate_renews_itself_and_commands_keep_flowing(renewal_broker, make_config, run_agent,
+                                                                         pki, tmp_path):
+    broker = renewal_broker()
+    device = short_lived(pki.ca, 180, "short-device")
+    ledger = tmp_path / "ledger"
+    counter = script(tmp_path / "count.sh", f'echo "$MQTT_AGENT_REQ_ID" >> "{ledger}"\necho done\n')
+    port = free_port()
+    # before = 110 s of a 240 s lifetime: due about 10 s after start (earlier by the device's offset).
+    cfg = renewal_config(make_config, broker, pki, device, tmp_path,
+                         {"signer": "exec", "command": [openssl_signer(tmp_path, pki.ca)], "before": 110.0},
+                         metrics_port=port, commands={"commands.count": {"argv": [counter]}})
+    agent = run_agent(cfg)
+    assert broker_subjects(broker)[-1] == f"CN={DEVICE_ID}"
+    before = scrape(port)
+    assert sample(before, "mqtt_agent_tls_certificate_expiry_timestamp_seconds", '{certificate="client"}') == \
+        pytest.approx(x509.load_pem_x509_certificate(device.cert.read_bytes()).not_valid_after.replace(
+            tzinfo=UTC).timestamp())
+    next_at = sample(before, "mqtt_agent_tls_renewal_next_timestamp_seconds")
+    assert next_at is not None and time.time() - 60 < next_at < time.time() + 15
+
+    watcher = TestClient(cfg, subscribe="command///res/#")
+    sent: list[str] = []
+    stop = threading.Event()
+
+    def keep_sending() -> None:
+        while not stop.is_set() and len(sent) < 400:
+            rid = uuid.uuid4().hex[:12]
+            sent.append(rid)
+            watcher.publish(f"command///req/{rid}/count")
+            time.sleep(0.1)
+
+    sender = threading.Thread(target=keep_sending)
+    sender.start()
+    try:
+        agent.wait_for(r"certificate renewal: renewed certificate in use", timeout=60)
+        wait_until(lambda: len(broker_subjects(broker)) >= 2, 20, "the agent reconnects with the new pair")
+        time.sleep(1.5)  # commands keep arriving after the switch
+    finally:
+        stop.set()
+        sender.join()
+    wait_until(lambda: len({m.topic.split("/")[3] for m in watcher.messages}) >= len(sent), 30,
+               "every command answered")
+    watcher.close()
+    # The broker saw the renewed certificate (O=renewed) for the agent's client id after the switch.
+    assert broker_subjects(broker)[-1] == f"O=renewed,CN={DEVICE_ID}"
+    # Nothing lost, nothing doubled: every command ran once and was answered once, with 200.
+    ran = ledger.read_text().split()
+    assert sorted(ran) == sorted(sent)
+    answers: dict[str, list[str]] = {}
+    for m in watcher.messages:
+        _, _, _, rid, status = m.topic.split("/")
+        answers.setdefault(rid, []).append(status)
+    assert {rid: answers.get(rid) for rid in sent} == {rid: ["200"] for rid in sent}
+    # The renewed pair is in agent.state_dir, 0600; the metrics follow it.
+    state = load_config(cfg).agent.state_dir / "tls"
+    active = state / "active.pem"
+    assert active.stat().st_mode & 0o777 == 0o600
+    new_cert = x509.load_pem_x509_certificate(active.read_bytes())
+    assert new_cert.subject.rfc4514_string() == f"O=renewed,CN={DEVICE_ID}"
+    after = scrape(port)
+    assert sample(after, "mqtt_agent_tls_renewals_total", '{result="success"}') == 1.0
+    assert sample(after, "mqtt_agent_tls_certificate_expiry_timestamp_seconds", '{certificate="client"}') == \
+        pytest.approx(new_cert.not_valid_after.replace(tzinfo=UTC).timestamp())
+    assert (tmp_path / "signer-saw-device").read_text().strip() == DEVICE_ID
+    # The info command says which pair is in use.
+    info = json.loads(send_command(load_config(cfg), "info", timeout=10).body)
+    assert info["tls_certificate"]["pair"]["source"] == "renewed"
+    assert info["tls_certificate"]["pair"]["serial"] == f"{new_cert.serial_number:x}"
+    # A restart keeps the renewed pair (the newest valid one).
+    agent.stop()
+    again = run_agent(cfg)
+    again.wait_for(r"TLS client certificate in use: renewed pair", timeout=10, since=0)
+    wait_until(lambda: broker_subjects(broker)[-1] == f"O=renewed,CN={DEVICE_ID}", 10, "restart uses renewed")
+
+
+@pytest.mark.parametrize("case", ["other_key", "other_ca", "revoked"])
+def test_a_bad_renewed_certificate_never_replaces_the_working_one(case, renewal_broker, make_config, run_agent,
+                                                                  pki, tmp_path):
+    extra: list[str] = []
+    if case == "other_key":
+        # A signer that ignores the CSR and returns a certificate for another key.
+        signer = script(tmp_path / "wrong.sh", f'cat > /dev/null\ncat "{pki.device.cert}"\n')
+        result, why = "rejected", "wrong_key"
+    elif case == "other_ca":
+        signer = openssl_signer(tmp_path, TestCA(tmp_path / "other-ca", name="some other CA"))
+        result, why = "rejected", "untrusted"
+    else:
+        signer = openssl_signer(tmp_path, pki.ca, serial=hex(REVOKED_SERIAL))
+        extra = [f"crlfile {revocation_list(pki.ca, tmp_path / 'crl.pem', [REVOKED_SERIAL])}"]
+        result, why = "probe_failed", "the broker refused the new certificate"
+    broker = renewal_broker(extra)
+    device = short_lived(pki.ca, 3600, f"device-{case}")
+    port = free_port()
+    cfg = renewal_config(make_config, broker, pki, device, tmp_path,
+                         {"signer": "exec", "command": [signer], "before": 3590.0}, metrics_port=port)
+    agent = run_agent(cfg)
+    agent.wait_for(rf"certificate renewal failed \({result}\): .*{re.escape(why)}", timeout=30)
+    text = scrape(port)
+    assert sample(text, "mqtt_agent_tls_renewals_total", f'{{result="{result}"}}') == 1.0
+    assert sample(text, "mqtt_agent_tls_renewals_total", '{result="success"}') == 0.0
+    # Backoff: the next attempt is retry_min (60 s) away, not now.
+    next_at = sample(text, "mqtt_agent_tls_renewal_next_timestamp_seconds")
+    assert next_at is not None and next_at > time.time() + 30
+    tls_dir = load_config(cfg).agent.state_dir / "tls"
+    assert not (tls_dir / "active.pem").exists()
+    state = json.loads((tls_dir / "renewal.json").read_text())
+    assert state["last_failure"]["result"] == result
+    # Nothing switched: the broker only ever saw the configured certificate, and commands still work.
+    assert set(broker_subjects(broker)) == {f"CN={DEVICE_ID}"}
+    assert send_command(load_config(cfg), "ping", timeout=10).status == 200
+    assert set(broker_subjects(broker)) == {f"CN={DEVICE_ID}"}
+
+
+def sign_csr(ca: TestCA, csr_pem: bytes, days: int = 2) -> bytes:
+    csr = x509.load_pem_x509_csr(csr_pem)
+    now = datetime.datetime.now(UTC)
+    subject = x509.Name([*csr.subject, x509.NameAttribute(x509.NameOID.ORGANIZATION_NAME, "renewed")])
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca.cert.subject)
+               .public_key(csr.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=1)).not_valid_after(now + datetime.timedelta(days=days)))
+    for ext in csr.extensions:
+        builder = builder.add_extension(ext.value, ext.critical)
+    return builder.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def test_cert_csr_and_cert_install_through_mqtt_agent_send(renewal_broker, make_config, run_agent, pki, tmp_path):
+    broker = renewal_broker()
+    device = short_lived(pki.ca, 3600, "device-cmd")
+    cfg = renewal_config(make_config, broker, pki, device, tmp_path, {"signer": "command"})
+    agent = run_agent(cfg)
+    loaded = load_config(cfg)
+    tls_dir = loaded.agent.state_dir / "tls"
+    # cert.install before any cert.csr: nothing to install against.
+    early = send_command(loaded, "cert.install", sign_csr(pki.ca, _any_csr()), timeout=20)
+    assert early.status == 400 and b"no pending key" in early.body
+    csr = send_command(loaded, "cert.csr", timeout=20)
+    assert csr.status == 200 and csr.body.startswith(b"-----BEGIN CERTIFICATE REQUEST-----")
+    assert (tls_dir / "pending.key").stat().st_mode & 0o777 == 0o600
+    # A restart while the renewal is pending: the pending key survives and the signed chain still fits it.
+    agent.stop()
+    agent = run_agent(cfg)
+    foreign = send_command(loaded, "cert.install", sign_csr(TestCA(tmp_path / "x", name="foreign CA"), csr.body),
+                           timeout=30)
+    assert foreign.status == 400 and b"untrusted" in foreign.body
+    assert set(broker_subjects(broker)) == {f"CN={DEVICE_ID}"}
+    installed = send_command(loaded, "cert.install", sign_csr(pki.ca, csr.body), timeout=30)
+    assert installed.status == 200, installed.body
+    body = json.loads(installed.body)
+    assert body["installed"] is True and body["subject"] == f"O=renewed,CN={DEVICE_ID}"
+    wait_until(lambda: broker_subjects(broker)[-1] == f"O=renewed,CN={DEVICE_ID}", 20, "switched to the new pair")
+    assert not (tls_dir / "pending.key").exists() and (tls_dir / "active.pem").exists()
+    assert send_command(loaded, "ping", timeout=10).status == 200
+
+
+def _any_csr() -> bytes:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, DEVICE_ID)])).sign(key, hashes.SHA256()))
+    return csr.public_bytes(serialization.Encoding.PEM)
