@@ -251,7 +251,7 @@ class Agent:
         self.dispatcher.start()
         self.session.start()
         if self.renewer is not None:
-            self.renewer.metrics = self.metrics.renewal if self.metrics else None
+            self.renewer.attach_metrics(self.metrics.renewal if self.metrics else None)
             pair = self.renewer.pair
             if pair is not None:
                 log.info("TLS client certificate in use: %s pair %s (serial %x), valid until %s", pair.source,

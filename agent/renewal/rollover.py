@@ -134,6 +134,10 @@ class Renewer(SessionListener):
                 out[key] = self.state[key]
         return out
 
+    def attach_metrics(self, metrics: Any) -> None:
+        self.metrics = metrics
+        self._publish_next()
+
     def _publish_next(self) -> None:
         if self.metrics is not None:
             self.metrics.next_at(self.next_due())
