@@ -23,7 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent.certcheck import CertCheckError, CheckedChain, check_chain, openssl_accepts
-from agent.classify import AUTH_FAILED, CONNECTION_LOST, REFUSED, SERVER_DISCONNECT, TLS_ERROR
+from agent.classify import RECONNECT_REQUESTED, SHUTDOWN
 from agent.config import Config, HostPort, TlsConfig
 from agent.errors import AgentError
 from agent.link import ConnectionEnded, SessionListener
@@ -45,11 +45,10 @@ from agent.tls import build_context, load_certificates
 
 log = logging.getLogger(__name__)
 
-# After a switch, a connection with the new pair that lasts this long proves it; this many connections
-# that end sooner (refused, or dropped by the broker) roll it back.
+# After a switch, a connection with the new pair that lasts this long proves it; after this many
+# connections that end sooner, a probe CONNECT with the new pair decides: refused -> roll back.
 WATCH_STABLE = 10.0
 WATCH_FAILURES = 3
-_WATCHED_KINDS = frozenset({TLS_ERROR, AUTH_FAILED, REFUSED, CONNECTION_LOST, SERVER_DISCONNECT})
 _SHOWN = 300
 
 
@@ -97,7 +96,7 @@ class Renewer(SessionListener):
         self.state: dict[str, Any] = store.read_state()
         self._watch_connected: float | None = None
         self._watch_bad = 0
-        self._rollback_reason = ""
+        self._recheck = ""
         self.pair: Pair | None = select_pair(store, cfg.tls, cfg.agent.device_id, self._now())
         self._publish_next()
 
@@ -186,9 +185,8 @@ class Renewer(SessionListener):
         """One look: rollback or proof after a switch, the previous pair's expiry, requests, due renewal."""
         with self._lock:
             now = self._wall()
-            if self._rollback_reason:
-                reason, self._rollback_reason = self._rollback_reason, ""
-                self.roll_back(reason)
+            if self._recheck:
+                self._recheck_watched()
             self._check_watch(now)
             self._expire_previous(now)
             request = self.store.take_request()
@@ -368,6 +366,16 @@ class Renewer(SessionListener):
             self.metrics.result(result)
         log.error("certificate renewal failed (%s): %s; next attempt in %.0f s", result, _short(message), delay)
 
+    def _recheck_watched(self) -> None:
+        evidence = self._recheck
+        verdict, detail = self._probe(self.tls_in_use()) if self.pair else ("ok", "")
+        self._recheck, self._watch_bad = "", 0
+        if verdict == "refused":
+            self.roll_back(f"{evidence}; a probe CONNECT with it is refused: {detail}")
+        else:
+            log.warning("certificate renewal: %s, but a probe CONNECT with the renewed certificate is %s; keeping it",
+                        evidence, "accepted" if verdict == "ok" else "not possible (no broker reachable)")
+
     def _check_watch(self, now: float) -> None:
         if not self.state.get("watch"):
             return
@@ -392,14 +400,15 @@ class Renewer(SessionListener):
 
     def connection_ended(self, ended: ConnectionEnded) -> None:
         self._watch_connected = None
-        if not self.state.get("watch") or ended.kind not in _WATCHED_KINDS:
+        if not self.state.get("watch") or ended.kind in (SHUTDOWN, RECONNECT_REQUESTED):
             return
         if ended.uptime is not None and ended.uptime >= WATCH_STABLE:
             return
         self._watch_bad += 1
-        if self._watch_bad >= WATCH_FAILURES and not self._rollback_reason:
-            self._rollback_reason = (f"{self._watch_bad} connections with it ended within {WATCH_STABLE:g} s "
-                                     f"(last: {ended.kind}: {_short(ended.reason)})")
+        if self._watch_bad >= WATCH_FAILURES and not self._recheck:
+            # Whether the new pair is to blame (and not a broker that is down) is for a probe to say.
+            self._recheck = (f"{self._watch_bad} connections with it ended within {WATCH_STABLE:g} s "
+                             f"(last: {ended.kind}: {_short(ended.reason)})")
             self._wake.set()
 
     # --- the probe -------------------------------------------------------------------------------------

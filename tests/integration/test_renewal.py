@@ -275,3 +275,32 @@ def _any_csr() -> bytes:
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, DEVICE_ID)])).sign(key, hashes.SHA256()))
     return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def test_broker_that_drops_the_renewed_certificate_after_the_switch_gets_the_previous_one_back(
+        renewal_broker, make_config, run_agent, pki, tmp_path):
+    broker = renewal_broker()
+    device = short_lived(pki.ca, 3600, "device-rollback")
+    port = free_port()
+    cfg = renewal_config(make_config, broker, pki, device, tmp_path,
+                         {"signer": "exec", "command": [openssl_signer(tmp_path, pki.ca)], "before": 3590.0},
+                         metrics_port=port)
+    agent = run_agent(cfg)
+    agent.wait_for(r"certificate renewal: renewed certificate in use", timeout=30)
+    wait_until(lambda: broker_subjects(broker)[-1] == f"O=renewed,CN={DEVICE_ID}", 20, "switched")
+    tls_dir = load_config(cfg).agent.state_dir / "tls"
+    renewed = x509.load_pem_x509_certificate((tls_dir / "active.pem").read_bytes())
+    # The CA revokes the new certificate right after the switch (before it is proven): the broker now
+    # refuses every connection made with it.
+    broker.options.extra.append(f"crlfile {revocation_list(pki.ca, tmp_path / 'crl2.pem', [renewed.serial_number])}")
+    broker.restart()
+    agent.wait_for(r"certificate renewal failed \(rolled_back\): rolled back to the configured certificate", timeout=60)
+    wait_until(lambda: broker_subjects(broker)[-1] == f"CN={DEVICE_ID}", 30, "connected again with the configured pair")
+    assert not (tls_dir / "active.pem").exists()
+    assert x509.load_pem_x509_certificate((tls_dir / "rejected.pem").read_bytes()).serial_number == \
+        renewed.serial_number
+    text = scrape(port)
+    assert sample(text, "mqtt_agent_tls_renewals_total", '{result="rolled_back"}') == 1.0
+    assert sample(text, "mqtt_agent_tls_certificate_expiry_timestamp_seconds", '{certificate="client"}') == \
+        pytest.approx(x509.load_pem_x509_certificate(device.cert.read_bytes()).not_valid_after_utc.timestamp())
+    assert send_command(load_config(cfg), "ping", timeout=10).status == 200
