@@ -27,7 +27,7 @@ from agent.sender import send_command
 from tests.conftest import DEVICE_ID
 from tests.support.mosquitto import free_port
 from tests.support.mqttclient import TestClient
-from tests.support.pki import TestCA
+from tests.support.pki import TestCA, sign_csr
 
 UTC = datetime.timezone.utc
 REVOKED_SERIAL = 0x5EED5EED
@@ -227,18 +227,6 @@ def test_a_bad_renewed_certificate_never_replaces_the_working_one(case, renewal_
     assert set(broker_subjects(broker)) == {f"CN={DEVICE_ID}"}
 
 
-def sign_csr(ca: TestCA, csr_pem: bytes, days: int = 2) -> bytes:
-    csr = x509.load_pem_x509_csr(csr_pem)
-    now = datetime.datetime.now(UTC)
-    subject = x509.Name([*csr.subject, x509.NameAttribute(x509.NameOID.ORGANIZATION_NAME, "renewed")])
-    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca.cert.subject)
-               .public_key(csr.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=1)).not_valid_after(now + datetime.timedelta(days=days)))
-    for ext in csr.extensions:
-        builder = builder.add_extension(ext.value, ext.critical)
-    return builder.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
-
-
 def test_cert_csr_and_cert_install_through_mqtt_agent_send(renewal_broker, make_config, run_agent, pki, tmp_path):
     broker = renewal_broker()
     device = short_lived(pki.ca, 3600, "device-cmd")
@@ -273,7 +261,8 @@ def _any_csr() -> bytes:
 
     key = ec.generate_private_key(ec.SECP256R1())
     csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, DEVICE_ID)])).sign(key, hashes.SHA256()))
+           .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, DEVICE_ID)]))
+           .sign(key, hashes.SHA256()))
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
