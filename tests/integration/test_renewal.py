@@ -293,3 +293,38 @@ def test_broker_that_drops_the_renewed_certificate_after_the_switch_gets_the_pre
     assert sample(text, "mqtt_agent_tls_certificate_expiry_timestamp_seconds", '{certificate="client"}') == \
         pytest.approx(x509.load_pem_x509_certificate(device.cert.read_bytes()).not_valid_after_utc.timestamp())
     assert send_command(load_config(cfg), "ping", timeout=10).status == 200
+
+
+def run_cli(*args: str, timeout: float = 60) -> Any:
+    import subprocess
+    import sys
+
+    from tests.support.agentproc import REPO
+
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout)
+
+
+def test_mqtt_agent_renew_runs_it_now_and_check_config_names_the_pair(renewal_broker, make_config, run_agent,
+                                                                      pki, tmp_path):
+    broker = renewal_broker()
+    device = short_lived(pki.ca, 7200, "device-cli")  # 0.66 of its life is an hour away: not due
+    cfg = renewal_config(make_config, broker, pki, device, tmp_path,
+                         {"signer": "exec", "command": [openssl_signer(tmp_path, pki.ca)], "before": 60.0})
+    before = run_cli("check-config", "--config", str(cfg))
+    assert before.returncode == 0 and f"TLS client certificate in use: configured pair {device.cert}" in before.stdout
+    never_ran = run_cli("renew", "--config", str(cfg), "--timeout", "3")
+    assert never_ran.returncode == 1 and "has the agent run yet?" in never_ran.stderr
+    run_agent(cfg)
+    not_due = run_cli("renew", "--config", str(cfg))
+    assert not_due.returncode == 0 and not_due.stdout.startswith("not_due: not due until"), not_due
+    assert set(broker_subjects(broker)) == {f"CN={DEVICE_ID}"}
+    forced = run_cli("renew", "--force", "--config", str(cfg))
+    assert forced.returncode == 0 and forced.stdout.startswith("success: renewed certificate in use"), forced
+    wait_until(lambda: broker_subjects(broker)[-1] == f"O=renewed,CN={DEVICE_ID}", 20, "switched")
+    after = run_cli("check-config", "--config", str(cfg))
+    active = load_config(cfg).agent.state_dir / "tls" / "active.pem"
+    assert f"TLS client certificate in use: renewed pair {active}" in after.stdout
+    doctor = json.loads(run_cli("doctor", "--json", "--config", str(cfg)).stdout)
+    renewal = next(c for c in doctor["checks"] if c["id"] == "renewal")
+    assert renewal["details"]["pair"]["source"] == "renewed" and renewal["status"] == "ok", renewal
