@@ -39,17 +39,51 @@ def script(path: Path, body: str) -> str:
     return str(path)
 
 
-def openssl_signer(tmp_path: Path, ca: TestCA, *, serial: str = "", name: str = "sign.sh") -> str:
-    """An exec signer as an operator would write it: the CSR on stdin, `openssl x509 -req` signs it."""
-    set_serial = f"-set_serial {serial}" if serial else ""
+def openssl_signer(tmp_path: Path, ca: TestCA, *, serial: int = 0x1000, name: str = "sign.sh") -> str:
+    """The worked example of docs/renewal.md: plain `openssl ca` as the exec signer (CSR on stdin, the
+    certificate on stdout), plus `-subj` adding O=renewed so the broker's log shows which pair it got."""
+    ca_dir = tmp_path / f"{name}.ca"
+    (ca_dir / "newcerts").mkdir(parents=True)
+    (ca_dir / "index.txt").write_text("")
+    (ca_dir / "serial").write_text(f"{serial:X}\n")
+    (ca_dir / "openssl-ca.cnf").write_text(textwrap.dedent(f"""\
+        [ ca ]
+        default_ca = fleet
+
+        [ fleet ]
+        dir              = {ca_dir}
+        database         = $dir/index.txt
+        new_certs_dir    = $dir/newcerts
+        serial           = $dir/serial
+        certificate      = {ca.cert_path}
+        private_key      = {ca.key_path}
+        default_md       = sha256
+        default_days     = 2
+        policy           = device_policy
+        copy_extensions  = none
+        x509_extensions  = device_cert
+        unique_subject   = no
+        email_in_dn      = no
+
+        [ device_policy ]
+        commonName       = supplied
+        organizationName = optional
+
+        [ device_cert ]
+        basicConstraints       = critical, CA:FALSE
+        keyUsage               = critical, digitalSignature
+        extendedKeyUsage       = clientAuth
+        subjectKeyIdentifier   = hash
+        authorityKeyIdentifier = keyid
+        """))
     return script(tmp_path / name, f"""
         work=$(mktemp -d)
         trap 'rm -rf "$work"' EXIT
         cat > "$work/req.csr"
         echo "$MQTT_AGENT_DEVICE_ID" > "{tmp_path}/signer-saw-device"
-        openssl x509 -req -in "$work/req.csr" -CA "{ca.cert_path}" -CAkey "{ca.key_path}" -days 2 -sha256 \\
-            -copy_extensions copy -subj "/CN=$MQTT_AGENT_DEVICE_ID/O=renewed" {set_serial} 2>"$work/err" \\
-            || {{ cat "$work/err" >&2; exit 1; }}
+        openssl ca -batch -config "{ca_dir}/openssl-ca.cnf" -in "$work/req.csr" -out "$work/cert.pem" -notext \\
+            -subj "/CN=$MQTT_AGENT_DEVICE_ID/O=renewed" 2>"$work/log" || {{ cat "$work/log" >&2; exit 1; }}
+        cat "$work/cert.pem"
         """)
 
 
@@ -201,7 +235,7 @@ def test_a_bad_renewed_certificate_never_replaces_the_working_one(case, renewal_
         signer = openssl_signer(tmp_path, TestCA(tmp_path / "other-ca", name="some other CA"))
         result, why = "rejected", "untrusted"
     else:
-        signer = openssl_signer(tmp_path, pki.ca, serial=hex(REVOKED_SERIAL))
+        signer = openssl_signer(tmp_path, pki.ca, serial=REVOKED_SERIAL)
         extra = [f"crlfile {revocation_list(pki.ca, tmp_path / 'crl.pem', [REVOKED_SERIAL])}"]
         result, why = "probe_failed", "the broker refused the new certificate"
     broker = renewal_broker(extra)
