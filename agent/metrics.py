@@ -280,6 +280,7 @@ class RenewalMetrics:
             self.renewals.labels(result)
         self.next = Gauge("mqtt_agent_tls_renewal_next_timestamp_seconds",
                           "Unix time of the next certificate renewal attempt", registry=registry)
+        self.next.set(float("nan"))  # until a renewer says otherwise (renewal off: stays NaN)
 
     def result(self, result: str) -> None:
         self.renewals.labels(_bounded(result, RENEWAL_RESULTS)).inc()
