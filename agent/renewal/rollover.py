@@ -112,13 +112,18 @@ class Renewer(SessionListener):
     def tls_in_use(self) -> TlsConfig:
         return self.pair.tls(self.cfg.tls) if self.pair else self.cfg.tls
 
-    def next_due(self) -> float | None:
+    def policy_due(self) -> float | None:
+        """When the pair in use is due for renewal by [renewal] at/before (ignoring any retry backoff)."""
         if self.pair is None or not self.enabled:
             return None
         r = self.cfg.renewal
-        due = policy.due_at(self.pair.not_before.timestamp(), self.pair.not_after.timestamp(),
-                            self.cfg.agent.device_id, at=r.at, before=r.before)
-        return max(due, float(self.state.get("next_attempt") or 0.0))
+        return policy.due_at(self.pair.not_before.timestamp(), self.pair.not_after.timestamp(),
+                             self.cfg.agent.device_id, at=r.at, before=r.before)
+
+    def next_due(self) -> float | None:
+        """When the next attempt happens: the due time, or the end of the backoff after a failure."""
+        due = self.policy_due()
+        return None if due is None else max(due, float(self.state.get("next_attempt") or 0.0))
 
     def describe(self) -> dict[str, Any]:
         """For info, doctor and check-config: the pair in use, when it renews, the last failure."""
@@ -194,7 +199,7 @@ class Renewer(SessionListener):
                 if request:
                     self._answer_request("disabled", "renewal is off: set [renewal] signer (and command)")
                 return
-            due = self.next_due()
+            due = self.policy_due()
             pending = self.store.exists(PENDING)
             retry_ok = now >= float(self.state.get("next_attempt") or 0.0)
             if self.cfg.renewal.signer != "exec" and not pending:
@@ -202,8 +207,9 @@ class Renewer(SessionListener):
                     self._answer_request("waiting", "renewal.signer = \"command\": the backend drives renewal "
                                          "with cert.csr and cert.install")
                 return
-            if request == "force" or (request and due is not None and now >= due - 0.0) or (
-                    retry_ok and ((due is not None and now >= due) or pending)):
+            is_due = due is not None and now >= due
+            # A request skips the retry backoff; "force" also skips the due date.
+            if request == "force" or (request and is_due) or (retry_ok and (is_due or pending)):
                 self.renew_now(requested=bool(request))
             elif request:
                 when = _utc(due).isoformat() if due is not None else "never (no certificate in use)"
@@ -251,7 +257,8 @@ class Renewer(SessionListener):
             except (ValueError, TypeError, OSError) as exc:
                 log.warning("the pending key %s is unusable (%s); making a new one", path, exc)
         if key is None:
-            kind = "rsa" if self.pair is not None and self.pair.subject and self._in_use_is_rsa() else "ec"
+            # Keep the key type of the pair in use: a broker or CA set up for RSA may not take EC.
+            kind = "rsa" if self._in_use_is_rsa() else "ec"
             key = generate_key(kind)
             self.store.write_pending_key(key_pem(key, tls))
             self.store.remove(PENDING)
@@ -261,7 +268,8 @@ class Renewer(SessionListener):
     def _in_use_is_rsa(self) -> bool:
         from cryptography.hazmat.primitives.asymmetric import rsa
 
-        assert self.pair is not None
+        if self.pair is None:
+            return False
         try:
             return isinstance(load_key(self.pair.key_file, self.cfg.tls), rsa.RSAPrivateKey)
         except (ValueError, TypeError, OSError):
