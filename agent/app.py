@@ -7,7 +7,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from agent import __version__
 from agent.commands.processes import REAPER, become_subreaper
@@ -23,14 +23,15 @@ from agent.metrics import AgentMetrics, MetricsServer
 from agent.notify import Notifier, ServiceWatchdog, StatusLine, sender_from_environment, watchdog_interval
 from agent.outbox import Outbox
 from agent.reload import ReloadOutcome, fingerprint, plan_reload, secret_files
-from agent.renewal.handlers import CertCsrHandler, CertInstallHandler
-from agent.renewal.rollover import Renewer
-from agent.renewal.store import PairStore
+from agent.renewal import has_renewed_pair
 from agent.resilience import ConnectionMonitor
 from agent.service.reload_verdict import read_request, verdict_dir, write_verdict
 from agent.session import Session
 from agent.store import CommandStore, ensure_private_dir
 from agent.tls import build_context
+
+if TYPE_CHECKING:
+    from agent.renewal.rollover import Renewer
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,10 @@ class Agent:
         except OSError as exc:
             raise ConfigError([f"agent.state_dir: cannot use {cfg.agent.state_dir}: {exc.strerror or exc}"]) from exc
         # The newest valid pair: a renewed one in agent.state_dir/tls if present and good, else the configured one.
-        if cfg.tls.enabled and cfg.tls.cert_file:
+        if cfg.tls.enabled and cfg.tls.cert_file and (cfg.renewal.enabled or has_renewed_pair(cfg.agent.state_dir)):
+            from agent.renewal.rollover import Renewer
+            from agent.renewal.store import PairStore
+
             self.renewer = Renewer(cfg, PairStore(cfg.agent.state_dir / "tls"), switch=self._switch_pair)
         tls_in_use = self.renewer.tls_in_use() if self.renewer else cfg.tls
         ssl_context = build_context(tls_in_use) if cfg.tls.enabled else None
@@ -137,6 +141,8 @@ class Agent:
         """cert.csr and cert.install, when the backend signs through the command channel."""
         if self.renewer is None or not self.cfg.renewal.enabled or self.cfg.renewal.signer != "command":
             return {}
+        from agent.renewal.handlers import CertCsrHandler, CertInstallHandler
+
         return {"cert.csr": CertCsrHandler(self.renewer), "cert.install": CertInstallHandler(self.renewer)}
 
     def _switch_pair(self, tls: TlsConfig, reason: str) -> None:
@@ -342,7 +348,7 @@ class Agent:
         eff = plan.effective
         done: list[str] = []
         if self.renewer is not None:
-            self.renewer.reconfigure(new)
+            self.renewer.reconfigure(eff)
         if plan.commands_differ:
             registry = build_registry(eff.commands, self.status, plugins=self._plugins, ping=self._ping,
                                       builtins=self._renewal_commands())

@@ -8,3 +8,16 @@ switches to it, with the previous pair kept as the fallback.
     rollover.py  the state machine: sign, check, probe, switch, watch, roll back; the renewal thread
     handlers.py  the built-in commands cert.csr and cert.install (signer = "command")
 """
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# `cryptography` costs the agent ~8 MiB of resident memory: the renewal machinery (which needs it) is
+# loaded only when renewal is on or a renewed pair is there to be used. This check must stay import-free.
+_PAIR_FILES = ("active.pem", "previous.pem", "pending.pem")
+
+
+def has_renewed_pair(state_dir: Path) -> bool:
+    """Whether agent.state_dir/tls holds a renewed (or pending) pair."""
+    return any((state_dir / "tls" / name).exists() for name in _PAIR_FILES)
