@@ -203,3 +203,29 @@ def test_a_torn_pair_file_is_skipped_for_the_configured_one(tmp_path: Path, ca: 
     active.write_bytes(active.read_bytes()[: len(active.read_bytes()) // 2])
     pair = select_pair(renewer.store, renewer.cfg.tls, "dev-1", datetime.datetime.now(UTC))
     assert pair is not None and pair.source == "configured"
+
+
+def test_requests_not_due_force_and_the_command_signer(tmp_path: Path, ca: TestCA) -> None:
+    """What `mqtt-agent renew` gets back, through the request file the renewal thread reads."""
+    from agent.renewal.store import REQUEST
+
+    renewer, switches, _ = make(tmp_path, ca, [])
+    store = renewer.store
+    store.ensure()
+    store.path(REQUEST).write_text("renew\n")
+    renewer.tick()
+    answer = renewer.state["last_request"]
+    # signer = "command": the backend drives renewal; the request is answered, not left lying around.
+    assert answer["result"] == "waiting" and "cert.csr" in answer["message"]
+    assert not store.exists(REQUEST) and switches == []
+
+
+def test_a_request_is_answered_when_renewal_is_off(tmp_path: Path, ca: TestCA) -> None:
+    from agent.renewal.store import REQUEST
+
+    renewer, _, _ = make(tmp_path, ca, [], enabled=False)
+    renewer.store.ensure()
+    renewer.store.path(REQUEST).write_text("force\n")
+    renewer.tick()
+    assert renewer.state["last_request"]["result"] == "disabled"
+    assert renewer.next_due() is None
