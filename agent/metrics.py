@@ -263,6 +263,32 @@ class CertificateExpiry:
         yield GaugeMetricFamily("mqtt_agent_tls_certificate_expiry_timestamp_seconds", "", labels=["certificate"])
 
 
+RENEWAL_RESULTS = ("success", "signer_failed", "rejected", "probe_failed", "rolled_back")
+
+
+class RenewalMetrics:
+    """mqtt_agent_tls_renewals_total{result} and mqtt_agent_tls_renewal_next_timestamp_seconds.
+
+    Every result starts at 0, so an alert on increase() sees the first failure."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.renewals = Counter("mqtt_agent_tls_renewals", "Certificate renewal attempts by outcome: success, "
+                                "signer_failed, rejected (failed the chain check), probe_failed (the broker refused "
+                                "the new pair), rolled_back (switched back after the switch)", ["result"],
+                                registry=registry)
+        for result in RENEWAL_RESULTS:
+            self.renewals.labels(result)
+        self.next = Gauge("mqtt_agent_tls_renewal_next_timestamp_seconds",
+                          "Unix time of the next certificate renewal attempt", registry=registry)
+        self.next.set(float("nan"))  # until a renewer says otherwise (renewal off: stays NaN)
+
+    def result(self, result: str) -> None:
+        self.renewals.labels(_bounded(result, RENEWAL_RESULTS)).inc()
+
+    def next_at(self, when: float | None) -> None:
+        self.next.set(when if when is not None else float("nan"))
+
+
 class AgentMetrics:
     """Every metric of the agent in one registry (injected in tests)."""
 
@@ -285,6 +311,7 @@ class AgentMetrics:
                                             keepalive_floor=keepalive_floor, clock=clock, wall=wall)
         self.commands = CommandMetrics(self.registry, commands, in_flight)
         self.certificates = CertificateExpiry(self.registry, tls)
+        self.renewal = RenewalMetrics(self.registry)
         build = Gauge("mqtt_agent_build_info", "Versions of the agent, Python and paho-mqtt: 1",
                       ["version", "python", "paho"], registry=self.registry)
         build.labels(__version__, platform.python_version(), _paho_version()).set(1)
