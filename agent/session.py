@@ -479,9 +479,18 @@ class Session:
         # A host that fails to connect, or accepts and drops at once, is skipped after a few tries.
         flapping = ended.uptime is not None and ended.uptime < HOST_PROVEN_AFTER and ended.kind in (
             NETWORK_ERROR, SERVER_DISCONNECT)
-        if (ended.connected_at is None or flapping) and self._hosts.failed():
-            log.warning("%s failed repeatedly; failing over to %s", ended.host, self._hosts.current)
-        delay = self.backoff.next_delay()
+        failed_over = False
+        if ended.connected_at is None or flapping:
+            # A refused TCP connect means nothing listens there (a stopped cluster node): no point in a second try.
+            refused = ended.kind == REFUSED and ended.error != ""
+            failed_over = self._hosts.failed(definite=refused)
+            if failed_over:
+                log.warning("%s %s; failing over to %s", ended.host, "refused the connection" if refused
+                            else "failed repeatedly", self._hosts.current)
+        # After a failover the next host is tried at once (reconnect.min_delay, jittered), not after the
+        # backoff built against the host that failed; the failure count stays, so if every host is down
+        # the delays still grow.
+        delay = self.backoff.failover_delay() if failed_over else self.backoff.next_delay()
         self._notify("reconnect_scheduled", delay, ended)
         log.info("reconnecting in %.1f s (%s; random delay up to %g s%s)", delay, ended.kind,
                  self.backoff.ceiling(), ", damped: duplicate client id" if self.backoff.damped else "",
