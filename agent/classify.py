@@ -11,6 +11,9 @@ classifier tells them apart from the history of connections:
 - session_taken_over: DISCONNECT 0x8E, or the MQTT 3.1.1 signature: repeated drops of short-lived
   connections whose reconnect succeeds at once (the broker is fine and still holds our session)
   at moments unrelated to our idle time; the other client keeps reconnecting too.
+- message_rejected: the connection ended right after the agent sent a message the broker never
+  acknowledged (over a size limit it did not announce, or refused otherwise): a poison message, set
+  aside after a few tries (agent/connection/poison.py), not a takeover and not the network.
 - keepalive_timeout, server_disconnect, auth_failed, tls_error, refused, network_error, shutdown.
 
 Plain data in, a verdict out; time comes from an injected clock.
@@ -34,8 +37,9 @@ TLS_ERROR = "tls_error"
 REFUSED = "refused"
 NETWORK_ERROR = "network_error"
 SHUTDOWN = "shutdown"
+MESSAGE_REJECTED = "message_rejected"
 FINAL_KINDS = (IDLE_TIMEOUT, KEEPALIVE_TIMEOUT, SESSION_TAKEN_OVER, SERVER_DISCONNECT, AUTH_FAILED, TLS_ERROR,
-               REFUSED, NETWORK_ERROR, SHUTDOWN)
+               REFUSED, NETWORK_ERROR, SHUTDOWN, MESSAGE_REJECTED)
 
 # Interim kinds the session reports before classification.
 CONNECTION_LOST = "connection_lost"
@@ -75,6 +79,8 @@ class EndEvidence(Protocol):
     def longest_quiet(self) -> float | None: ...
     @property
     def session_present(self) -> bool | None: ...
+    @property
+    def message_suspect(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -176,6 +182,13 @@ class Classifier:
             self._tolerated.append((end.ended_at, end.longest_quiet))
         uptime = end.uptime or 0.0
         idle = end.idle_for if end.idle_for is not None else uptime
+        if end.message_suspect and kind in (CONNECTION_LOST, SERVER_DISCONNECT):
+            # The broker closed right after a message it did not take: that message is the cause, not the
+            # network and not another client (on MQTT 3.1.1 it would look like a duplicate client id).
+            self._record(end, MESSAGE_REJECTED, uptime, idle, False)
+            return Verdict(MESSAGE_REJECTED, f"{end.reason}; right after we sent {end.message_suspect}: the broker "
+                           "refuses that message (likely over its size limit: see mqtt.max_message_bytes); it is set "
+                           "aside after a few tries")
         if kind == SESSION_TAKEN_OVER:
             declared = self.suspected_at is None
             self._record(end, SESSION_TAKEN_OVER, uptime, idle, True)

@@ -28,6 +28,7 @@ class ConnectionEnded:
     session_present: bool | None = None  # from this connection's CONNACK
     longest_quiet: float | None = None  # longest silence the link carried (traffic flowed after it)
     link_error: str = ""  # how the socket ended, if it did: "closed by the peer", "reset by the peer"
+    message_suspect: str = ""  # the unacknowledged message sent just before the end, if any (poison check)
 
     @property
     def uptime(self) -> float | None:
@@ -70,6 +71,10 @@ class SessionListener:
 
     def outbox_dropped(self, count: int) -> None:
         """Responses dropped because the outbox was full (oldest first)."""
+
+    def message_set_aside(self, reason: str) -> None:
+        """A message was not sent as it was: "too_large" (over the size limit; a response is answered
+        500 instead) or "poison" (the broker dropped the connection each time it was sent)."""
 
 
 @dataclass(frozen=True)

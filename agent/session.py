@@ -39,6 +39,7 @@ from agent.classify import (
     TLS_ERROR,
 )
 from agent.config import HostPort, KeepaliveTuningConfig, MqttConfig, ReconnectConfig, TlsConfig, read_secret
+from agent.connection import poison
 from agent.errors import TLSSetupError
 from agent.link import ConnectionEnded, SessionListener, SessionState
 from agent.logs import LogSummary, untrusted
@@ -282,9 +283,13 @@ class Session:
         self._client.on_message = self._handle_message
         self._client.on_subscribe = self._handle_subscribe
         self._client.on_publish = self._handle_publish
+        self._withdrawn: list[int] = []  # message ids paho must not re-send (set aside), dropped before a connect
+        self._broker_max_packet: int | None = None  # MQTT 5 CONNACK Maximum Packet Size of this connection
         if outbox is not None:
             outbox.bind(self._send_now, lambda size: self._notify("outbox_changed", size),
-                        lambda count: self._notify("outbox_dropped", count))
+                        lambda count: self._notify("outbox_dropped", count),
+                        withdraw=self._withdrawn.append,
+                        on_set_aside=lambda reason: self._notify("message_set_aside", reason))
         self._next_check = 0.0
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -375,13 +380,52 @@ class Session:
         msg = OutMessage(topic, payload, qos, correlation_data, user_properties, content_type, journal_key)
         if self.outbox is not None:
             self.outbox.put(msg)
-        else:
+            return
+        try:
             self._send_now(msg)
+        except poison.Unsendable as exc:
+            log.warning("did not send a %d-byte message to %r: %s", len(payload), topic[:120], exc.detail)
+            self._notify("message_set_aside", exc.reason)
 
-    def _send_now(self, msg: OutMessage) -> int | None:
-        """Hand `msg` to paho; its message id, or None if paho did not take it."""
+    def max_message_bytes(self) -> int | None:
+        """The size limit in force for what the agent publishes (None: unlimited)."""
+        return poison.effective_limit(self.cfg.max_message_bytes, self._broker_max_packet)
+
+    def _packet_size(self, msg: OutMessage, props: Properties | None) -> int:
+        props_len = len(props.pack()) if props is not None else (1 if self.cfg.is_v5 else None)  # type: ignore[no-untyped-call]
+        return poison.publish_packet_size(msg.topic, len(msg.payload), msg.qos, props_len)
+
+    def _fit(self, msg: OutMessage) -> tuple[OutMessage, Properties | None]:
+        """`msg` as it may go out under the size limit: itself, or the 500 that replaces an oversized
+        response. Raises poison.Unsendable if neither fits."""
         props = (publish_properties(msg.correlation_data, msg.user_properties, msg.content_type)
                  if self.cfg.is_v5 else None)
+        limit = self.max_message_bytes()
+        if limit is None:
+            return msg, props
+        size = self._packet_size(msg, props)
+        if size <= limit:
+            return msg, props
+        source = poison.limit_source(self.cfg.max_message_bytes, self._broker_max_packet)
+        sub = poison.too_large_response(msg.topic, msg.user_properties, size, limit, source)
+        if sub is not None:
+            fitted = replace(msg, topic=sub.topic, payload=sub.payload, user_properties=sub.user_properties,
+                             content_type="application/json")
+            fitted_props = (publish_properties(fitted.correlation_data, fitted.user_properties, fitted.content_type)
+                            if self.cfg.is_v5 else None)
+            if self._packet_size(fitted, fitted_props) <= limit:
+                log.warning("a response to %r is %d bytes as an MQTT packet, over the limit of %d bytes (%s): "
+                            "answered 500 instead", msg.topic[:120], size, limit, source,
+                            extra={"MQTT_SET_ASIDE": poison.TOO_LARGE})
+                self._notify("message_set_aside", poison.TOO_LARGE)
+                return fitted, fitted_props
+        raise poison.Unsendable(poison.TOO_LARGE, f"{size} bytes as an MQTT packet, over the limit of {limit} bytes "
+                                                  f"({source}), and no shorter error response fits")
+
+    def _send_now(self, msg: OutMessage) -> int | None:
+        """Hand `msg` to paho; its message id, or None if paho did not take it. Raises
+        poison.Unsendable for a message over the size limit that has no replacement."""
+        msg, props = self._fit(msg)
         info = self._client.publish(msg.topic, msg.payload, msg.qos, properties=props)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.error("could not queue a message for %s: %s", untrusted(msg.topic), mqtt.error_string(info.rc))
@@ -459,6 +503,11 @@ class Session:
         self._reconnect_reason = None
         self._apply_pending_config()
         raw = self._connect_and_serve()
+        if self.outbox is not None and raw.connected_at is not None:
+            # Here, not in _end: _end may run inside a paho callback, and the outbox lock must never be
+            # taken under paho's locks (a worker holding it may be waiting for them in publish()).
+            suspect = self.outbox.poison_check(expected_end=raw.kind in (SHUTDOWN, RECONNECT_REQUESTED))
+            raw = replace(raw, message_suspect=suspect)
         try:
             ended = self.monitor.classify(raw)
         except Exception:
@@ -512,7 +561,18 @@ class Session:
         log.log(level, "connection to %s ended%s%s: %s: %s", ended.host, up, idle, ended.kind, ended.reason,
                 extra={"MQTT_REASON": ended.kind, "MQTT_RC": ended.reason_code})
 
+    def _drop_withdrawn(self) -> None:
+        """Make paho forget set-aside messages before it re-sends what it holds at the next CONNACK."""
+        if not self._withdrawn:
+            return
+        with self._client._out_message_mutex:
+            for mid in self._withdrawn:
+                self._client._out_messages.pop(mid, None)
+        self._withdrawn.clear()
+
     def _connect_and_serve(self) -> ConnectionEnded:
+        self._drop_withdrawn()
+        self._broker_max_packet = None
         host = self._hosts.current
         keepalive = self._keepalive()
         self._attempts += 1
@@ -739,6 +799,8 @@ class Session:
         server_keepalive = getattr(properties, "ServerKeepAlive", None)
         if server_keepalive is not None:
             conn.keepalive = int(server_keepalive)
+        max_packet = getattr(properties, "MaximumPacketSize", None)
+        self._broker_max_packet = int(max_packet) if max_packet else None
         self._connects += 1
         present = bool(getattr(flags, "session_present", False))
         conn.session_present = present
