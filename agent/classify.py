@@ -122,9 +122,13 @@ class Classifier:
         suspicion_uptime: float = 240.0,
         window: float = 600.0,
         persistent_session: bool = True,
+        nat_drops: int = 3,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.stable_after = stable_after
+        # Drops at a consistent idle time it takes to call a NAT "likely": the keepalive tuner's
+        # keepalive_tuning.drops, so the words and the action agree.
+        self.nat_drops = max(1, nat_drops)
         self.suspicion_uptime = max(stable_after, suspicion_uptime)
         self.window = window
         self.persistent_session = persistent_session
@@ -135,6 +139,7 @@ class Classifier:
         self._tolerated: list[tuple[float, float]] = []  # (at, seconds of quiet the path carried)
         self.suspected_at: float | None = None
         self.takeovers = 0
+        self.revised_restart = False  # set when a failed CONNECT showed the last idle drop was a broker restart
 
     # --- evidence kept between connections -----------------------------------------------------
 
@@ -170,7 +175,18 @@ class Classifier:
         if kind in (SHUTDOWN, RECONNECT_REQUESTED):
             return Verdict(SHUTDOWN, end.reason)
         if end.connected_at is None:
+            first_failure = not self._failed_since_drop
             self._failed_since_drop = True
+            after_idle_drop = bool(self._drops) and self._drops[-1].kind == IDLE_TIMEOUT
+            if first_failure and kind in (REFUSED, NETWORK_ERROR, CONNECTION_LOST) and after_idle_drop:
+                # The broker that dropped us refuses the very next CONNECT: it was restarting (or stopping),
+                # which is no evidence about a NAT; the drop leaves the idle pattern.
+                last = self._drops.pop()
+                self._drops.append(_Drop(last.at, NETWORK_ERROR, last.uptime, last.idle, False))
+                self.revised_restart = True
+                final = kind if kind in FINAL_KINDS else NETWORK_ERROR
+                return Verdict(final, f"{end.reason}; so the broker was restarting or stopping when it dropped the "
+                               "last connection (not a NAT or firewall idle limit)")
             if kind == CONNECTION_LOST:
                 return Verdict(NETWORK_ERROR, f"the connection closed before the broker's CONNACK ({end.reason})")
             return Verdict(kind if kind in FINAL_KINDS else NETWORK_ERROR, end.reason)
@@ -231,8 +247,18 @@ class Classifier:
             return Verdict(SESSION_TAKEN_OVER, self._takeover_reason(uptime, repeated=False), True)
         if nat_pattern:
             self._record(end, IDLE_TIMEOUT, uptime, idle, could_be_takeover)
-            return Verdict(IDLE_TIMEOUT, f"dropped after {idle:.1f} s without traffic, within the keepalive "
-                           f"({end.keepalive} s): a NAT or firewall idle limit is likely")
+            like = len([d for d in recent if d.kind == IDLE_TIMEOUT and typical is not None
+                        and abs(d.idle - typical) <= idle_tolerance(typical)])
+            head = f"{end.reason} after {idle:.1f} s without traffic, within the keepalive ({end.keepalive} s)"
+            if like + 1 >= self.nat_drops:
+                # The pattern the keepalive tuner acts on: only now is a NAT the likely cause.
+                return Verdict(IDLE_TIMEOUT, f"{head}, like {like} drop(s) before at this idle time: a NAT or "
+                               "firewall idle limit is likely")
+            if like:
+                return Verdict(IDLE_TIMEOUT, f"{head}, like {like} drop(s) before at this idle time: if it keeps "
+                               "happening at this idle time, a NAT or firewall idle limit is likely")
+            return Verdict(IDLE_TIMEOUT, f"{head}; one drop does not say why (a broker restart, another client "
+                           "with this client id, or, if it repeats at this idle time, a NAT or firewall idle limit)")
         self._record(end, NETWORK_ERROR, uptime, idle, could_be_takeover)
         if idle < IDLE_FLOOR:
             why = f"{idle:.1f} s after the last traffic"

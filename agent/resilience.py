@@ -48,6 +48,7 @@ class ConnectionMonitor:
             suspicion_uptime=2.0 * reconnect_cfg.max_delay,
             window=max(600.0, 4.0 * reconnect_cfg.max_delay),
             persistent_session=not mqtt_cfg.clean_session,
+            nat_drops=tuning_cfg.drops,
             clock=clock,
         )
         self.tuner = KeepaliveTuner(tuning_cfg, mqtt_cfg.keepalive, clock=clock, wall=wall)
@@ -101,6 +102,15 @@ class ConnectionMonitor:
         """Account for a classified end in the backoff, the tuner and the state file; returns the
         events for the session's listeners."""
         events: list[Event] = []
+        if self.classifier.revised_restart:
+            self.classifier.revised_restart = False
+            self.tuner.retract_drop()
+            for entry in reversed(self.disconnects):
+                if entry.get("uptime_s") is not None:
+                    if entry.get("reason") == IDLE_TIMEOUT:
+                        entry["reason"] = NETWORK_ERROR
+                        entry["note"] = "the broker was restarting (it refused the next connection)"
+                    break
         if ended.kind != SHUTDOWN:
             self.backoff.connection_ended(ended.uptime)
         if ended.kind == SESSION_TAKEN_OVER:

@@ -506,7 +506,9 @@ class Session:
         if self.outbox is not None and raw.connected_at is not None:
             # Here, not in _end: _end may run inside a paho callback, and the outbox lock must never be
             # taken under paho's locks (a worker holding it may be waiting for them in publish()).
-            suspect = self.outbox.poison_check(expected_end=raw.kind in (SHUTDOWN, RECONNECT_REQUESTED))
+            # Ends with a known cause (ours, a takeover the broker named, a dead link) count against no message.
+            explained = raw.kind in (SHUTDOWN, RECONNECT_REQUESTED, SESSION_TAKEN_OVER, KEEPALIVE_TIMEOUT)
+            suspect = self.outbox.poison_check(expected_end=explained)
             raw = replace(raw, message_suspect=suspect)
         try:
             ended = self.monitor.classify(raw)
