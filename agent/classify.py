@@ -51,6 +51,26 @@ _LOST_KINDS = (IDLE_TIMEOUT, NETWORK_ERROR, SESSION_TAKEN_OVER)  # what a "conne
 IDLE_FLOOR = 1.0
 
 
+PROTOCOL_HINT = ('; a broker that speaks only MQTT 3.1.1 (RabbitMQ 3.x, Eclipse Hono, amqtt) does this to an '
+                 'MQTT 5 CONNECT: set mqtt.protocol = "3.1.1"')
+
+
+def keepalive_hint(keepalive: int) -> str:
+    return (f"; MQTT 3.1.1 has no such CONNACK code: aedes answers this way when the keepalive ({keepalive} s) is "
+            "over its keepaliveLimit, so the keepalive may be over the broker's limit: lower mqtt.keepalive")
+
+
+def connect_hint(end: EndEvidence, v5: bool, error: str, refused_code: int | None) -> str:
+    """Words naming the likely setting for a connection that never got a (good) CONNACK, or ""."""
+    if end.connected_at is not None or error:
+        return ""  # connected, or TCP/TLS failed (explained where that is known)
+    if v5 and end.kind in (NETWORK_ERROR, CONNECTION_LOST) and refused_code is None:
+        return PROTOCOL_HINT
+    if not v5 and refused_code == 0x80:
+        return keepalive_hint(end.keepalive)  # paho maps any non-standard 3.1.1 return code to 0x80
+    return ""
+
+
 def median(values: Sequence[float]) -> float:
     """The median (statistics.median without importing `statistics`, which costs the agent ~0.4 MiB)."""
     ordered = sorted(values)

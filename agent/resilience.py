@@ -16,7 +16,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from agent.backoff import Backoff
-from agent.classify import IDLE_TIMEOUT, NETWORK_ERROR, SESSION_TAKEN_OVER, SHUTDOWN, Classifier, EndEvidence
+from agent.classify import (
+    AUTH_FAILED,
+    IDLE_TIMEOUT,
+    NETWORK_ERROR,
+    REFUSED,
+    SESSION_TAKEN_OVER,
+    SHUTDOWN,
+    Classifier,
+    EndEvidence,
+    connect_hint,
+)
 from agent.config import KeepaliveTuningConfig, MqttConfig, ReconnectConfig
 from agent.tuner import STATE_FILE, Change, KeepaliveTuner, StateFile
 
@@ -42,6 +52,7 @@ class ConnectionMonitor:
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.client_id = client_id or mqtt_cfg.client_id
+        self.v5 = mqtt_cfg.is_v5
         self.backoff = backoff or Backoff(reconnect_cfg)
         self.classifier = Classifier(
             stable_after=reconnect_cfg.stable_after,
@@ -96,7 +107,9 @@ class ConnectionMonitor:
         end: EndEvidence = raw
         verdict = self.classifier.classify(end)
         self._declared = verdict.declared_takeover
-        return replace(raw, kind=verdict.kind, reason=verdict.reason)
+        refused = raw.reason_code if verdict.kind in (REFUSED, AUTH_FAILED) else None
+        hint = connect_hint(end, self.v5, raw.error, refused)
+        return replace(raw, kind=verdict.kind, reason=verdict.reason + hint)
 
     def account(self, ended: Any) -> list[Event]:
         """Account for a classified end in the backoff, the tuner and the state file; returns the
