@@ -88,3 +88,5 @@ class SessionState:
     attempts: int
     last_end: ConnectionEnded | None
     subscribed: bool
+    keepalive_set_by_broker: bool = False  # MQTT 5 CONNACK Server Keep Alive replaced the one we asked for
+    max_message_bytes: int | None = None  # the size limit in force for what the agent publishes (None: none)

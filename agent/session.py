@@ -228,6 +228,7 @@ class _Conn:
     session_present: bool | None = None
     ended: ConnectionEnded | None = None
     refused: tuple[int, str] | None = None
+    asked_keepalive: int | None = None  # set when the broker's Server Keep Alive replaced it
     close_reason: tuple[str, str] | None = None  # set when the agent closes the socket itself
 
 
@@ -460,6 +461,8 @@ class Session:
             attempts=self._attempts,
             last_end=self._last_end,
             subscribed=connected and all(s.granted for s in self._sub.values()),
+            keepalive_set_by_broker=bool(conn and conn.asked_keepalive is not None),
+            max_message_bytes=self.max_message_bytes(),
         )
 
     # --- network thread --------------------------------------------------------------------------
@@ -799,8 +802,9 @@ class Session:
             return  # tolerate a repeated callback
         conn.connected_at = self._clock()
         server_keepalive = getattr(properties, "ServerKeepAlive", None)
-        if server_keepalive is not None:
-            conn.keepalive = int(server_keepalive)
+        if server_keepalive is not None and int(server_keepalive) != conn.keepalive:
+            # MQTT 5: the broker's Server Keep Alive is the one in force (paho pings by it too).
+            conn.asked_keepalive, conn.keepalive = conn.keepalive, int(server_keepalive)
         max_packet = getattr(properties, "MaximumPacketSize", None)
         self._broker_max_packet = int(max_packet) if max_packet else None
         self._connects += 1
@@ -808,9 +812,12 @@ class Session:
         conn.session_present = present
         if self.outbox is not None:
             self.outbox.link_up()
-        log.info("connected to %s as %s (MQTT %s, keepalive %d s, session %s)", conn.host, self.client_id,
-                 "5" if self.cfg.is_v5 else "3.1.1", conn.keepalive, "resumed" if present else "new",
-                 extra={"KEEPALIVE": conn.keepalive})
+        by_broker = (f" set by the broker's Server Keep Alive (we asked for {conn.asked_keepalive} s)"
+                     if conn.asked_keepalive is not None else "")
+        limit = f", messages up to {self._broker_max_packet} bytes" if self._broker_max_packet else ""
+        log.info("connected to %s as %s (MQTT %s, keepalive %d s%s, session %s%s)", conn.host, self.client_id,
+                 "5" if self.cfg.is_v5 else "3.1.1", conn.keepalive, by_broker, "resumed" if present else "new",
+                 limit, extra={"KEEPALIVE": conn.keepalive})
         for topic in self._sub:
             self._subscribe(topic)
         self._notify("connected", conn.host, conn.keepalive, present)

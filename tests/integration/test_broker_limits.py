@@ -88,3 +88,21 @@ def test_a_configured_limit_applies_where_the_broker_announces_none(make_broker,
     metrics = samples(port)
     assert metrics[("mqtt_agent_messages_set_aside_total", (("reason", "too_large"),))] == 1
     assert sum(v for (name, _), v in metrics.items() if name == "mqtt_agent_disconnects_total") == 0
+
+
+def test_the_brokers_server_keep_alive_is_honoured_and_reported(make_broker, make_config, run_agent):
+    """Issue 17, point 3: MQTT 5 CONNACK Server Keep Alive (mosquitto `max_keepalive`) and Maximum Packet Size."""
+    broker = make_broker(extra=["max_keepalive 20", f"max_packet_size {LIMIT}"])
+    port = free_port()
+    cfg = make_config(broker, {"mqtt": {"protocol": "5", "keepalive": 60},
+                               "metrics": {"listen": f"127.0.0.1:{port}"}})
+    agent = run_agent(cfg)
+    result = send(cfg, "info", timeout=10)
+    assert result.status == 200
+    info = json.loads(result.body)
+    assert info["keepalive_s"] == 20 and info["keepalive_set_by_broker"] is True
+    assert info["max_message_bytes"] == LIMIT
+    metrics = samples(port)
+    assert metrics[("mqtt_agent_keepalive_seconds", ())] == 20
+    assert metrics[("mqtt_agent_keepalive_configured_seconds", ())] == 60
+    agent.wait_for(r"keepalive 20 s set by the broker's Server Keep Alive \(we asked for 60 s\)", timeout=1)
