@@ -10,8 +10,9 @@ from agent.tls import build_context
 
 
 def test_mosquitto_keeps_dots_and_the_doctor_reports_no_mapping(broker, make_config):
-    path = make_config(broker, {'commands."fw.update"': {"argv": ["/bin/true"]}})
+    path = make_config(broker, {"commands": {"fw.update": {"argv": ["/bin/true"]}}})
     cfg = load_config(path)
+    assert "fw.update" in cfg.commands
     host = cfg.mqtt.hosts[0]
     assert tm.probe_dot_mapping(cfg, host, build_context(cfg.tls), "dev-1-doctor-t1", 5.0) == tm.KEPT
     report = run_doctor(path, timeout=5.0, service_user=None)
