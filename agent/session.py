@@ -520,7 +520,7 @@ class Session:
             ended = replace(raw, kind={CONNECTION_LOST: NETWORK_ERROR, RECONNECT_REQUESTED: SHUTDOWN}.get(
                 raw.kind, raw.kind))
         self._last_end = ended
-        self._log_end(ended, raw.kind)
+        self._log_end(ended, raw.kind, raw.reason)
         self._notify("connection_ended", ended)
         try:
             self._emit(self.monitor.account(ended))
@@ -551,9 +551,13 @@ class Session:
                  extra={"MQTT_REASON": ended.kind})
         self._wake.wait(delay)
 
-    def _log_end(self, ended: ConnectionEnded, raw_kind: str) -> None:
+    def _log_end(self, ended: ConnectionEnded, raw_kind: str, raw_reason: str = "") -> None:
         if ended.error:
-            return  # a failed connect attempt: _connect_failed has logged it
+            # A failed connect attempt: _connect_failed has logged it, unless the history adds to it
+            # (e.g. the broker that dropped us refuses the next CONNECT: it was restarting).
+            if ended.reason != raw_reason:
+                log.warning("%s", ended.reason, extra={"MQTT_REASON": ended.kind})
+            return
         if raw_kind == RECONNECT_REQUESTED:
             log.info("disconnected from %s to reconnect: %s", ended.host, ended.reason)
             return
