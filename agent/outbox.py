@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from agent.connection import poison
+from agent.logs import untrusted
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +326,7 @@ class Outbox:
             if not strike.suspect:
                 return ""
             entry.tries += 1
-            described = (f"a {len(entry.msg.payload)}-byte message to {_short(entry.msg.topic)!r}, sent "
+            described = (f"a {len(entry.msg.payload)}-byte message to '{untrusted(entry.msg.topic, 120)}', sent "
                          f"{sent_ago or 0.0:.1f} s before and not acknowledged (try {entry.tries} of "
                          f"{poison.POISON_TRIES})")
             if strike.set_aside:
@@ -353,11 +354,11 @@ class Outbox:
                                  "WHERE seq = ?", (entry.msg.topic, entry.msg.payload, entry.msg.content_type,
                                                    props, entry.seq))
             self._pending.appendleft(entry)
-            outcome = f"answered with a 500 on {_short(entry.msg.topic)!r} instead"
+            outcome = f"answered with a 500 on '{untrusted(entry.msg.topic, 120)}' instead"
         else:
             self._done(entry)
             outcome = "dropped"
-        self._log_set_aside(reason, f"set aside a {len(msg.payload)}-byte message to {_short(msg.topic)!r}: "
+        self._log_set_aside(reason, f"set aside a {len(msg.payload)}-byte message to '{untrusted(msg.topic, 120)}': "
                                     f"{detail}; {outcome}")
         try:
             self._on_set_aside(reason)
@@ -436,11 +437,6 @@ class Outbox:
                 self._on_size(size)
             except Exception:
                 log.exception("outbox listener failed")
-
-
-def _short(text: str, limit: int = 120) -> str:
-    """Untrusted text (a topic from the broker) cut short for a log line (%r escapes the rest)."""
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _message(topic: object, payload: object, qos: object, content_type: object, correlation: object,

@@ -385,7 +385,7 @@ class Session:
         try:
             self._send_now(msg)
         except poison.Unsendable as exc:
-            log.warning("did not send a %d-byte message to %r: %s", len(payload), topic[:120], exc.detail)
+            log.warning("did not send a %d-byte message to '%s': %s", len(payload), untrusted(topic, 120), exc.detail)
             self._notify("message_set_aside", exc.reason)
 
     def max_message_bytes(self) -> int | None:
@@ -415,8 +415,8 @@ class Session:
             fitted_props = (publish_properties(fitted.correlation_data, fitted.user_properties, fitted.content_type)
                             if self.cfg.is_v5 else None)
             if self._packet_size(fitted, fitted_props) <= limit:
-                log.warning("a response to %r is %d bytes as an MQTT packet, over the limit of %d bytes (%s): "
-                            "answered 500 instead", msg.topic[:120], size, limit, source,
+                log.warning("a response to '%s' is %d bytes as an MQTT packet, over the limit of %d bytes (%s): "
+                            "answered 500 instead", untrusted(msg.topic, 120), size, limit, source,
                             extra={"MQTT_SET_ASIDE": poison.TOO_LARGE})
                 self._notify("message_set_aside", poison.TOO_LARGE)
                 return fitted, fitted_props
