@@ -186,6 +186,8 @@ class Agent:
                 broker=str(st.host) if st.host else None,
                 protocol=st.protocol,
                 keepalive_s=st.keepalive,
+                keepalive_set_by_broker=st.keepalive_set_by_broker,
+                max_message_bytes=st.max_message_bytes,
                 client_id=self.session.client_id,
                 connects=st.connects,
                 reconnects=max(st.connects - 1, 0),

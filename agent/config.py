@@ -80,6 +80,9 @@ class MqttConfig:
     connect_timeout: float = 10.0
     max_inflight: int = 100
     shared_group: str | None = None  # MQTT 5 shared subscription group (gateway pairs), see docs/connection.md
+    # Largest PUBLISH packet the agent sends; None: the broker's MQTT 5 Maximum Packet Size if announced,
+    # else unlimited (Eclipse Hono announces nothing and closes the connection above 2048 bytes).
+    max_message_bytes: int | None = None
 
     @property
     def is_v5(self) -> bool:
@@ -508,6 +511,10 @@ def _mqtt(t: _Table, device_id: str | None, tls_enabled: bool) -> MqttConfig | N
         t.error("shared_group", f"needs MQTT 5 (shared subscriptions do not exist in MQTT 3.1.1): set "
                 f"mqtt.protocol = \"5\" or remove mqtt.shared_group (got {shared_group!r})")
         shared_group = None
+    max_message_bytes = t.integer("max_message_bytes", 0, 0, 268_435_455)  # 0: the broker's limit, if announced
+    if isinstance(max_message_bytes, int) and 0 < max_message_bytes < 128:
+        t.error("max_message_bytes", f"must be 0 (the broker's announced limit, else none) or at least 128, got "
+                                     f"{max_message_bytes}")
     t.finish()
     values = (client_id, protocol, keepalive, clean_session, session_expiry, qos, command_topic, connect_timeout)
     if not hosts or len(hosts) != len(raw_hosts or []) or None in values or max_inflight is None:
@@ -530,6 +537,7 @@ def _mqtt(t: _Table, device_id: str | None, tls_enabled: bool) -> MqttConfig | N
         connect_timeout=connect_timeout,
         max_inflight=max_inflight,
         shared_group=shared_group,
+        max_message_bytes=max_message_bytes or None,
     )
 
 

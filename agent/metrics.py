@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from agent import __version__
 from agent.config import HostPort, TlsConfig
+from agent.connection.poison import SET_ASIDE_REASONS
 from agent.dispatch import DispatchObserver
 from agent.link import ConnectionEnded, SessionListener
 from agent.tls import certificate_expiries
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 # The disconnect classifier's reasons (ConnectionEnded.kind). Pre-initialised so dashboards see zeros.
 DISCONNECT_REASONS = (
     "idle_timeout", "keepalive_timeout", "session_taken_over", "server_disconnect", "auth_failed",
-    "tls_error", "refused", "network_error", "shutdown",
+    "tls_error", "refused", "network_error", "shutdown", "message_rejected",
 )
 REJECT_REASONS = ("malformed_topic", "payload_too_large", "unknown_command", "queue_full", "expired", "journal_error")
 KEEPALIVE_DIRECTIONS = ("down", "up")
@@ -111,6 +112,13 @@ class ConnectionMetrics(SessionListener):
                             registry=registry)
         self.outbox_dropped_total = Counter("mqtt_agent_outbox_dropped",
                                             "Responses dropped because the outbox was full", registry=registry)
+        self.set_aside = Counter("mqtt_agent_messages_set_aside",
+                                 "Messages not sent as they were, by reason: too_large (over mqtt.max_message_bytes "
+                                 "or the broker's Maximum Packet Size; a response is answered 500 instead), poison "
+                                 "(the broker closed the connection each time it was sent)", ["reason"],
+                                 registry=registry)
+        for reason in (*SET_ASIDE_REASONS, OTHER):
+            self.set_aside.labels(reason)
         registry.register(self)
 
     # --- computed at scrape time (prometheus_client Collector protocol) -----------------------
@@ -171,6 +179,9 @@ class ConnectionMetrics(SessionListener):
 
     def outbox_dropped(self, count: int) -> None:
         self.outbox_dropped_total.inc(count)
+
+    def message_set_aside(self, reason: str) -> None:
+        self.set_aside.labels(_bounded(reason, SET_ASIDE_REASONS)).inc()
 
 
 class CommandMetrics(DispatchObserver):
