@@ -899,11 +899,11 @@ def render_config(cfg: Config) -> str:
 
     parts: list[str] = []
 
-    def emit(title: str, values: dict[str, object], unset: list[str]) -> None:
+    def emit(title: tuple[str, ...], values: dict[str, object], unset: list[str]) -> None:
         nested: dict[str, object] = values
-        for name in reversed(title.split(".")):
+        for name in reversed(title):  # a command named "fw.update" is one key, not two tables
             nested = {name: nested}
-        text = tomli_w.dumps(nested).rstrip("\n") if values else f"[{title}]"
+        text = tomli_w.dumps(nested).rstrip("\n")
         parts.append("\n".join([text, *(f"# {key} is not set" for key in unset)]) + "\n")
 
     for f in fields(cfg):
@@ -912,9 +912,9 @@ def render_config(cfg: Config) -> str:
             continue
         if f.name == "commands":
             for spec in section.values():
-                emit(f"commands.{spec.name}", *_table(spec, skip=frozenset({"name", "env"})))
+                emit(("commands", spec.name), *_table(spec, skip=frozenset({"name", "env"})))
                 if spec.env:  # names only: a value may be a token
-                    emit(f"commands.{spec.name}.env", {k: REDACTED for k, _ in spec.env}, [])
+                    emit(("commands", spec.name, "env"), {k: REDACTED for k, _ in spec.env}, [])
             continue
-        emit(f.name, *_table(section))
+        emit((f.name,), *_table(section))
     return "\n".join(parts)
