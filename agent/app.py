@@ -8,11 +8,11 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from agent import __version__
 from agent.commands.processes import REAPER, become_subreaper
-from agent.config import CREDENTIAL_KEYS, Config, load_config
+from agent.config import CREDENTIAL_KEYS, Config, TlsConfig, load_config
 from agent.dispatch import Dispatcher
 from agent.errors import AgentError, ConfigError, TLSSetupError
 from agent.handlers import HandlerRegistry
@@ -23,12 +23,16 @@ from agent.logs import set_level
 from agent.metrics import AgentMetrics, MetricsServer
 from agent.notify import Notifier, ServiceWatchdog, StatusLine, sender_from_environment, watchdog_interval
 from agent.reload import ReloadOutcome, fingerprint, plan_reload, secret_files
+from agent.renewal import has_renewed_pair
 from agent.resilience import ConnectionMonitor
 from agent.service.reload_verdict import read_request, verdict_dir, write_verdict
 from agent.session import Session
 from agent.state.outbox import Outbox
-from agent.state.store import StateStore
+from agent.state.store import StateStore, ensure_private_dir
 from agent.tls import build_context
+
+if TYPE_CHECKING:
+    from agent.renewal.rollover import Renewer
 
 log = logging.getLogger(__name__)
 
@@ -74,20 +78,33 @@ class Agent:
         self.outbox: Outbox | None = None
         self.monitor: ConnectionMonitor | None = None
         self.subreaper = False
+        self.renewer: Renewer | None = None
 
     def build(self) -> None:
         cfg = self.cfg
-        ssl_context = build_context(cfg.tls) if cfg.tls.enabled else None
+        try:
+            ensure_private_dir(cfg.agent.state_dir)
+        except OSError as exc:
+            raise ConfigError([f"agent.state_dir: cannot use {cfg.agent.state_dir}: {exc.strerror or exc}"]) from exc
+        # The newest valid pair: a renewed one in agent.state_dir/tls if present and good, else the configured one.
+        if cfg.tls.enabled and cfg.tls.cert_file and (cfg.renewal.enabled or has_renewed_pair(cfg.agent.state_dir)):
+            from agent.renewal.rollover import Renewer
+            from agent.renewal.store import PairStore
+
+            self.renewer = Renewer(cfg, PairStore(cfg.agent.state_dir / "tls"), switch=self._switch_pair)
+        tls_in_use = self.renewer.tls_in_use() if self.renewer else cfg.tls
+        ssl_context = build_context(tls_in_use) if cfg.tls.enabled else None
         try:
             self.store = StateStore(cfg.agent.state_dir, max_bytes=cfg.limits.max_state_bytes)
             self.outbox = Outbox(self.store, cfg.limits.max_outbox_messages, window=cfg.mqtt.max_inflight)
         except (OSError, sqlite3.Error) as exc:
             reason = getattr(exc, "strerror", None) or exc
             raise ConfigError([f"agent.state_dir: cannot use {cfg.agent.state_dir}: {reason}"]) from exc
-        self.registry = build_registry(cfg.commands, self.status, plugins=self._plugins, ping=self._ping)
+        self.registry = build_registry(cfg.commands, self.status, plugins=self._plugins, ping=self._ping,
+                                       builtins=self._renewal_commands())
         protocol = "5" if cfg.mqtt.is_v5 else "3.1.1"
         tuning = cfg.keepalive_tuning
-        self.metrics = AgentMetrics(protocol=protocol, configured_keepalive=cfg.mqtt.keepalive, tls=cfg.tls,
+        self.metrics = AgentMetrics(protocol=protocol, configured_keepalive=cfg.mqtt.keepalive, tls=tls_in_use,
                                     keepalive_floor=tuning.min if tuning.enabled else None,
                                     commands=self.registry,
                                     in_flight=lambda: self.dispatcher.in_flight if self.dispatcher else 0,
@@ -112,13 +129,34 @@ class Agent:
             cfg.reconnect,
             ssl_context=ssl_context,
             on_message=self.dispatcher.accept,
-            listeners=[self.metrics.connection, self.status_line, self.phases],
+            listeners=[self.metrics.connection, self.status_line, self.phases,
+                       *([self.renewer] if self.renewer else [])],
             monitor=self.monitor,
             outbox=self.outbox,
             on_ack_delay=self.metrics.ack_delay.observe,
         )
         self._health_check = HealthCheck(self.session, self.dispatcher, self.phases, lambda: self.registry or {},
                                          stall_limit=ServiceWatchdog.stall_limit(interval))
+
+    def _renewal_commands(self) -> dict[str, Any]:
+        """cert.csr and cert.install, when the backend signs through the command channel."""
+        if self.renewer is None or not self.cfg.renewal.enabled or self.cfg.renewal.signer != "command":
+            return {}
+        from agent.renewal.handlers import CertCsrHandler, CertInstallHandler
+
+        return {"cert.csr": CertCsrHandler(self.renewer), "cert.install": CertInstallHandler(self.renewer)}
+
+    def _switch_pair(self, tls: TlsConfig, reason: str) -> None:
+        """The renewer chose another certificate pair: one clean reconnect with it (renewal thread or handler)."""
+        if self.session is None or self.metrics is None:
+            return
+        try:
+            ctx = build_context(tls)
+        except AgentError as exc:
+            log.error("certificate pair %s cannot be loaded, the session keeps its current one: %s", tls.cert_file, exc)
+            return
+        self.metrics.certificates.tls = tls
+        self.session.reconfigure(self.cfg.mqtt, tls, ctx, reason)
 
     def _connection_status(self) -> str:
         return self.status_line.text if self.status_line else "starting"
@@ -149,6 +187,8 @@ class Agent:
                 broker=str(st.host) if st.host else None,
                 protocol=st.protocol,
                 keepalive_s=st.keepalive,
+                keepalive_set_by_broker=st.keepalive_set_by_broker,
+                max_message_bytes=st.max_message_bytes,
                 client_id=self.session.client_id,
                 connects=st.connects,
                 reconnects=max(st.connects - 1, 0),
@@ -172,6 +212,8 @@ class Agent:
             }
         if self.registry is not None:
             out["available_commands"] = sorted(self.registry)
+        if self.renewer is not None:
+            out["tls_certificate"] = self.renewer.describe()
         return out
 
     def _start_metrics(self) -> None:
@@ -217,6 +259,14 @@ class Agent:
         self._start_metrics()
         self.dispatcher.start()
         self.session.start()
+        if self.renewer is not None:
+            self.renewer.attach_metrics(self.metrics.renewal if self.metrics else None)
+            pair = self.renewer.pair
+            if pair is not None:
+                log.info("TLS client certificate in use: %s pair %s (serial %x), valid until %s", pair.source,
+                         pair.cert_file, pair.serial, f"{pair.not_after:%Y-%m-%d %H:%M} UTC")
+            if self.renewer.enabled:
+                self.renewer.start()
         # READY=1 means initialised, not connected: boot never waits for the network.
         self.phases.first_attempt.wait(FIRST_ATTEMPT_WAIT)
         self.notifier.ready(self._connection_status())
@@ -280,7 +330,8 @@ class Agent:
         log.info("reloading the configuration from %s", source)
         try:
             new = load_config(source)
-            ssl_context = build_context(new.tls) if new.tls.enabled else None
+            tls_in_use = self.renewer.tls_for(new) if self.renewer else new.tls
+            ssl_context = build_context(tls_in_use) if new.tls.enabled else None
         except AgentError as exc:
             problems = list(getattr(exc, "problems", []) or [str(exc)])
             # The credentials hint only where it explains something: a problem with a key that comes from a
@@ -299,8 +350,11 @@ class Agent:
         plan = plan_reload(self.cfg, new, self._files, files)
         eff = plan.effective
         done: list[str] = []
+        if self.renewer is not None:
+            self.renewer.reconfigure(eff)
         if plan.commands_differ:
-            registry = build_registry(eff.commands, self.status, plugins=self._plugins, ping=self._ping)
+            registry = build_registry(eff.commands, self.status, plugins=self._plugins, ping=self._ping,
+                                      builtins=self._renewal_commands())
             self.dispatcher.set_registry(registry)
             self.registry = registry
             self.metrics.commands.set_commands(registry)
@@ -314,8 +368,8 @@ class Agent:
             done.append(f"applied {', '.join(plan.live)}")
         if plan.reconnect:
             reason = "; ".join(plan.reconnect)
-            self.metrics.certificates.tls = eff.tls
-            self.session.reconfigure(eff.mqtt, eff.tls, ssl_context, f"configuration reloaded: {reason}")
+            self.metrics.certificates.tls = tls_in_use
+            self.session.reconfigure(eff.mqtt, tls_in_use, ssl_context, f"configuration reloaded: {reason}")
             done.append(f"reconnecting: {reason}")
         if plan.restart_needed:
             log.warning("configuration reload: %s changed but take(s) effect only after a restart "
@@ -357,6 +411,8 @@ class Agent:
                         "for the next start", self.session.unacknowledged())
         # The watchdog judges a live network loop: stop it before the loop ends on purpose.
         self.watchdog.stop()
+        if self.renewer is not None:
+            self.renewer.stop()
         REAPER.stop()
         self.session.stop()
         self.dispatcher.close()

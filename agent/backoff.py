@@ -62,6 +62,14 @@ class Backoff:
         low = max(self.cfg.min_delay, top / 2.0) if self.damped else self.cfg.min_delay
         return self._rng.uniform(low, top)
 
+    def failover_delay(self) -> float:
+        """The wait before the first try of the next host after a failover: about `min_delay`, not the
+        backoff built up against the host that failed (a cluster node's loss must not cost the whole
+        backoff again). Jittered over [min_delay / 2, min_delay] so a fleet failing over at once spreads."""
+        if not self.cfg.jitter:
+            return self.cfg.min_delay
+        return self._rng.uniform(self.cfg.min_delay / 2.0, self.cfg.min_delay)
+
     def reset(self) -> None:
         self.failures = 0
 
@@ -84,10 +92,11 @@ class HostRotation(Generic[T]):
     def succeeded(self) -> None:
         self._failures = 0
 
-    def failed(self) -> bool:
-        """Record a failure on the current host; True if the rotation moved to another host."""
+    def failed(self, definite: bool = False) -> bool:
+        """Record a failure on the current host; True if the rotation moved to another host.
+        `definite`: the host is known to be down (nothing listens on its port): move on at once."""
         self._failures += 1
-        if self._failures >= self.attempts_per_host and len(self.hosts) > 1:
+        if (definite or self._failures >= self.attempts_per_host) and len(self.hosts) > 1:
             self.index = (self.index + 1) % len(self.hosts)
             self._failures = 0
             return True

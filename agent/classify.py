@@ -11,6 +11,9 @@ classifier tells them apart from the history of connections:
 - session_taken_over: DISCONNECT 0x8E, or the MQTT 3.1.1 signature: repeated drops of short-lived
   connections whose reconnect succeeds at once (the broker is fine and still holds our session)
   at moments unrelated to our idle time; the other client keeps reconnecting too.
+- message_rejected: the connection ended right after the agent sent a message the broker never
+  acknowledged (over a size limit it did not announce, or refused otherwise): a poison message, set
+  aside after a few tries (agent/connection/poison.py), not a takeover and not the network.
 - keepalive_timeout, server_disconnect, auth_failed, tls_error, refused, network_error, shutdown.
 
 Plain data in, a verdict out; time comes from an injected clock.
@@ -34,8 +37,9 @@ TLS_ERROR = "tls_error"
 REFUSED = "refused"
 NETWORK_ERROR = "network_error"
 SHUTDOWN = "shutdown"
+MESSAGE_REJECTED = "message_rejected"
 FINAL_KINDS = (IDLE_TIMEOUT, KEEPALIVE_TIMEOUT, SESSION_TAKEN_OVER, SERVER_DISCONNECT, AUTH_FAILED, TLS_ERROR,
-               REFUSED, NETWORK_ERROR, SHUTDOWN)
+               REFUSED, NETWORK_ERROR, SHUTDOWN, MESSAGE_REJECTED)
 
 # Interim kinds the session reports before classification.
 CONNECTION_LOST = "connection_lost"
@@ -45,6 +49,26 @@ _LOST_KINDS = (IDLE_TIMEOUT, NETWORK_ERROR, SESSION_TAKEN_OVER)  # what a "conne
 
 # A link quiet for less than this did not drop "because it was idle": no real NAT limit is that short.
 IDLE_FLOOR = 1.0
+
+
+PROTOCOL_HINT = ('; a broker that speaks only MQTT 3.1.1 (RabbitMQ 3.x, Eclipse Hono, amqtt) does this to an '
+                 'MQTT 5 CONNECT: set mqtt.protocol = "3.1.1"')
+
+
+def keepalive_hint(keepalive: int) -> str:
+    return (f"; MQTT 3.1.1 has no such CONNACK code: aedes answers this way when the keepalive ({keepalive} s) is "
+            "over its keepaliveLimit, so the keepalive may be over the broker's limit: lower mqtt.keepalive")
+
+
+def connect_hint(end: EndEvidence, v5: bool, error: str, refused_code: int | None) -> str:
+    """Words naming the likely setting for a connection that never got a (good) CONNACK, or ""."""
+    if end.connected_at is not None or error:
+        return ""  # connected, or TCP/TLS failed (explained where that is known)
+    if v5 and end.kind in (NETWORK_ERROR, CONNECTION_LOST) and refused_code is None:
+        return PROTOCOL_HINT
+    if not v5 and refused_code == 0x80:
+        return keepalive_hint(end.keepalive)  # paho maps any non-standard 3.1.1 return code to 0x80
+    return ""
 
 
 def median(values: Sequence[float]) -> float:
@@ -75,6 +99,8 @@ class EndEvidence(Protocol):
     def longest_quiet(self) -> float | None: ...
     @property
     def session_present(self) -> bool | None: ...
+    @property
+    def message_suspect(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -116,9 +142,13 @@ class Classifier:
         suspicion_uptime: float = 240.0,
         window: float = 600.0,
         persistent_session: bool = True,
+        nat_drops: int = 3,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.stable_after = stable_after
+        # Drops at a consistent idle time it takes to call a NAT "likely": the keepalive tuner's
+        # keepalive_tuning.drops, so the words and the action agree.
+        self.nat_drops = max(1, nat_drops)
         self.suspicion_uptime = max(stable_after, suspicion_uptime)
         self.window = window
         self.persistent_session = persistent_session
@@ -129,6 +159,7 @@ class Classifier:
         self._tolerated: list[tuple[float, float]] = []  # (at, seconds of quiet the path carried)
         self.suspected_at: float | None = None
         self.takeovers = 0
+        self.revised_restart = False  # set when a failed CONNECT showed the last idle drop was a broker restart
 
     # --- evidence kept between connections -----------------------------------------------------
 
@@ -164,7 +195,18 @@ class Classifier:
         if kind in (SHUTDOWN, RECONNECT_REQUESTED):
             return Verdict(SHUTDOWN, end.reason)
         if end.connected_at is None:
+            first_failure = not self._failed_since_drop
             self._failed_since_drop = True
+            after_idle_drop = bool(self._drops) and self._drops[-1].kind == IDLE_TIMEOUT
+            if first_failure and kind in (REFUSED, NETWORK_ERROR, CONNECTION_LOST) and after_idle_drop:
+                # The broker that dropped us refuses the very next CONNECT: it was restarting (or stopping),
+                # which is no evidence about a NAT; the drop leaves the idle pattern.
+                last = self._drops.pop()
+                self._drops.append(_Drop(last.at, NETWORK_ERROR, last.uptime, last.idle, False))
+                self.revised_restart = True
+                final = kind if kind in FINAL_KINDS else NETWORK_ERROR
+                return Verdict(final, f"{end.reason}; so the broker was restarting or stopping when it dropped the "
+                               "last connection (not a NAT or firewall idle limit)")
             if kind == CONNECTION_LOST:
                 return Verdict(NETWORK_ERROR, f"the connection closed before the broker's CONNACK ({end.reason})")
             return Verdict(kind if kind in FINAL_KINDS else NETWORK_ERROR, end.reason)
@@ -176,6 +218,13 @@ class Classifier:
             self._tolerated.append((end.ended_at, end.longest_quiet))
         uptime = end.uptime or 0.0
         idle = end.idle_for if end.idle_for is not None else uptime
+        if end.message_suspect and kind in (CONNECTION_LOST, SERVER_DISCONNECT):
+            # The broker closed right after a message it did not take: that message is the cause, not the
+            # network and not another client (on MQTT 3.1.1 it would look like a duplicate client id).
+            self._record(end, MESSAGE_REJECTED, uptime, idle, False)
+            return Verdict(MESSAGE_REJECTED, f"{end.reason}; right after we sent {end.message_suspect}: the broker "
+                           "refuses that message (likely over its size limit: see mqtt.max_message_bytes); it is set "
+                           "aside after a few tries")
         if kind == SESSION_TAKEN_OVER:
             declared = self.suspected_at is None
             self._record(end, SESSION_TAKEN_OVER, uptime, idle, True)
@@ -218,8 +267,18 @@ class Classifier:
             return Verdict(SESSION_TAKEN_OVER, self._takeover_reason(uptime, repeated=False), True)
         if nat_pattern:
             self._record(end, IDLE_TIMEOUT, uptime, idle, could_be_takeover)
-            return Verdict(IDLE_TIMEOUT, f"dropped after {idle:.1f} s without traffic, within the keepalive "
-                           f"({end.keepalive} s): a NAT or firewall idle limit is likely")
+            like = len([d for d in recent if d.kind == IDLE_TIMEOUT and typical is not None
+                        and abs(d.idle - typical) <= idle_tolerance(typical)])
+            head = f"{end.reason} after {idle:.1f} s without traffic, within the keepalive ({end.keepalive} s)"
+            if like + 1 >= self.nat_drops:
+                # The pattern the keepalive tuner acts on: only now is a NAT the likely cause.
+                return Verdict(IDLE_TIMEOUT, f"{head}, like {like} drop(s) before at this idle time: a NAT or "
+                               "firewall idle limit is likely")
+            if like:
+                return Verdict(IDLE_TIMEOUT, f"{head}, like {like} drop(s) before at this idle time: if it keeps "
+                               "happening at this idle time, a NAT or firewall idle limit is likely")
+            return Verdict(IDLE_TIMEOUT, f"{head}; one drop does not say why (a broker restart, another client "
+                           "with this client id, or, if it repeats at this idle time, a NAT or firewall idle limit)")
         self._record(end, NETWORK_ERROR, uptime, idle, could_be_takeover)
         if idle < IDLE_FLOOR:
             why = f"{idle:.1f} s after the last traffic"

@@ -14,7 +14,7 @@ from pathlib import Path
 from types import FrameType
 
 from agent import __version__
-from agent.config import DEFAULT_CONFIG_PATH, load_config, render_config
+from agent.config import DEFAULT_CONFIG_PATH, Config, load_config, render_config
 from agent.errors import EX_CONFIG, EX_FAILURE, EX_OK, AgentError
 from agent.logs import setup_logging
 
@@ -196,7 +196,39 @@ Details and the --json schema: docs/doctor.md.""",
     enroll.add_argument("--ca", metavar="FILE", type=Path,
                         help="with --install-cert: CA certificate(s) the device certificate must chain to "
                         "(default: tls.ca_file)")
+    renew = sub.add_parser(
+        "renew",
+        help="renew the TLS client certificate now (asks the running agent)",
+        description="Ask the running agent to renew its client certificate now instead of when [renewal] says "
+        "it is due: a new key is made on the device, its CSR signed by renewal.signer, the certificate checked "
+        "against the key and tls.ca_file, proven with a probe CONNECT (its own client id) and only then switched "
+        "to with one reconnect. Without --force nothing happens while the certificate is not due yet; the "
+        "retry backoff after a failure is skipped either way. The outcome is printed when the agent has "
+        "recorded it. Details: docs/renewal.md.",
+        epilog="exit codes:\n  0  renewed (or not due, or waiting for the backend with signer = \"command\")\n"
+        "  1  the renewal failed (the message says why), or renewal is off\n"
+        "  2  no outcome within --timeout (is the agent running?)\n  78 invalid configuration\n\n"
+        "examples:\n  sudo mqtt-agent renew\n  sudo mqtt-agent renew --force",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config(renew)
+    renew.add_argument("--force", action="store_true", help="renew even if the certificate is not due yet")
+    renew.add_argument("--timeout", metavar="S", type=float, default=None,
+                       help="seconds to wait for the outcome (default: enough for renewal.timeout and the probes)")
     return parser
+
+
+def _cmd_renew(args: argparse.Namespace) -> int:
+    from agent.tools.renew import default_timeout, request_renewal
+
+    cfg = load_config(args.config)
+    outcome = request_renewal(cfg, force=args.force, timeout=args.timeout or default_timeout(cfg))
+    if outcome.result is None:
+        print(f"mqtt-agent renew: {outcome.message}", file=sys.stderr)
+        return EX_TIMEOUT
+    stream = sys.stdout if outcome.ok else sys.stderr
+    print(f"{outcome.result}: {outcome.message}", file=stream)
+    return EX_OK if outcome.ok else EX_FAILURE
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -207,11 +239,28 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         build_context(cfg.tls)
     if not args.quiet:
         print(f"# {args.config}: valid")
+        print(f"# {_pair_in_use(cfg)}")
         print(render_config(cfg), end="")
     if cfg.tls.enabled and cfg.tls.insecure:
         print("warning: tls.insecure = true skips the broker host-name check; prefer tls.server_name",
               file=sys.stderr)
     return EX_OK
+
+
+def _pair_in_use(cfg: Config) -> str:
+    """Which certificate pair `run` would use, for check-config."""
+    import datetime
+
+    from agent.renewal.store import PairStore, select_pair
+
+    if not (cfg.tls.enabled and cfg.tls.cert_file):
+        return "TLS client certificate: none configured"
+    now = datetime.datetime.now(datetime.timezone.utc)
+    pair = select_pair(PairStore(cfg.agent.state_dir / "tls"), cfg.tls, cfg.agent.device_id, now)
+    if pair is None:
+        return f"TLS client certificate: {cfg.tls.cert_file} does not pass the chain check (mqtt-agent doctor says why)"
+    return (f"TLS client certificate in use: {pair.source} pair {pair.cert_file}, serial {pair.serial:x}, "
+            f"valid until {pair.not_after:%Y-%m-%d %H:%M} UTC")
 
 
 def _cmd_send(args: argparse.Namespace) -> int:
@@ -365,6 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "doctor": _cmd_doctor,
         "enroll": _cmd_enroll,
         "reload": _cmd_reload,
+        "renew": _cmd_renew,
     }
     try:
         return handlers[args.command](args)

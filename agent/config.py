@@ -29,7 +29,7 @@ else:  # pragma: no cover - exercised on Python 3.9/3.10 only
     import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
 DEFAULT_CONFIG_PATH = Path("/etc/mqtt-agent/mqtt-agent.toml")
-BUILTIN_COMMANDS = frozenset({"ping", "info"})
+BUILTIN_COMMANDS = frozenset({"ping", "info", "cert.csr", "cert.install"})
 COMMAND_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Characters that would break an MQTT topic segment or a client id used in one.
 _TOPIC_UNSAFE = re.compile(r"[/+#\x00]")
@@ -80,6 +80,9 @@ class MqttConfig:
     connect_timeout: float = 10.0
     max_inflight: int = 100
     shared_group: str | None = None  # MQTT 5 shared subscription group (gateway pairs), see docs/connection.md
+    # Largest PUBLISH packet the agent sends; None: the broker's MQTT 5 Maximum Packet Size if announced,
+    # else unlimited (Eclipse Hono announces nothing and closes the connection above 2048 bytes).
+    max_message_bytes: int | None = None
 
     @property
     def is_v5(self) -> bool:
@@ -159,6 +162,23 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class RenewalConfig:
+    """[renewal]: when and how the client certificate is renewed (agent/renewal/). Off without a signer."""
+
+    enabled: bool = False
+    signer: str = ""  # "exec" | "command" | "" (none)
+    command: tuple[str, ...] = ()
+    timeout: float = 120.0
+    at: float = 0.66
+    before: float = 30 * 86400.0
+    keep_previous: float = 7 * 86400.0
+    retry_min: float = 300.0
+    retry_max: float = 6 * 3600.0
+    check_interval: float = 60.0
+    probe_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
 class Config:
     agent: AgentConfig
     mqtt: MqttConfig
@@ -169,6 +189,7 @@ class Config:
     keepalive_tuning: KeepaliveTuningConfig
     metrics: MetricsConfig
     source: Path | None = None
+    renewal: RenewalConfig = RenewalConfig()
 
 
 # --- parsing helpers -------------------------------------------------------------------------
@@ -492,6 +513,10 @@ def _mqtt(t: _Table, device_id: str | None, tls_enabled: bool) -> MqttConfig | N
         t.error("shared_group", f"needs MQTT 5 (shared subscriptions do not exist in MQTT 3.1.1): set "
                 f"mqtt.protocol = \"5\" or remove mqtt.shared_group (got {shared_group!r})")
         shared_group = None
+    max_message_bytes = t.integer("max_message_bytes", 0, 0, 268_435_455)  # 0: the broker's limit, if announced
+    if isinstance(max_message_bytes, int) and 0 < max_message_bytes < 128:
+        t.error("max_message_bytes", f"must be 0 (the broker's announced limit, else none) or at least 128, got "
+                                     f"{max_message_bytes}")
     t.finish()
     values = (client_id, protocol, keepalive, clean_session, session_expiry, qos, command_topic, connect_timeout)
     if not hosts or len(hosts) != len(raw_hosts or []) or None in values or max_inflight is None:
@@ -514,6 +539,7 @@ def _mqtt(t: _Table, device_id: str | None, tls_enabled: bool) -> MqttConfig | N
         connect_timeout=connect_timeout,
         max_inflight=max_inflight,
         shared_group=shared_group,
+        max_message_bytes=max_message_bytes or None,
     )
 
 
@@ -684,6 +710,62 @@ def _metrics(t: _Table) -> MetricsConfig | None:
     return None if listen is None else MetricsConfig(listen=listen)
 
 
+def _program(t: _Table, name: str, argv: list[str] | None) -> list[str] | None:
+    """An argv whose program exists and is executable (absolute path or found in PATH)."""
+    if argv is None:
+        return None
+    if not argv or not argv[0]:
+        t.error(name, "must name a program: [\"/path/to/program\", \"arg\", ...]")
+        return None
+    if "/" in argv[0]:
+        prog = Path(argv[0])
+        if not prog.is_absolute():
+            t.error(name, f"program path {argv[0]!r} must be absolute or a bare name found in PATH")
+            return None
+        if not (prog.is_file() and os.access(prog, os.X_OK)):
+            t.error(name, f"{prog} does not exist or is not executable")
+            return None
+    elif shutil.which(argv[0]) is None:
+        t.error(name, f"program {argv[0]!r} is not found in PATH; give its absolute path")
+        return None
+    return argv
+
+
+def _renewal(t: _Table, tls: TlsConfig | None) -> RenewalConfig | None:
+    signer = t.string("signer", "", choices=("", "exec", "command"))
+    enabled = t.boolean("enabled", bool(signer))
+    command = t.string_list("command", [])
+    if signer == "exec" or (isinstance(command, list) and command):
+        command = _program(t, "command", command)
+    timeout = t.number("timeout", 120.0, 1.0, 3600.0)
+    at = t.number("at", 0.66, 0.05, 0.99)
+    before = t.number("before", 30 * 86400.0, 0.0, 3650 * 86400.0)
+    keep_previous = t.number("keep_previous", 7 * 86400.0, 0.0, 3650 * 86400.0)
+    retry_min = t.number("retry_min", 300.0, 1.0, 86400.0)
+    retry_max = t.number("retry_max", 6 * 3600.0, 1.0, 7 * 86400.0)
+    check_interval = t.number("check_interval", 60.0, 0.2, 3600.0)
+    probe_timeout = t.number("probe_timeout", 10.0, 0.5, 300.0)
+    t.finish()
+    if enabled and not signer:
+        t.error("enabled", "is true but renewal.signer is not set: set signer = \"exec\" (with renewal.command) "
+                "or \"command\" (cert.csr / cert.install over MQTT)")
+        return None
+    if enabled and tls is not None and not (tls.enabled and tls.cert_file and tls.key_file and tls.ca_file):
+        t.error("enabled", "renewal needs mutual TLS with a CA: set tls.cert_file, tls.key_file and tls.ca_file "
+                "(the renewed certificate is checked against tls.ca_file), or renewal.enabled = false")
+        return None
+    if retry_min is not None and retry_max is not None and retry_max < retry_min:
+        t.error("retry_max", f"must be >= renewal.retry_min ({retry_min:g}), got {retry_max:g}")
+        return None
+    values = (signer, enabled, command, timeout, at, before, keep_previous, retry_min, retry_max, check_interval,
+              probe_timeout)
+    if None in values:
+        return None
+    return RenewalConfig(enabled=enabled, signer=signer, command=tuple(command), timeout=timeout, at=at,
+                         before=before, keep_previous=keep_previous, retry_min=retry_min, retry_max=retry_max,
+                         check_interval=check_interval, probe_timeout=probe_timeout)
+
+
 def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
     """Validate a decoded TOML document. Raises ConfigError listing every problem."""
     problems: list[str] = []
@@ -699,13 +781,15 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
     reconnect = _reconnect(root.table("reconnect"))
     tuning = _tuning(root.table("keepalive_tuning"), mqtt.keepalive if mqtt else None)
     metrics = _metrics(root.table("metrics"))
+    renewal = _renewal(root.table("renewal"), tls)
     root.finish()
     if mqtt and tls and mqtt.password and not tls.enabled:
         problems.append("mqtt.password: would be sent in clear text because tls.enabled = false")
     if problems:
         raise ConfigError(problems, str(source) if source else "")
     assert agent and mqtt and tls and limits and commands is not None and reconnect and tuning and metrics
-    return Config(agent, mqtt, tls, limits, commands, reconnect, tuning, metrics, source)
+    assert renewal is not None
+    return Config(agent, mqtt, tls, limits, commands, reconnect, tuning, metrics, source, renewal)
 
 
 # Secret files a systemd unit hands over as credentials (LoadCredential=KEY:PATH, see docs/systemd.md):
@@ -818,11 +902,11 @@ def render_config(cfg: Config) -> str:
 
     parts: list[str] = []
 
-    def emit(title: str, values: dict[str, object], unset: list[str]) -> None:
+    def emit(title: tuple[str, ...], values: dict[str, object], unset: list[str]) -> None:
         nested: dict[str, object] = values
-        for name in reversed(title.split(".")):
+        for name in reversed(title):  # a command named "fw.update" is one key, not two tables
             nested = {name: nested}
-        text = tomli_w.dumps(nested).rstrip("\n") if values else f"[{title}]"
+        text = tomli_w.dumps(nested).rstrip("\n")
         parts.append("\n".join([text, *(f"# {key} is not set" for key in unset)]) + "\n")
 
     for f in fields(cfg):
@@ -831,9 +915,9 @@ def render_config(cfg: Config) -> str:
             continue
         if f.name == "commands":
             for spec in section.values():
-                emit(f"commands.{spec.name}", *_table(spec, skip=frozenset({"name", "env"})))
+                emit(("commands", spec.name), *_table(spec, skip=frozenset({"name", "env"})))
                 if spec.env:  # names only: a value may be a token
-                    emit(f"commands.{spec.name}.env", {k: REDACTED for k, _ in spec.env}, [])
+                    emit(("commands", spec.name, "env"), {k: REDACTED for k, _ in spec.env}, [])
             continue
-        emit(f.name, *_table(section))
+        emit((f.name,), *_table(section))
     return "\n".join(parts)

@@ -556,7 +556,8 @@ class Dispatcher:
             payload=job.msg.payload,
             via_gateway=bool(job.topic.device),
             content_type=job.msg.content_type,
-            user_properties=job.msg.user_properties,
+            # Hono's property bag (from the topic) first, then MQTT 5 user properties: both are properties.
+            user_properties=(*job.topic.properties, *job.msg.user_properties),
             deadline=deadline,
         )
         try:

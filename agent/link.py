@@ -28,6 +28,7 @@ class ConnectionEnded:
     session_present: bool | None = None  # from this connection's CONNACK
     longest_quiet: float | None = None  # longest silence the link carried (traffic flowed after it)
     link_error: str = ""  # how the socket ended, if it did: "closed by the peer", "reset by the peer"
+    message_suspect: str = ""  # the unacknowledged message sent just before the end, if any (poison check)
 
     @property
     def uptime(self) -> float | None:
@@ -71,6 +72,10 @@ class SessionListener:
     def outbox_dropped(self, count: int) -> None:
         """Responses dropped because the outbox was full (oldest first)."""
 
+    def message_set_aside(self, reason: str) -> None:
+        """A message was not sent as it was: "too_large" (over the size limit; a response is answered
+        500 instead) or "poison" (the broker dropped the connection each time it was sent)."""
+
 
 @dataclass(frozen=True)
 class SessionState:
@@ -83,3 +88,5 @@ class SessionState:
     attempts: int
     last_end: ConnectionEnded | None
     subscribed: bool
+    keepalive_set_by_broker: bool = False  # MQTT 5 CONNACK Server Keep Alive replaced the one we asked for
+    max_message_bytes: int | None = None  # the size limit in force for what the agent publishes (None: none)

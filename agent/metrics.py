@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from agent import __version__
 from agent.config import HostPort, TlsConfig
+from agent.connection.poison import SET_ASIDE_REASONS
 from agent.dispatch import DispatchObserver
 from agent.link import ConnectionEnded, SessionListener
 from agent.tls import certificate_expiries
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 # The disconnect classifier's reasons (ConnectionEnded.kind). Pre-initialised so dashboards see zeros.
 DISCONNECT_REASONS = (
     "idle_timeout", "keepalive_timeout", "session_taken_over", "server_disconnect", "auth_failed",
-    "tls_error", "refused", "network_error", "shutdown",
+    "tls_error", "refused", "network_error", "shutdown", "message_rejected",
 )
 REJECT_REASONS = ("malformed_topic", "payload_too_large", "unknown_command", "queue_full", "expired", "journal_error")
 KEEPALIVE_DIRECTIONS = ("down", "up")
@@ -111,6 +112,13 @@ class ConnectionMetrics(SessionListener):
                             registry=registry)
         self.outbox_dropped_total = Counter("mqtt_agent_outbox_dropped",
                                             "Responses dropped because the outbox was full", registry=registry)
+        self.set_aside = Counter("mqtt_agent_messages_set_aside",
+                                 "Messages not sent as they were, by reason: too_large (over mqtt.max_message_bytes "
+                                 "or the broker's Maximum Packet Size; a response is answered 500 instead), poison "
+                                 "(the broker closed the connection each time it was sent)", ["reason"],
+                                 registry=registry)
+        for reason in (*SET_ASIDE_REASONS, OTHER):
+            self.set_aside.labels(reason)
         registry.register(self)
 
     # --- computed at scrape time (prometheus_client Collector protocol) -----------------------
@@ -171,6 +179,9 @@ class ConnectionMetrics(SessionListener):
 
     def outbox_dropped(self, count: int) -> None:
         self.outbox_dropped_total.inc(count)
+
+    def message_set_aside(self, reason: str) -> None:
+        self.set_aside.labels(_bounded(reason, SET_ASIDE_REASONS)).inc()
 
 
 class CommandMetrics(DispatchObserver):
@@ -287,8 +298,30 @@ class StateMetrics:
                                   value=st.fsyncs)
         yield CounterMetricFamily("mqtt_agent_state_pruned", "Finished commands forgotten to stay within "
                                   "limits.max_state_bytes", value=st.pruned_total)
-        yield CounterMetricFamily("mqtt_agent_outbox_set_aside", "Messages set aside as unsendable (poison)",
-                                  value=st.set_aside_total)
+RENEWAL_RESULTS = ("success", "signer_failed", "rejected", "probe_failed", "rolled_back")
+
+
+class RenewalMetrics:
+    """mqtt_agent_tls_renewals_total{result} and mqtt_agent_tls_renewal_next_timestamp_seconds.
+
+    Every result starts at 0, so an alert on increase() sees the first failure."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.renewals = Counter("mqtt_agent_tls_renewals", "Certificate renewal attempts by outcome: success, "
+                                "signer_failed, rejected (failed the chain check), probe_failed (the broker refused "
+                                "the new pair), rolled_back (switched back after the switch)", ["result"],
+                                registry=registry)
+        for result in RENEWAL_RESULTS:
+            self.renewals.labels(result)
+        self.next = Gauge("mqtt_agent_tls_renewal_next_timestamp_seconds",
+                          "Unix time of the next certificate renewal attempt", registry=registry)
+        self.next.set(float("nan"))  # until a renewer says otherwise (renewal off: stays NaN)
+
+    def result(self, result: str) -> None:
+        self.renewals.labels(_bounded(result, RENEWAL_RESULTS)).inc()
+
+    def next_at(self, when: float | None) -> None:
+        self.next.set(when if when is not None else float("nan"))
 
 
 class AgentMetrics:
@@ -321,6 +354,7 @@ class AgentMetrics:
                                    "PUBACK (sent once its journal row is on disk)",
                                    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0),
                                    registry=self.registry)
+        self.renewal = RenewalMetrics(self.registry)
         build = Gauge("mqtt_agent_build_info", "Versions of the agent, Python and paho-mqtt: 1",
                       ["version", "python", "paho"], registry=self.registry)
         build.labels(__version__, platform.python_version(), _paho_version()).set(1)

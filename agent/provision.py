@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any, Union
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from agent.certcheck import NO_CA, UNTRUSTED, WRONG_KEY, CertCheckError, check_chain, public_der
 from agent.config import TlsConfig, check_device_id, read_secret
 from agent.durable import fsync_dir, write_atomic
 from agent.errors import AgentError, ConfigError
@@ -225,12 +225,6 @@ def build_csr(key: PrivateKey, device_id: str) -> x509.CertificateSigningRequest
     return builder.sign(key, hashes.SHA256())
 
 
-def _public_der(obj: PrivateKey | x509.Certificate | x509.CertificateSigningRequest | Any) -> bytes:
-    public = obj.public_key()
-    der: bytes = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return der
-
-
 def _password(paths: EnrollPaths) -> bytes | None:
     if not paths.key_password_file:
         return None
@@ -278,7 +272,7 @@ def _existing_csr_fits(path: Path, key: PrivateKey, device_id: str) -> bool:
     except (OSError, ValueError):
         return False
     cns = [a.value for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-    return csr.is_signature_valid and cns == [device_id] and _public_der(csr) == _public_der(key)
+    return csr.is_signature_valid and cns == [device_id] and public_der(csr) == public_der(key)
 
 
 def enroll(paths: EnrollPaths, *, device_id: str | None = None, key_type: str | None = None, force: bool = False,
@@ -329,54 +323,12 @@ def enroll(paths: EnrollPaths, *, device_id: str | None = None, key_type: str | 
                           csr_written=csr_written, owner=owner, notes=notes, warnings=warnings)
     if not key_created:
         certs = load_certificates(paths.cert_file)
-        if certs and _public_der(certs[0]) == _public_der(key):
+        if certs and public_der(certs[0]) == public_der(key):
             result.enrolled_until = cert_info(certs[0]).not_after
     return result
 
 
 # --- installing the signed certificate -----------------------------------------------------------
-
-
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    """Whether `issuer` signed `cert`.
-
-    Checked by hand rather than with Certificate.verify_directly_issued_by, which refuses SHA1
-    signatures ("Unsupported signature algorithm"): legacy fleet CAs still issue them, and whether
-    they are acceptable is tls.security_level's call, checked by OpenSSL before installing.
-    """
-    if cert.issuer != issuer.subject:
-        return False
-    public = issuer.public_key()
-    params = cert.signature_algorithm_parameters
-    digest = cert.signature_hash_algorithm
-    try:
-        if isinstance(public, rsa.RSAPublicKey) and isinstance(params, (padding.PKCS1v15, padding.PSS)) and digest:
-            public.verify(cert.signature, cert.tbs_certificate_bytes, params, digest)
-        elif isinstance(public, ec.EllipticCurvePublicKey) and isinstance(params, ec.ECDSA):
-            public.verify(cert.signature, cert.tbs_certificate_bytes, params)
-        else:
-            cert.verify_directly_issued_by(issuer)
-    except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError):
-        return False
-    return True
-
-
-def _chain_to_anchor(leaf: x509.Certificate, intermediates: list[x509.Certificate],
-                     anchors: list[x509.Certificate]) -> list[x509.Certificate] | None:
-    """The path leaf -> ... -> anchor through `intermediates`, or None if the leaf does not chain to an anchor."""
-    path = [leaf]
-    pool = list(intermediates)
-    while len(path) <= len(intermediates) + 1:
-        current = path[-1]
-        anchor = next((a for a in anchors if _issued_by(current, a)), None)
-        if anchor is not None:
-            return [*path, anchor]
-        step = next((c for c in pool if _issued_by(current, c)), None)
-        if step is None:
-            return None
-        pool.remove(step)
-        path.append(step)
-    return None
 
 
 def _now() -> datetime.datetime:
@@ -394,55 +346,29 @@ def install_certificate(paths: EnrollPaths, source: Path, *, ca_file: Path | Non
     """
     now = now or _now()
     certs = load_certificates(source)
-    if not certs:
-        raise EnrollError(f"{source} holds no readable certificate (PEM or DER expected)")
-    key = load_private_key(paths)
-    mine = _public_der(key)
-    leaf = next((c for c in certs if _public_der(c) == mine), None)
-    if leaf is None:
-        shown = cert_info(certs[0])
-        raise EnrollError(
-            f"{source} is not a certificate for this device's key {paths.key_file} (it is for {shown.subject}, "
-            f"{shown.key}): sign the CSR {paths.csr_file} from this device and install that certificate")
-    intermediates = [c for c in certs if c is not leaf]
+    key = load_private_key(paths) if certs else None
     anchor_file = ca_file or paths.ca_file
-    if anchor_file is None:
+    if certs and anchor_file is None:
         raise EnrollError("there is no CA to check the certificate against: tls.ca_file is not set; "
                           "pass --ca FILE (the CA certificate that signs device certificates)")
-    anchors = load_certificates(anchor_file)
-    if not anchors:
-        origin = "--ca" if ca_file else "tls.ca_file"
-        raise EnrollError(f"{origin} {anchor_file} holds no readable CA certificate")
-    info = cert_info(leaf)
-    chain = _chain_to_anchor(leaf, intermediates, anchors)
-    if chain is None:
-        hint = "" if ca_file else "; if device certificates come from another CA than the broker's, pass --ca FILE"
-        raise EnrollError(f"{source} (issuer: {info.issuer}) is not signed by a CA in {anchor_file}{hint}")
-    warnings: list[str] = []
-    if info.not_after < now:
-        raise EnrollError(f"{source} expired on {info.not_after:%Y-%m-%d} (local clock: {now:%Y-%m-%d %H:%M} UTC); "
-                          "have the CSR signed again")
-    if info.not_before > now:
-        warnings.append(f"the certificate is valid only from {info.not_before:%Y-%m-%d %H:%M} UTC; the local clock "
-                        f"says {now:%Y-%m-%d %H:%M} UTC (a board without RTC needs NTP before it can connect)")
+    anchors = load_certificates(anchor_file) if anchor_file else []
     try:
-        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        eku = None
-    if eku is not None and ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
-        raise EnrollError(f"{source} may not be used for TLS client authentication (its extended key usage lacks "
-                          "clientAuth), so brokers reject it: sign the CSR as a client certificate "
-                          "(e.g. extendedKeyUsage = clientAuth)")
-    cns = [str(a.value) for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-    expected = device_id or paths.device_id
-    if expected and cns != [expected]:
-        warnings.append(f"the certificate's subject is {info.subject}, not CN={expected} (agent.device_id); "
-                        "brokers that take the identity from the CN will see another device")
-    if info.weak_signature:
-        warnings.append(f"the certificate is signed with {info.signature}: OpenSSL accepts it only with "
-                        "tls.security_level = 0; have it reissued with SHA-256")
+        checked = check_chain(certs, key, anchors, now=now, source=str(source),  # type: ignore[arg-type]
+                              anchor_file=anchor_file or "", device_id=device_id or paths.device_id,
+                              csr_hint=f"sign the CSR {paths.csr_file} from this device")
+    except CertCheckError as exc:
+        message = str(exc)
+        if exc.reason == NO_CA:
+            message = f"{'--ca' if ca_file else 'tls.ca_file'} {message}"
+        elif exc.reason == UNTRUSTED and not ca_file:
+            message += "; if device certificates come from another CA than the broker's, pass --ca FILE"
+        elif exc.reason == WRONG_KEY:
+            message = message.replace("device's key", f"device's key {paths.key_file}")
+        raise EnrollError(message) from exc
+    assert key is not None
+    warnings = checked.warnings
     # Leaf first, then intermediates up to (not including) the anchor: what a broker needs to build the path.
-    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain[:-1])
+    pem = checked.pem
     changed = True
     try:
         changed = paths.cert_file.read_bytes() != pem
@@ -450,8 +376,8 @@ def install_certificate(paths: EnrollPaths, source: Path, *, ca_file: Path | Non
         pass
     if changed:
         _install_checked(paths, pem, source)
-    return InstallResult(paths=paths, changed=changed, subject=info.subject, issuer=info.issuer,
-                         not_after=info.not_after, key_desc=describe_key(key), warnings=warnings)
+    return InstallResult(paths=paths, changed=changed, subject=checked.subject, issuer=checked.issuer,
+                         not_after=checked.not_after, key_desc=describe_key(key), warnings=warnings)
 
 
 def _install_checked(paths: EnrollPaths, pem: bytes, source: Path) -> None:

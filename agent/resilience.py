@@ -16,7 +16,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from agent.backoff import Backoff
-from agent.classify import IDLE_TIMEOUT, NETWORK_ERROR, SESSION_TAKEN_OVER, SHUTDOWN, Classifier, EndEvidence
+from agent.classify import (
+    AUTH_FAILED,
+    IDLE_TIMEOUT,
+    NETWORK_ERROR,
+    REFUSED,
+    SESSION_TAKEN_OVER,
+    SHUTDOWN,
+    Classifier,
+    EndEvidence,
+    connect_hint,
+)
 from agent.config import KeepaliveTuningConfig, MqttConfig, ReconnectConfig
 from agent.tuner import STATE_FILE, Change, KeepaliveTuner, StateFile
 
@@ -42,12 +52,14 @@ class ConnectionMonitor:
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.client_id = client_id or mqtt_cfg.client_id
+        self.v5 = mqtt_cfg.is_v5
         self.backoff = backoff or Backoff(reconnect_cfg)
         self.classifier = Classifier(
             stable_after=reconnect_cfg.stable_after,
             suspicion_uptime=2.0 * reconnect_cfg.max_delay,
             window=max(600.0, 4.0 * reconnect_cfg.max_delay),
             persistent_session=not mqtt_cfg.clean_session,
+            nat_drops=tuning_cfg.drops,
             clock=clock,
         )
         self.tuner = KeepaliveTuner(tuning_cfg, mqtt_cfg.keepalive, clock=clock, wall=wall)
@@ -95,12 +107,23 @@ class ConnectionMonitor:
         end: EndEvidence = raw
         verdict = self.classifier.classify(end)
         self._declared = verdict.declared_takeover
-        return replace(raw, kind=verdict.kind, reason=verdict.reason)
+        refused = raw.reason_code if verdict.kind in (REFUSED, AUTH_FAILED) else None
+        hint = connect_hint(end, self.v5, raw.error, refused)
+        return replace(raw, kind=verdict.kind, reason=verdict.reason + hint)
 
     def account(self, ended: Any) -> list[Event]:
         """Account for a classified end in the backoff, the tuner and the state file; returns the
         events for the session's listeners."""
         events: list[Event] = []
+        if self.classifier.revised_restart:
+            self.classifier.revised_restart = False
+            self.tuner.retract_drop()
+            for entry in reversed(self.disconnects):
+                if entry.get("uptime_s") is not None:
+                    if entry.get("reason") == IDLE_TIMEOUT:
+                        entry["reason"] = NETWORK_ERROR
+                        entry["note"] = "the broker was restarting (it refused the next connection)"
+                    break
         if ended.kind != SHUTDOWN:
             self.backoff.connection_ended(ended.uptime)
         if ended.kind == SESSION_TAKEN_OVER:

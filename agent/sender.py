@@ -9,10 +9,13 @@ from __future__ import annotations
 import queue
 import secrets
 import ssl
+import threading
+import time
 import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
+from agent.classify import PROTOCOL_HINT, keepalive_hint
 from agent.config import Config
 from agent.errors import AgentError
 from agent.session import new_client
@@ -49,11 +52,19 @@ def send_command(
     except ValueError as exc:
         raise AgentError(str(exc)) from exc
     results: queue.Queue[tuple[str, Any]] = queue.Queue()
+    connected = threading.Event()
+    v5 = cfg.mqtt.is_v5
+    keepalive = 30
+    # Connection failures are reported as such, with the likely setting, not as "no response".
+    no_connack_hint = PROTOCOL_HINT if v5 else ""
 
     def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
-            results.put(("error", f"the broker refused the connection: {reason}"))
-        elif one_way:
+            hint = keepalive_hint(keepalive) if not v5 and int(reason.value) == 0x80 else ""
+            results.put(("error", f"the broker refused the connection: {reason}{hint}"))
+            return
+        connected.set()
+        if one_way:
             c.publish(topic, payload, qos=1)
         else:
             c.subscribe(response_filter(topic), qos=1)
@@ -73,14 +84,19 @@ def send_command(
         if parsed and parsed[0] == rid:
             results.put(("response", (parsed[1], bytes(msg.payload), msg.topic)))
 
+    def on_disconnect(c: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if not connected.is_set():
+            results.put(("error", f"the connection closed before the broker's CONNACK{no_connack_hint}"))
+
     client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
     client.on_subscribe = on_subscribe
     client.on_publish = on_publish
     client.on_message = on_message
     last_error = ""
     for host in cfg.mqtt.hosts:
         try:
-            client.connect(host.host, host.port, keepalive=30)
+            client.connect(host.host, host.port, keepalive=keepalive)
             break
         except (ssl.SSLError, ssl.CertificateError) as exc:
             peer = fetch_peer_certificate(host, cfg.tls) if getattr(exc, "verify_code", None) else None
@@ -90,8 +106,16 @@ def send_command(
     else:
         raise AgentError(last_error)
     client.loop_start()
+    started = time.monotonic()
+    connect_wait = min(timeout, cfg.mqtt.connect_timeout)
     try:
-        kind, value = results.get(timeout=timeout)
+        try:
+            kind, value = results.get(timeout=connect_wait)
+        except queue.Empty:
+            if not connected.is_set():
+                kind, value = "error", f"no CONNACK from {host} within {connect_wait:g} s{no_connack_hint}"
+            else:
+                kind, value = results.get(timeout=max(0.0, timeout - (time.monotonic() - started)))
     except queue.Empty:
         return SendResult(None, b"", topic)
     finally:

@@ -47,6 +47,7 @@ from agent.classify import (
     TLS_ERROR,
 )
 from agent.config import HostPort, KeepaliveTuningConfig, MqttConfig, ReconnectConfig, TlsConfig, read_secret
+from agent.connection import poison
 from agent.errors import TLSSetupError
 from agent.link import ConnectionEnded, SessionListener, SessionState
 from agent.logs import LogSummary, untrusted
@@ -236,6 +237,7 @@ class _Conn:
     session_present: bool | None = None
     ended: ConnectionEnded | None = None
     refused: tuple[int, str] | None = None
+    asked_keepalive: int | None = None  # set when the broker's Server Keep Alive replaced it
     close_reason: tuple[str, str] | None = None  # set when the agent closes the socket itself
 
 
@@ -295,9 +297,13 @@ class Session:
         self._client.on_publish = self._handle_publish
         self._client.manual_ack_set(True)
         self._acks: deque[tuple[_Conn, int, int, float]] = deque()  # (connection, mid, qos, received) to ack
+        self._withdrawn: list[int] = []  # message ids paho must not re-send (set aside), dropped before a connect
+        self._broker_max_packet: int | None = None  # MQTT 5 CONNACK Maximum Packet Size of this connection
         if outbox is not None:
             outbox.bind(self._send_now, lambda size: self._notify("outbox_changed", size),
-                        lambda count: self._notify("outbox_dropped", count))
+                        lambda count: self._notify("outbox_dropped", count),
+                        withdraw=self._withdrawn.append,
+                        on_set_aside=lambda reason: self._notify("message_set_aside", reason))
         self._next_check = 0.0
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -386,13 +392,52 @@ class Session:
         msg = OutMessage(topic, payload, qos, correlation_data, user_properties, content_type)
         if self.outbox is not None:
             self.outbox.put(msg)
-        else:
+            return
+        try:
             self._send_now(msg)
+        except poison.Unsendable as exc:
+            log.warning("did not send a %d-byte message to '%s': %s", len(payload), untrusted(topic, 120), exc.detail)
+            self._notify("message_set_aside", exc.reason)
 
-    def _send_now(self, msg: OutMessage) -> int | None:
-        """Hand `msg` to paho; its message id, or None if paho did not take it."""
+    def max_message_bytes(self) -> int | None:
+        """The size limit in force for what the agent publishes (None: unlimited)."""
+        return poison.effective_limit(self.cfg.max_message_bytes, self._broker_max_packet)
+
+    def _packet_size(self, msg: OutMessage, props: Properties | None) -> int:
+        props_len = len(props.pack()) if props is not None else (1 if self.cfg.is_v5 else None)  # type: ignore[no-untyped-call]
+        return poison.publish_packet_size(msg.topic, len(msg.payload), msg.qos, props_len)
+
+    def _fit(self, msg: OutMessage) -> tuple[OutMessage, Properties | None]:
+        """`msg` as it may go out under the size limit: itself, or the 500 that replaces an oversized
+        response. Raises poison.Unsendable if neither fits."""
         props = (publish_properties(msg.correlation_data, msg.user_properties, msg.content_type)
                  if self.cfg.is_v5 else None)
+        limit = self.max_message_bytes()
+        if limit is None:
+            return msg, props
+        size = self._packet_size(msg, props)
+        if size <= limit:
+            return msg, props
+        source = poison.limit_source(self.cfg.max_message_bytes, self._broker_max_packet)
+        sub = poison.too_large_response(msg.topic, msg.user_properties, size, limit, source)
+        if sub is not None:
+            fitted = replace(msg, topic=sub.topic, payload=sub.payload, user_properties=sub.user_properties,
+                             content_type="application/json")
+            fitted_props = (publish_properties(fitted.correlation_data, fitted.user_properties, fitted.content_type)
+                            if self.cfg.is_v5 else None)
+            if self._packet_size(fitted, fitted_props) <= limit:
+                log.warning("a response to '%s' is %d bytes as an MQTT packet, over the limit of %d bytes (%s): "
+                            "answered 500 instead", untrusted(msg.topic, 120), size, limit, source,
+                            extra={"MQTT_SET_ASIDE": poison.TOO_LARGE})
+                self._notify("message_set_aside", poison.TOO_LARGE)
+                return fitted, fitted_props
+        raise poison.Unsendable(poison.TOO_LARGE, f"{size} bytes as an MQTT packet, over the limit of {limit} bytes "
+                                                  f"({source}), and no shorter error response fits")
+
+    def _send_now(self, msg: OutMessage) -> int | None:
+        """Hand `msg` to paho; its message id, or None if paho did not take it. Raises
+        poison.Unsendable for a message over the size limit that has no replacement."""
+        msg, props = self._fit(msg)
         info = self._client.publish(msg.topic, msg.payload, msg.qos, properties=props)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.error("could not queue a message for %s: %s", untrusted(msg.topic), mqtt.error_string(info.rc))
@@ -427,6 +472,8 @@ class Session:
             attempts=self._attempts,
             last_end=self._last_end,
             subscribed=connected and all(s.granted for s in self._sub.values()),
+            keepalive_set_by_broker=bool(conn and conn.asked_keepalive is not None),
+            max_message_bytes=self.max_message_bytes(),
         )
 
     # --- network thread --------------------------------------------------------------------------
@@ -470,6 +517,13 @@ class Session:
         self._reconnect_reason = None
         self._apply_pending_config()
         raw = self._connect_and_serve()
+        if self.outbox is not None and raw.connected_at is not None:
+            # Here, not in _end: _end may run inside a paho callback, and the outbox lock must never be
+            # taken under paho's locks (a worker holding it may be waiting for them in publish()).
+            # Ends with a known cause (ours, a takeover the broker named, a dead link) count against no message.
+            explained = raw.kind in (SHUTDOWN, RECONNECT_REQUESTED, SESSION_TAKEN_OVER, KEEPALIVE_TIMEOUT)
+            suspect = self.outbox.poison_check(expected_end=explained)
+            raw = replace(raw, message_suspect=suspect)
         try:
             ended = self.monitor.classify(raw)
         except Exception:
@@ -477,7 +531,7 @@ class Session:
             ended = replace(raw, kind={CONNECTION_LOST: NETWORK_ERROR, RECONNECT_REQUESTED: SHUTDOWN}.get(
                 raw.kind, raw.kind))
         self._last_end = ended
-        self._log_end(ended, raw.kind)
+        self._log_end(ended, raw.kind, raw.reason)
         self._notify("connection_ended", ended)
         try:
             self._emit(self.monitor.account(ended))
@@ -490,18 +544,31 @@ class Session:
         # A host that fails to connect, or accepts and drops at once, is skipped after a few tries.
         flapping = ended.uptime is not None and ended.uptime < HOST_PROVEN_AFTER and ended.kind in (
             NETWORK_ERROR, SERVER_DISCONNECT)
-        if (ended.connected_at is None or flapping) and self._hosts.failed():
-            log.warning("%s failed repeatedly; failing over to %s", ended.host, self._hosts.current)
-        delay = self.backoff.next_delay()
+        failed_over = False
+        if ended.connected_at is None or flapping:
+            # A refused TCP connect means nothing listens there (a stopped cluster node): no point in a second try.
+            refused = ended.kind == REFUSED and ended.error != ""
+            failed_over = self._hosts.failed(definite=refused)
+            if failed_over:
+                log.warning("%s %s; failing over to %s", ended.host, "refused the connection" if refused
+                            else "failed repeatedly", self._hosts.current)
+        # After a failover the next host is tried at once (reconnect.min_delay, jittered), not after the
+        # backoff built against the host that failed; the failure count stays, so if every host is down
+        # the delays still grow.
+        delay = self.backoff.failover_delay() if failed_over else self.backoff.next_delay()
         self._notify("reconnect_scheduled", delay, ended)
         log.info("reconnecting in %.1f s (%s; random delay up to %g s%s)", delay, ended.kind,
                  self.backoff.ceiling(), ", damped: duplicate client id" if self.backoff.damped else "",
                  extra={"MQTT_REASON": ended.kind})
         self._wake.wait(delay)
 
-    def _log_end(self, ended: ConnectionEnded, raw_kind: str) -> None:
+    def _log_end(self, ended: ConnectionEnded, raw_kind: str, raw_reason: str = "") -> None:
         if ended.error:
-            return  # a failed connect attempt: _connect_failed has logged it
+            # A failed connect attempt: _connect_failed has logged it, unless the history adds to it
+            # (e.g. the broker that dropped us refuses the next CONNECT: it was restarting).
+            if ended.reason != raw_reason:
+                log.warning("%s", ended.reason, extra={"MQTT_REASON": ended.kind})
+            return
         if raw_kind == RECONNECT_REQUESTED:
             log.info("disconnected from %s to reconnect: %s", ended.host, ended.reason)
             return
@@ -514,7 +581,18 @@ class Session:
         log.log(level, "connection to %s ended%s%s: %s: %s", ended.host, up, idle, ended.kind, ended.reason,
                 extra={"MQTT_REASON": ended.kind, "MQTT_RC": ended.reason_code})
 
+    def _drop_withdrawn(self) -> None:
+        """Make paho forget set-aside messages before it re-sends what it holds at the next CONNACK."""
+        if not self._withdrawn:
+            return
+        with self._client._out_message_mutex:
+            for mid in self._withdrawn:
+                self._client._out_messages.pop(mid, None)
+        self._withdrawn.clear()
+
     def _connect_and_serve(self) -> ConnectionEnded:
+        self._drop_withdrawn()
+        self._broker_max_packet = None
         host = self._hosts.current
         keepalive = self._keepalive()
         self._attempts += 1
@@ -756,16 +834,22 @@ class Session:
             return  # tolerate a repeated callback
         conn.connected_at = self._clock()
         server_keepalive = getattr(properties, "ServerKeepAlive", None)
-        if server_keepalive is not None:
-            conn.keepalive = int(server_keepalive)
+        if server_keepalive is not None and int(server_keepalive) != conn.keepalive:
+            # MQTT 5: the broker's Server Keep Alive is the one in force (paho pings by it too).
+            conn.asked_keepalive, conn.keepalive = conn.keepalive, int(server_keepalive)
+        max_packet = getattr(properties, "MaximumPacketSize", None)
+        self._broker_max_packet = int(max_packet) if max_packet else None
         self._connects += 1
         present = bool(getattr(flags, "session_present", False))
         conn.session_present = present
         if self.outbox is not None:
             self.outbox.link_up()
-        log.info("connected to %s as %s (MQTT %s, keepalive %d s, session %s)", conn.host, self.client_id,
-                 "5" if self.cfg.is_v5 else "3.1.1", conn.keepalive, "resumed" if present else "new",
-                 extra={"KEEPALIVE": conn.keepalive})
+        by_broker = (f" set by the broker's Server Keep Alive (we asked for {conn.asked_keepalive} s)"
+                     if conn.asked_keepalive is not None else "")
+        limit = f", messages up to {self._broker_max_packet} bytes" if self._broker_max_packet else ""
+        log.info("connected to %s as %s (MQTT %s, keepalive %d s%s, session %s%s)", conn.host, self.client_id,
+                 "5" if self.cfg.is_v5 else "3.1.1", conn.keepalive, by_broker, "resumed" if present else "new",
+                 limit, extra={"KEEPALIVE": conn.keepalive})
         for topic in self._sub:
             self._subscribe(topic)
         self._notify("connected", conn.host, conn.keepalive, present)

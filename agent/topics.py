@@ -5,17 +5,28 @@ Response: command/TENANT/DEVICE/res/REQ_ID/STATUS    (short form c/TENANT/DEVICE
 
 TENANT and DEVICE are empty for an authenticated device (`command///req/...`); a gateway receives
 `command//CHILD/req/...` for the devices behind it. An empty REQ_ID marks a one-way command.
+
+Hono's full form is `command///req/REQ_ID/COMMAND[/*][/property-bag]`:
+- `/*`: further segments after the command name stay part of the command name a handler is chosen
+  by and sees in `Request.command` (`command///req/r1/fw/update` runs the handler named
+  `fw/update`). They are not split off as arguments: a handler that wants arguments reads the payload.
+- property bag: a last segment `?k=v&k2=v2` (URL-encoded, as Hono's adapter appends the message's
+  application properties) is parsed into `CommandTopic.properties` and handed to the handler in
+  `Request.user_properties`, before any MQTT 5 user properties, exactly as those are. It is not part
+  of the command name. At most MAX_BAG_PROPERTIES pairs are kept.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import unquote_plus
 
 _RESPONSE_ACTION = {"req": "res", "q": "s"}
 SHARE_PREFIX = "$share/"
 # A group name travels in every SUBSCRIBE and in broker logs and dashboards: keep it short.
 MAX_SHARED_GROUP = 64
 _PREFIXES = ("command", "c")
+MAX_BAG_PROPERTIES = 64  # a property bag is untrusted input: bounded, like the payload
 
 
 @dataclass(frozen=True)
@@ -28,6 +39,7 @@ class CommandTopic:
     action: str
     req_id: str
     command: str
+    properties: tuple[tuple[str, str], ...] = ()  # from a trailing property bag, URL-decoded
 
     @property
     def one_way(self) -> bool:
@@ -53,12 +65,30 @@ def parse_request(topic: str) -> CommandTopic | None:
     if len(parts) < 6:
         return None
     prefix, tenant, device, action, req_id = parts[:5]
-    command = "/".join(parts[5:])
+    rest = parts[5:]
+    properties: tuple[tuple[str, str], ...] = ()
+    if len(rest) > 1 and rest[-1].startswith("?"):
+        properties = parse_property_bag(rest.pop())
+    command = "/".join(rest)
     if prefix not in _PREFIXES or action not in _RESPONSE_ACTION or not command:
         return None
     if any(ch in topic for ch in "+#\x00"):
         return None
-    return CommandTopic(prefix, tenant, device, action, req_id, command)
+    return CommandTopic(prefix, tenant, device, action, req_id, command, properties)
+
+
+def parse_property_bag(segment: str) -> tuple[tuple[str, str], ...]:
+    """`?k=v&k2=v%20x` -> (("k", "v"), ("k2", "v x")); a pair without `=` has an empty value, empty
+    pairs are skipped, repeated keys are kept in order (as MQTT 5 user properties allow)."""
+    pairs: list[tuple[str, str]] = []
+    for item in segment[1:].split("&"):
+        if not item:
+            continue
+        key, _, value = item.partition("=")
+        pairs.append((unquote_plus(key), unquote_plus(value)))
+        if len(pairs) >= MAX_BAG_PROPERTIES:
+            break
+    return tuple(pairs)
 
 
 def request_topic(subscription: str, req_id: str, command: str, device: str | None = None) -> str:

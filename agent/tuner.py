@@ -208,6 +208,11 @@ class KeepaliveTuner:
                                                                                       4.0 * keepalive):
             self.last_good = None
 
+    def retract_drop(self) -> None:
+        """The last idle drop was a broker restart after all (the next CONNECT was refused): not evidence."""
+        if self._drops:
+            self._drops.pop()
+
     def forget_drops(self) -> None:
         """Drop the idle evidence (it was gathered while another client took our session over)."""
         self._drops.clear()

@@ -218,6 +218,7 @@ def test_key_permission_bits_are_not_a_config_error(tmp_path: Path) -> None:
 def test_render_is_valid_toml_that_parses_back_to_the_same_config(tmp_path: Path) -> None:
     """Values with quotes, backslashes and newlines survive (the hand-written writer produced invalid TOML)."""
     data = minimal(tmp_path, tls={"enabled": False})
-    data["commands"] = {"odd": {"argv": ["/bin/echo", 'a "quoted"\nline', "back\\slash"], "timeout": 5}}
+    data["commands"] = {"odd": {"argv": ["/bin/echo", 'a "quoted"\nline', "back\\slash"], "timeout": 5},
+                        "fw.update": {"argv": ["/bin/true"]}}
     cfg = parse_config(data)
     assert parse_config(tomllib.loads(render_config(cfg))) == cfg

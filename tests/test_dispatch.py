@@ -321,6 +321,15 @@ def test_user_properties_reach_the_handler(parts: dict[str, Any]) -> None:
     assert json.loads(rec.wait(1)[0][1])["props"] == [["trace", "abc"]]
 
 
+def test_a_hono_property_bag_reaches_the_handler_as_properties(parts: dict[str, Any]) -> None:
+    """Issue 17, point 6: `ping/?foo=bar` was the command name `ping/?foo=bar` (404)."""
+    d, rec = parts["make"](handlers={"count": Counter()})
+    d.accept(msg("command///req/pb/count/?foo=bar&path=%2Ftmp%2Fx", user_properties=(("trace", "abc"),)))
+    topic, body, _ = rec.wait(1)[0]
+    assert topic == "command///res/pb/200"
+    assert json.loads(body)["props"] == [["foo", "bar"], ["path", "/tmp/x"], ["trace", "abc"]]
+
+
 def test_malformed_topics_are_dropped_without_reply(parts: dict[str, Any]) -> None:
     d, rec = parts["make"]()
     d.accept(msg("command///req/only-id"))

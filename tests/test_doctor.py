@@ -446,7 +446,7 @@ def test_invalid_config_fails_check_1_and_skips_the_rest(tmp_path, capsys):
     assert "cause:  mqtt.keepalive: must be 1..65535, got 0" in out
     assert f"remedy: fix mqtt.keepalive in {cfg}" in out
     assert "did you mean 'tls.security_level'?" in out
-    assert out.count("not run: the configuration is invalid") == 9
+    assert out.count("not run: the configuration is invalid") == 10
 
 
 def test_history_names_disconnects_learned_keepalive_and_duplicate_client_id(broker, make_config, tmp_path):

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.topics import parse_request, parse_response, request_topic, response_filter
+from agent.topics import (
+    MAX_BAG_PROPERTIES,
+    parse_property_bag,
+    parse_request,
+    parse_response,
+    request_topic,
+    response_filter,
+)
 
 
 @pytest.mark.parametrize(
@@ -72,3 +81,42 @@ def test_parse_request_never_raises(topic: str) -> None:
     if parsed is not None:
         assert parsed.command
         assert parsed.response_base.count("/") == 4
+
+
+# --- Hono's full form: command///req/REQ_ID/COMMAND[/*][/property-bag] (issue 17, point 6) -------------
+
+@pytest.mark.parametrize(
+    ("topic", "command", "props"),
+    [
+        ("command///req/r1/ping/?foo=bar", "ping", (("foo", "bar"),)),
+        ("command///req/r1/fw/update/?v=1.2&force", "fw/update", (("v", "1.2"), ("force", ""))),
+        ("command///req/r1/ping/?a=%2F%3F%26%3D&a=2&&", "ping", (("a", "/?&="), ("a", "2"))),
+        ("command///req/r1/ping/?", "ping", ()),
+        ("command///req/r1/ping", "ping", ()),
+        ("command///req/r1/?x=1", "?x=1", ()),  # the command itself, not a bag
+        ("command///req/r1/a/?x/b", "a/?x/b", ()),  # only a last segment is a bag
+    ],
+)
+def test_a_trailing_property_bag_is_parsed_not_part_of_the_command(topic: str, command: str,
+                                                                   props: tuple[tuple[str, str], ...]) -> None:
+    parsed = parse_request(topic)
+    assert parsed is not None
+    assert (parsed.command, parsed.properties) == (command, props)
+    assert parsed.response_topic(200) == "command///res/r1/200"
+
+
+def test_a_property_bag_is_bounded() -> None:
+    bag = "?" + "&".join(f"k{i}=v" for i in range(1000))
+    assert len(parse_property_bag(bag)) == MAX_BAG_PROPERTIES
+
+
+_SAFE = st.text(st.characters(blacklist_characters="+#\x00", blacklist_categories=("Cs",)), max_size=20)
+
+
+@given(st.lists(st.tuples(_SAFE.filter(bool), _SAFE), max_size=8), st.sampled_from(["ping", "fw/update"]))
+def test_property_bags_round_trip(pairs: list[tuple[str, str]], command: str) -> None:
+    bag = "?" + "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in pairs)
+    parsed = parse_request(f"command///req/r1/{command}/{bag}")
+    assert parsed is not None
+    assert parsed.command == command
+    assert parsed.properties == tuple(pairs)

@@ -16,6 +16,7 @@ from agent.doctor.certs import chain_details
 from agent.doctor.mqtt_check import check_subscribe, connect_result
 from agent.doctor.report import CheckResult, fail, result, skipped
 from agent.doctor.tls_check import setup_failure, tls_failure
+from agent.doctor.topic_mapping import check_dot_mapping, command_names
 from agent.errors import TLSSetupError
 from agent.tls import build_context
 
@@ -57,6 +58,9 @@ def check_broker(cfg: Config, host: HostPort, probe_id: str, timeout: float,
     out.append(connect_result(cfg, host, attempt, probe_id, timeout))
     if attempt.accepted:
         out.append(check_subscribe(cfg, host, attempt, ctx, probe_id, timeout))
+        mapping = check_dot_mapping(cfg, host, ctx, probe_id, timeout, command_names(cfg))
+        if mapping is not None:
+            out.append(mapping)
     else:
         attempt.close()
         out.append(skipped(8, target, "the broker did not accept the connection"))

@@ -31,6 +31,8 @@ _REMEDIES = {
     "tls_error": "the TLS handshake fails: see check 6",
     "refused": "the broker refuses the connection: see checks 5 and 7",
     "server_disconnect": "the broker closes the connection itself: check the broker's log for this client",
+    "message_rejected": "the broker closed the connection right after a message it would not take (usually over "
+                        "its size limit): set mqtt.max_message_bytes to the broker's limit (Eclipse Hono: 2048)",
 }
 
 

@@ -69,6 +69,13 @@ def connack_finding(code: int, text: str, mqtt_cfg: MqttConfig, probe_id: str,
                     f"put {ref} in mqtt.hosts" if ref else "ask the broker operator for the new address")
     if code == 0x8A:
         return fail("banned", f"the broker has banned this client ({label})", "ask the broker operator")
+    if code == 0x80 and not v5:
+        # MQTT 3.1.1 knows return codes 0-5 only; paho shows any other as "Unspecified error".
+        return fail("keepalive_over_limit",
+                    f"the broker refused the connection with a non-standard CONNACK code ({label}); aedes does "
+                    f"this when the keepalive ({mqtt_cfg.keepalive} s) is over its keepaliveLimit",
+                    f"the keepalive may be over the broker's limit: lower mqtt.keepalive (now {mqtt_cfg.keepalive}), "
+                    "or ask the broker operator for the limit")
     if code in (0x97, 0x9F):
         return fail("rate_limited", f"the broker limits connections ({label})",
                     "retry later; if many gateways share one account, give each its own credentials")
@@ -92,15 +99,19 @@ def connect_result(cfg: Config, host: HostPort, attempt: probe.Attempt, probe_id
         assert attempt.connack is not None
         finding = connack_finding(attempt.connack, attempt.connack_text, cfg.mqtt, probe_id, attempt.properties)
         return result(7, target, f"refused: {attempt.connack_text}", [finding], details)
+    v311_fix = ('the broker likely speaks only MQTT 3.1.1 (RabbitMQ 3.x, Eclipse Hono, amqtt do this to an MQTT 5 '
+                'CONNECT): set mqtt.protocol = "3.1.1"; ')
     if attempt.stage == probe.CLOSED:
         return result(7, target, "closed without CONNACK", [fail(
             "closed_before_connack",
             f"the broker closed the connection without answering CONNECT ({proto}, client id {probe_id})",
+            (v311_fix + "otherwise " if cfg.mqtt.is_v5 else "") +
             "check the broker's log for this client: it may want the other MQTT version (mqtt.protocol), "
             "refuse this certificate or user, or limit connections",
         )], details)
     return result(7, target, f"no CONNACK within {timeout:g} s", [fail(
         "no_connack", f"the broker did not answer CONNECT within {timeout:g} s",
+        (v311_fix + "otherwise " if cfg.mqtt.is_v5 else "") +
         f"check that {host} serves MQTT ({'TLS' if cfg.tls.enabled else 'plain'}); the broker may be overloaded; "
         "retry with a larger --timeout",
     )], details)

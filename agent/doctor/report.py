@@ -32,6 +32,7 @@ CHECK_IDS: Mapping[int, str] = {
     8: "subscribe",
     9: "history",
     10: "local",
+    11: "renewal",
 }
 
 _LABEL = {OK: "ok", WARN: "warn", FAIL: "FAIL", SKIP: "skip"}

@@ -6,6 +6,7 @@
                |                              -> 6 tls (needs 2) -> 7 connect -> 8 subscribe
                +-- 9 history
                +-- 10 local (clock, state_dir, metrics port)
+               +-- 11 renewal (the pair in use, next renewal, last failure)
 
 A failed config skips everything else. Per broker, a failed step skips the steps below it; the
 other brokers and the local checks still run. Nothing is written; the production client id is
@@ -18,6 +19,7 @@ import datetime
 import secrets
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -34,7 +36,9 @@ from agent.doctor.history import check_history
 from agent.doctor.local import assess_clock, check_metrics_port, check_state_dir, kernel_clock_synchronised
 from agent.doctor.network import check_dns, check_tcp
 from agent.doctor.probe import fetch_chain
+from agent.doctor.renewal_check import check_renewal
 from agent.doctor.report import CheckResult, Report, fail, result, skipped, warn
+from agent.renewal.store import PairStore, select_pair
 
 DEFAULT_TIMEOUT = 5.0
 
@@ -99,11 +103,17 @@ def run_doctor(
     cfg, config_result = check_config(config_path)
     report.add(config_result)
     if cfg is None:
-        for number in range(2, 11):
+        for number in range(2, 12):
             report.add(skipped(number, "", "the configuration is invalid"))
         report.duration_s = time.monotonic() - started
         return report
     report.client_id = cfg.mqtt.client_id
+    configured = cfg
+    # Diagnose the pair the agent uses: a renewed one in agent.state_dir/tls if it is present and good.
+    pair = select_pair(PairStore(cfg.agent.state_dir / "tls"), cfg.tls, cfg.agent.device_id,
+                       datetime.datetime.fromtimestamp(wall(), datetime.timezone.utc)) if cfg.tls.cert_file else None
+    if pair is not None and pair.source != "configured":
+        cfg = replace(cfg, tls=pair.tls(cfg.tls))
     report.probe_client_id = probe_id = probe_client_id(cfg.mqtt.client_id, probe_token)
     now = datetime.datetime.fromtimestamp(wall(), datetime.timezone.utc)
     files = _guarded(2, "", lambda: [check_files(cfg, service_user)])
@@ -117,5 +127,6 @@ def run_doctor(
     report.add(*_guarded(10, "clock", lambda: [assess_clock(now, kernel_clock_synchronised())]))
     report.add(*_guarded(10, "state_dir", lambda: [check_state_dir(cfg.agent.state_dir)]))
     report.add(*_guarded(10, "metrics", lambda: [check_metrics_port(cfg.metrics.endpoint, timeout)]))
+    report.add(*_guarded(11, "", lambda: [check_renewal(configured, now)]))
     report.duration_s = time.monotonic() - started
     return report

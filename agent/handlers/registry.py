@@ -74,6 +74,7 @@ def build_registry(
     *,
     plugins: Iterable[Any] | None = None,
     ping: PingHandler | None = None,
+    builtins: Mapping[str, Handler] | None = None,
 ) -> HandlerRegistry:
     """Built-ins first, then exec commands from the config, then plugins.
 
@@ -83,6 +84,8 @@ def build_registry(
     registry = HandlerRegistry()
     registry.register("ping", ping or PingHandler(), "built-in")
     registry.register("info", InfoHandler(status), "built-in")
+    for name, handler in (builtins or {}).items():
+        registry.register(name, handler, "built-in")
     for spec in commands.values():
         registry.register(spec.name, ExecHandler(spec), f"[commands.{spec.name}]")
     for ep in _entry_points() if plugins is None else plugins:

@@ -20,7 +20,8 @@ Outbound queue (table `outbox`): every message the agent must not lose on its wa
     delete_messages(ids)           the broker has them (not fsynced on its own: a cut re-sends, never loses)
     note_attempts(ids)             count send attempts (kept in the row; `attempts` survives restarts)
     set_aside(id, reason)          a poison message: kept (for an operator), never sent again; counted, logged
-                                   at most once a minute
+                                   at most once a minute (the outbox's poison check uses it: issue 17)
+    replace_message(msg)           send msg instead of what row msg.id held (a 500 in place of a response)
 
 Sick disks: a write that fails (disk full, read-only, I/O error) raises to its caller, who answers without
 the disk; the next write simply tries again, so the agent serves again once space is free. A store that is
@@ -466,11 +467,27 @@ class StateStore:
             self._writer.submit(lambda db: db.executemany(
                 "UPDATE outbox SET attempts = attempts + 1 WHERE id = ?", rows), durable=False)
 
-    def set_aside(self, msg_id: int, reason: str, topic: str = "") -> None:
-        """Never send message `msg_id` again (a poison message); it stays in the store for an operator."""
+    def replace_message(self, msg: OutMessage) -> None:
+        """Send `msg` instead of what row `msg.id` held (a 500 in place of a response that cannot be sent)."""
+        props: dict[str, object] = {}
+        if msg.correlation_data is not None:
+            props["correlation_data"] = msg.correlation_data.hex()
+        if msg.user_properties:
+            props["user_properties"] = [list(p) for p in msg.user_properties]
+        if msg.content_type is not None:
+            props["content_type"] = msg.content_type
+        self._writer.submit(lambda db: db.execute(
+            "UPDATE outbox SET topic = ?, payload = ?, props = ? WHERE id = ?",
+            (msg.topic, msg.payload, json.dumps(props) if props else None, msg.id)))
+
+    def set_aside(self, msg_id: int, reason: str, topic: str = "", *, quiet: bool = False) -> None:
+        """Never send message `msg_id` again (a poison message); it stays in the store for an operator.
+        `quiet`: the caller logs it (the outbox does, with its own rate limit)."""
         self._writer.submit(lambda db: db.execute("UPDATE outbox SET set_aside = ? WHERE id = ?",
                                                   (reason[:500], msg_id)))
         self.set_aside_total += 1
+        if quiet:
+            return
         self._set_aside_unlogged += 1
         now = self._clock()
         if self._set_aside_logged_at is None or now - self._set_aside_logged_at >= SET_ASIDE_LOG_INTERVAL:

@@ -165,6 +165,20 @@ class TestCA:
         ext_path.unlink()
 
 
+def sign_csr(ca: TestCA, csr_pem: bytes, days: int = 2) -> bytes:
+    """Sign a CSR as a renewal backend would: its subject plus O=renewed, its requested extensions copied."""
+    csr = x509.load_pem_x509_csr(csr_pem)
+    now = datetime.datetime.now(UTC)
+    subject = x509.Name([*csr.subject, x509.NameAttribute(x509.NameOID.ORGANIZATION_NAME, "renewed")])
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca.cert.subject)
+               .public_key(csr.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=1))
+               .not_valid_after(now + datetime.timedelta(days=days)))
+    for ext in csr.extensions:
+        builder = builder.add_extension(ext.value, ext.critical)
+    return builder.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
 @dataclass(frozen=True)
 class DemoPKI:
     ca: Path

@@ -1,0 +1,1 @@
+"""Operator tools run from the command line next to the service (doctor, enroll, send, renew)."""

@@ -1,0 +1,28 @@
+"""A broker restart after an idle spell (issue 17, point 4): logged as what it was, not as a NAT."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from agent.config import load_config
+from agent.sender import send_command
+
+
+def test_a_broker_restart_after_idle_is_not_called_a_nat(broker, make_config, run_agent):
+    cfg = make_config(broker, {"reconnect": {"min_delay": 0.2, "max_delay": 2.0}})
+    agent = run_agent(cfg)
+    time.sleep(2.5)  # idle: no traffic for longer than any silence this link carried
+    mark = agent.mark()
+    broker.stop()
+    agent.wait_for(r"connection refused by", since=mark, timeout=10)
+    broker.start()
+    agent.wait_for(r"subscribed to ", since=mark, timeout=15)
+    assert "NAT or firewall idle limit is likely" not in agent.output
+    agent.wait_for(r"the broker was restarting or stopping when it dropped the last connection", since=mark,
+                   timeout=1)
+    state = json.loads((load_config(cfg).agent.state_dir / "connection-state.json").read_text())
+    drop = next(d for d in state["disconnects"] if d.get("uptime_s") is not None)
+    assert drop["reason"] == "network_error" and "restarting" in drop["note"]
+    assert state["keepalive"]["current"] == 30  # nothing learned from a restart
+    assert send_command(load_config(cfg), "ping", timeout=10).status == 200

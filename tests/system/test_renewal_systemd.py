@@ -1,0 +1,141 @@
+"""Certificate renewal under the hardened unit as shipped, with a real systemd 252 (bookworm) in
+systemd-nspawn: the device key arrives as a systemd credential, /etc/mqtt-agent is read-only to the
+service, `mqtt-agent renew --force` (as root, beside the service) asks for a renewal, the exec signer runs
+inside the sandbox, and everything renewal writes is under the unit's StateDirectory.
+
+Uses the same bookworm root and container helper as the issue 12 test (skips the same way without them).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from tests.support.agentproc import REPO
+from tests.support.renewal import DEVICE_ID, broker_subjects, short_lived
+from tests.system.test_containment_systemd import VENV_SITE, Container, _root, wait_for
+
+# Paths under the container root that a running system writes anyway (journal, systemd's own state).
+EXPECTED_WRITES = ("var/log/journal/", "var/lib/systemd/", "tmp/", "var/tmp/", "run/", "etc/machine-id")
+
+SIGNER = f"""#!/usr/bin/python3.{sys.version_info.minor}
+# Lab signer: the CSR on stdin, a certificate from the test CA on stdout (cryptography from the host venv).
+import datetime, sys
+sys.path[:0] = ["{VENV_SITE}"]
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+csr = x509.load_pem_x509_csr(sys.stdin.buffer.read())
+ca = x509.load_pem_x509_certificate(open("/opt/ca/ca.pem", "rb").read())
+key = serialization.load_pem_private_key(open("/opt/ca/ca.key", "rb").read(), None)
+now = datetime.datetime.now(datetime.timezone.utc)
+subject = x509.Name([*csr.subject, x509.NameAttribute(x509.NameOID.ORGANIZATION_NAME, "renewed")])
+b = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca.subject).public_key(csr.public_key())
+     .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+     .not_valid_after(now + datetime.timedelta(days=2)))
+for ext in csr.extensions:
+    b = b.add_extension(ext.value, ext.critical)
+sys.stdout.buffer.write(b.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+"""
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """{path relative to root: (mtime_ns, size)} of every file, /proc, /sys and /dev left out."""
+    out: dict[str, tuple[int, int]] = {}
+    for base, dirs, files in os.walk(root):
+        rel_base = Path(base).relative_to(root)
+        if rel_base.parts and rel_base.parts[0] in ("proc", "sys", "dev"):
+            dirs[:] = []
+            continue
+        for name in files:
+            path = Path(base) / name
+            try:
+                st = path.lstat()
+            except OSError:
+                continue
+            out[str(path.relative_to(root))] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+def test_renewal_under_the_hardened_unit_writes_only_its_state_directory(make_broker, pki, tmp_path):
+    import shutil
+    import subprocess
+
+    source = _root()
+    broker = make_broker(extra=["use_subject_as_username true"])
+    device = short_lived(pki.ca, 3600, "device-nspawn")  # not due: renewal is asked for with `renew --force`
+    root = tmp_path / "root"
+    subprocess.run(["cp", "-a", str(source), str(root)], check=True)
+    subprocess.run(["chroot", str(root), "useradd", "--system", "--no-create-home", "--shell",
+                    "/usr/sbin/nologin", "mqtt-agent"], check=True)
+    (root / "opt/mqtt-agent/bin").mkdir(parents=True)
+    wrapper = root / "opt/mqtt-agent/bin/mqtt-agent"
+    wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={REPO}:{VENV_SITE} exec /usr/bin/python{sys.version_info.major}."
+                       f"{sys.version_info.minor} -m agent \"$@\"\n")
+    wrapper.chmod(0o755)
+    (root / "opt/ca").mkdir()
+    shutil.copy(pki.ca.cert_path, root / "opt/ca/ca.pem")
+    shutil.copy(pki.ca.key_path, root / "opt/ca/ca.key")
+    (root / "opt/ca/ca.key").chmod(0o644)  # a lab CA the service user may use; never do this in production
+    (root / "opt/ca/sign").write_text(SIGNER)
+    (root / "opt/ca/sign").chmod(0o755)
+    etc = root / "etc/mqtt-agent"
+    etc.mkdir()
+    shutil.copy(pki.ca.cert_path, etc / "ca.pem")
+    shutil.copy(device.cert, etc / "device.pem")
+    shutil.copy(device.key, etc / "device.key")
+    (etc / "device.key").chmod(0o600)  # root only: the service gets it as a credential
+    (etc / "mqtt-agent.toml").write_text(f"""\
+[agent]
+device_id = "{DEVICE_ID}"
+
+[mqtt]
+hosts = ["127.0.0.1:{broker.port}"]
+keepalive = 30
+
+[tls]
+ca_file = "/etc/mqtt-agent/ca.pem"
+cert_file = "/etc/mqtt-agent/device.pem"
+key_file = "/etc/mqtt-agent/device.key"
+
+[metrics]
+listen = ""
+
+[renewal]
+signer = "exec"
+command = ["/opt/ca/sign"]
+before = 60.0
+check_interval = 0.5
+probe_timeout = 5.0
+""")
+    shutil.copy(REPO / "systemd/mqtt-agent.service", root / "etc/systemd/system/mqtt-agent.service")
+    wants = root / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    (wants / "mqtt-agent.service").symlink_to("/etc/systemd/system/mqtt-agent.service")
+    box = Container(root)
+    try:
+        box.boot(tmp_path / "boot.log")
+        wait_for(lambda: "subscribed to" in box.journal("mqtt-agent"), 60, "the agent subscribed")
+        assert "using the systemd credential" in box.journal("mqtt-agent")
+        assert broker_subjects(broker)[-1] == f"CN={DEVICE_ID}"
+        before = snapshot(root)
+        res = box.run("/opt/mqtt-agent/bin/mqtt-agent", "renew", "--force", "--config",
+                      "/etc/mqtt-agent/mqtt-agent.toml", timeout=120)
+        assert res.returncode == 0 and res.stdout.startswith("success: renewed certificate in use"), \
+            res.stdout + res.stderr + box.journal("mqtt-agent")[-3000:]
+        wait_for(lambda: broker_subjects(broker)[-1] == f"O=renewed,CN={DEVICE_ID}", 30, "switched")
+        after = snapshot(root)
+        changed = sorted(p for p, stamp in after.items() if before.get(p) != stamp)
+        unexpected = [p for p in changed if not p.startswith("var/lib/mqtt-agent/") and not p.startswith(
+            EXPECTED_WRITES)]
+        assert unexpected == [], unexpected
+        active = root / "var/lib/mqtt-agent/tls/active.pem"
+        st = active.stat()
+        uid = int(box.run("id", "-u", "mqtt-agent").stdout.strip())
+        assert (st.st_mode & 0o777, st.st_uid) == (0o600, uid)
+        assert "var/lib/mqtt-agent/tls/active.pem" in changed
+        assert not any(p.startswith("etc/mqtt-agent/") for p in changed)  # read-only to the service anyway
+        status = box.run("systemctl", "is-active", "mqtt-agent").stdout.strip()
+        assert status == "active"
+    finally:
+        box.poweroff()
