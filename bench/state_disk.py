@@ -138,6 +138,16 @@ def old_agent(ref: str, workdir: Path) -> Path | None:
 def measure(env: BenchEnv, broker: Any, who: str, proc: Proc, loader: Loader, counts: dict[str, int],
             port: int | None, disk: bool) -> dict[str, Any]:
     proc.start()
+    try:
+        return _measure(env, proc, loader, counts, port, disk)
+    finally:
+        if proc.alive:
+            proc.stop()  # also when a phase failed: no agent is left running
+        loader.drain()
+
+
+def _measure(env: BenchEnv, proc: Proc, loader: Loader, counts: dict[str, int], port: int | None,
+             disk: bool) -> dict[str, Any]:
     loader.first_answer("ping", PAYLOAD, 0.05, 30, alive=proc.running)  # serving (it logs at warning level)
     time.sleep(0.5)
     loader.drain()
@@ -165,8 +175,6 @@ def measure(env: BenchEnv, broker: Any, who: str, proc: Proc, loader: Loader, co
             p50, p99 = ack_delay(a, b)
             res[f"{key}_p50_ms"] = None if p50 is None else p50 * 1000
             res[f"{key}_p99_ms"] = None if p99 is None else p99 * 1000
-    proc.stop()
-    loader.drain()
     return res
 
 
