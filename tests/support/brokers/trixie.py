@@ -53,6 +53,7 @@ def ensure_root(log=sys.stderr) -> Path:
         started = time.monotonic()
         subprocess.run(["debootstrap", "--variant=minbase", SUITE, str(tmp), MIRROR],
                        check=True, stdout=log, stderr=log)
+        (tmp / "t").mkdir()  # where each broker binds its workdir
         policy = tmp / "usr/sbin/policy-rc.d"
         policy.write_text("#!/bin/sh\n# built for tests: never start services in this root\nexit 101\n")
         policy.chmod(0o755)
