@@ -34,7 +34,8 @@ def send(cfg: Path, command: str, payload: bytes = b"", **kw: Any) -> Any:
 
 def counting(tmp_path: Path, name: str = "count") -> tuple[Path, dict[str, dict[str, Any]]]:
     counter = tmp_path / f"{name}.log"
-    return counter, {f"commands.{name}": {"argv": ["/bin/sh", "-c", f'echo "$MQTT_AGENT_REQ_ID" >> {counter}; echo ok']}}
+    argv = ["/bin/sh", "-c", f'echo "$MQTT_AGENT_REQ_ID" >> {counter}; echo ok']
+    return counter, {f"commands.{name}": {"argv": argv}}
 
 
 def runs(counter: Path) -> list[str]:
