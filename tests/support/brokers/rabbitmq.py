@@ -153,3 +153,73 @@ def start_epmd(port: int, log_path: Path, wrap=lambda argv: argv) -> subprocess.
         if proc.poll() is not None or time.monotonic() > end:
             raise RuntimeError(f"epmd did not start on port {port}: {log_path.read_text()[-1000:]}")
     return proc
+
+
+class RabbitMQCluster:
+    """Three RabbitMQ 4.0 nodes on one machine: own node names and ports, one epmd, one cookie.
+
+    They form the cluster at first boot through classic_config peer discovery. MQTT sessions (the
+    queue of a client with clean_session = false) are quorum queues (`mqtt.durable_queue_type =
+    quorum`), replicated on every node, so a session and its unacknowledged QoS 1 messages survive
+    the loss of the node the client was connected to. Without that setting the session queue is a
+    classic queue on one node: when that node dies, the messages queued in it are gone with it (or,
+    for a durable classic queue, unavailable until the node comes back).
+    """
+
+    def __init__(self, workdir: Path, *, ca: Path, cert: Path, key: Path, size: int = 3) -> None:
+        names = [f"rabbit{chr(ord('a') + i)}" for i in range(size)]
+        self.epmd_port = free_port()
+        self.epmd: subprocess.Popen[bytes] | None = None
+        self.workdir = workdir
+        self.nodes = [
+            RabbitMQ(workdir / name, ca=ca, cert=cert, key=key, in_trixie=True, name=name,
+                     epmd_port=self.epmd_port, cluster=[f"{n}@localhost" for n in names],
+                     extra=["mqtt.durable_queue_type = quorum",
+                            # a 3-node cluster keeps quorum with one node down: MQTT keeps working
+                            "cluster_partition_handling = pause_minority"])
+            for name in names
+        ]
+
+    @property
+    def addresses(self) -> list[str]:
+        return [n.address for n in self.nodes]
+
+    def start(self) -> RabbitMQCluster:
+        import threading
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.epmd = start_epmd(self.epmd_port, self.workdir / "epmd.log", self.nodes[0]._wrap)
+        errors: list[BaseException] = []
+
+        def boot(node: RabbitMQ) -> None:
+            try:
+                node.start()
+            except BaseException as exc:  # noqa: BLE001 - reported below, for every node
+                errors.append(exc)
+
+        threads = [threading.Thread(target=boot, args=(n,)) for n in self.nodes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            self.close()
+            raise errors[0]
+        return self
+
+    def node_on(self, address: str) -> RabbitMQ:
+        return next(n for n in self.nodes if n.address == address)
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        if self.epmd is not None:
+            self.epmd.kill()
+            self.epmd.wait()
+            self.epmd = None
+
+    def __enter__(self) -> RabbitMQCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
