@@ -161,9 +161,11 @@ class RabbitMQCluster:
     They form the cluster at first boot through classic_config peer discovery. MQTT sessions (the
     queue of a client with clean_session = false) are quorum queues (`mqtt.durable_queue_type =
     quorum`), replicated on every node, so a session and its unacknowledged QoS 1 messages survive
-    the loss of the node the client was connected to. Without that setting the session queue is a
-    classic queue on one node: when that node dies, the messages queued in it are gone with it (or,
-    for a durable classic queue, unavailable until the node comes back).
+    the loss of the node the client was connected to. Measured without that setting (classic session
+    queues, which live on one node): when the agent's node dies, its session is unusable until that
+    node returns. The agent's reconnects to the surviving nodes fail over and over ("failed
+    repeatedly; failing over to ..." around all three), and publishers of commands for it get no
+    PUBACK (test_cluster_failover's publisher hung for minutes): nothing is served.
     """
 
     def __init__(self, workdir: Path, *, ca: Path, cert: Path, key: Path, size: int = 3) -> None:
