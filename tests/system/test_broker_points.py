@@ -117,9 +117,11 @@ def test_point3_aedes_keepalive_limit_is_named(start_broker: Callable[..., Broke
 # --- point 5: RabbitMQ maps "." in topics to "/" ----------------------------------------------------
 
 
+@pytest.mark.parametrize("kind", ["rabbitmq-3.10", "rabbitmq-4.0"])
 def test_point5_rabbitmq_splits_dotted_names_and_doctor_warns(
-        start_broker: Callable[..., Broker], make_config: MakeConfig, request: pytest.FixtureRequest) -> None:
-    broker = start_broker("rabbitmq-3.10")
+        kind: str, start_broker: Callable[..., Broker], make_config: MakeConfig,
+        request: pytest.FixtureRequest) -> None:
+    broker = start_broker(kind)
     cfg = make_config(broker, {'commands."fw.update"': {"argv": ["/bin/true"]}})
     watcher = TestClient(cfg, subscribe="command///req/#")
     sender = TestClient(cfg)

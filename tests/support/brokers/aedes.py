@@ -6,7 +6,6 @@ import fcntl
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 from tests.support.brokers import Broker
@@ -39,7 +38,7 @@ def ensure_aedes() -> Path:
         tmp.mkdir()
         (tmp / "package.json").write_text('{"private": true}\n')
         subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error",
-                        f"aedes@{AEDES_VERSION}"], cwd=tmp, check=True, stdout=sys.stderr)
+                        f"aedes@{AEDES_VERSION}"], cwd=tmp, check=True, stdout=subprocess.DEVNULL)
         (tmp / ".complete").write_text("ok\n")
         shutil.rmtree(INSTALL, ignore_errors=True)
         tmp.rename(INSTALL)
@@ -64,3 +63,7 @@ class Aedes(Broker):
         if self.keepalive_limit is not None:
             argv += ["--keepalive-limit", str(self.keepalive_limit)]
         return argv, {}
+
+
+if __name__ == "__main__":
+    print(ensure_aedes())

@@ -17,9 +17,9 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
+from typing import IO
 
 CACHE = Path(os.environ.get("MQTT_AGENT_TEST_CACHE", "/var/cache/mqtt-agent-tests"))
 MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -39,8 +39,10 @@ def unavailable() -> str | None:
     return None
 
 
-def ensure_root(log=sys.stderr) -> Path:
-    """The cached root, built first if missing (minutes, once per machine and package list)."""
+def ensure_root() -> Path:
+    """The cached root, built first if missing (about 2 minutes, once per machine and package list).
+
+    The build's output goes to a log next to the cache; a failure raises with its tail."""
     if (ROOT / ".complete").exists():
         return ROOT
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -51,23 +53,37 @@ def ensure_root(log=sys.stderr) -> Path:
         tmp = CACHE / f".trixie-brokers-{VERSION}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         started = time.monotonic()
-        subprocess.run(["debootstrap", "--variant=minbase", SUITE, str(tmp), MIRROR],
-                       check=True, stdout=log, stderr=log)
-        (tmp / "t").mkdir()  # where each broker binds its workdir
-        policy = tmp / "usr/sbin/policy-rc.d"
-        policy.write_text("#!/bin/sh\n# built for tests: never start services in this root\nexit 101\n")
-        policy.chmod(0o755)
-        shutil.copy("/etc/resolv.conf", tmp / "etc/resolv.conf")
-        script = ("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
-                  "--no-install-recommends " + " ".join(PACKAGES) + " && apt-get clean")
-        subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                        f"mount -t proc proc {tmp}/proc && mount --rbind /dev {tmp}/dev && "
-                        f"exec chroot {tmp} sh -c '{script}'"],
-                       check=True, stdout=log, stderr=log)
+        log_path = CACHE / f"trixie-brokers-{VERSION}.build.log"
+        log = open(log_path, "w")  # noqa: SIM115 - closed below; handed to the child processes
+        try:
+            _build(tmp, log)
+        except subprocess.CalledProcessError as exc:
+            log.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"building the trixie broker root failed ({exc}); {log_path}:\n{tail}") from exc
+        log.close()
         (tmp / ".complete").write_text(f"built in {time.monotonic() - started:.0f} s\n")
         shutil.rmtree(ROOT, ignore_errors=True)
         tmp.rename(ROOT)
         return ROOT
+
+
+def _build(tmp: Path, log: IO[str]) -> None:
+    """debootstrap, then the packages with a policy-rc.d that keeps their services from starting."""
+    subprocess.run(["debootstrap", "--variant=minbase", SUITE, str(tmp), MIRROR],
+                   check=True, stdout=log, stderr=log)
+    (tmp / "t").mkdir()  # where each broker binds its workdir
+    policy = tmp / "usr/sbin/policy-rc.d"
+    policy.write_text("#!/bin/sh\n# built for tests: never start services in this root\nexit 101\n")
+    policy.chmod(0o755)
+    shutil.copy("/etc/resolv.conf", tmp / "etc/resolv.conf")
+    script = ("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
+              "--no-install-recommends " + " ".join(PACKAGES) + " && apt-get clean")
+    subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                    f"mount -t proc proc {tmp}/proc && mount --rbind /dev {tmp}/dev && "
+                    f"exec chroot {tmp} sh -c '{script}'"],
+                   check=True, stdout=log, stderr=log)
 
 
 def chroot_command(argv: list[str], binds: dict[Path, str], *, root: Path = ROOT) -> list[str]:
