@@ -31,7 +31,6 @@ pytestmark = pytest.mark.timeout(180)
 
 MakeConfig = Callable[..., Path]
 RunAgent = Callable[..., AgentProcess]
-NEEDS_17B = "needs issue-17b: "
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +83,10 @@ def connect_packet(version: int, client_id: str, keepalive: int) -> bytes:
 
 
 def test_point2_rabbitmq_310_closes_a_v5_connect_and_run_doctor_send_name_the_fix(
-        start_broker: Callable[..., Broker], pki: PKI, make_config: MakeConfig, run_agent: RunAgent,
-        request: pytest.FixtureRequest) -> None:
+        start_broker: Callable[..., Broker], pki: PKI, make_config: MakeConfig, run_agent: RunAgent) -> None:
     broker = start_broker("rabbitmq-3.10")
     assert raw_connect(broker, pki, connect_packet(5, "probe-v5", 30)) == b""  # closed, no CONNACK
     assert raw_connect(broker, pki, connect_packet(4, "probe-v311", 30))[:4] == b"\x20\x02\x00\x00"
-    request.applymarker(pytest.mark.xfail(strict=True, reason=NEEDS_17B + "the mqtt.protocol hint (point 2)"))
     cfg = make_config(broker, {"mqtt": {"protocol": "5"}})
     agent = run_agent(cfg, wait_subscribed=False)
     agent.wait_for(r'closed.*mqtt\.protocol = "3\.1\.1"|mqtt\.protocol = "3\.1\.1".*closed', timeout=30)
@@ -103,12 +100,10 @@ def test_point2_rabbitmq_310_closes_a_v5_connect_and_run_doctor_send_name_the_fi
 
 
 def test_point3_aedes_keepalive_limit_is_named(start_broker: Callable[..., Broker], pki: PKI,
-                                               make_config: MakeConfig, run_agent: RunAgent,
-                                               request: pytest.FixtureRequest) -> None:
+                                               make_config: MakeConfig, run_agent: RunAgent) -> None:
     broker = start_broker("aedes-1.2", keepalive_limit=30)
     assert raw_connect(broker, pki, connect_packet(4, "probe-60", 60))[:4] == b"\x20\x02\x00\x06"  # non-standard 6
     assert raw_connect(broker, pki, connect_packet(4, "probe-30", 30))[:4] == b"\x20\x02\x00\x00"
-    request.applymarker(pytest.mark.xfail(strict=True, reason=NEEDS_17B + "the keepalive limit hint (point 3)"))
     agent = run_agent(make_config(broker, {"mqtt": {"keepalive": 60}}), wait_subscribed=False)
     line = agent.wait_for(r"mqtt\.keepalive", timeout=30).string
     assert "limit" in line and "60" in line, line
@@ -119,8 +114,7 @@ def test_point3_aedes_keepalive_limit_is_named(start_broker: Callable[..., Broke
 
 @pytest.mark.parametrize("kind", ["rabbitmq-3.10", "rabbitmq-4.0"])
 def test_point5_rabbitmq_splits_dotted_names_and_doctor_warns(
-        kind: str, start_broker: Callable[..., Broker], make_config: MakeConfig,
-        request: pytest.FixtureRequest) -> None:
+        kind: str, start_broker: Callable[..., Broker], make_config: MakeConfig) -> None:
     broker = start_broker(kind)
     cfg = make_config(broker, {'commands."fw.update"': {"argv": ["/bin/true"]}})
     watcher = TestClient(cfg, subscribe="command///req/#")
@@ -129,7 +123,6 @@ def test_point5_rabbitmq_splits_dotted_names_and_doctor_warns(
     assert [m.topic for m in watcher.wait(1)] == ["command///req/r/1/fw/update"]  # the broker's mapping
     watcher.close()
     sender.close()
-    request.applymarker(pytest.mark.xfail(strict=True, reason=NEEDS_17B + "RabbitMQ detection in doctor (point 5)"))
     report = run_doctor(cfg, timeout=10.0, service_user=None)
     text = render_text(report)
     warnings = [line for line in text.splitlines() if "RabbitMQ" in line and "fw.update" in line]
