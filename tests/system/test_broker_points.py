@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,6 +78,28 @@ def connect_packet(version: int, client_id: str, keepalive: int) -> bytes:
     body = b"\x00\x04MQTT" + bytes([version, 0x02]) + keepalive.to_bytes(2, "big") + props
     body += len(cid).to_bytes(2, "big") + cid
     return bytes([0x10, len(body)]) + body
+
+
+# --- point 1: the broker's announced Maximum Packet Size -------------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "limit"), [
+    ("mosquitto-2.0.21", ["max_packet_size 16384"]),
+    ("rabbitmq-4.0", ["mqtt.max_packet_size_authenticated = 16384"]),
+])
+def test_point1_announced_maximum_packet_size_turns_a_big_response_into_a_500(
+        kind: str, limit: list[str], start_broker: Callable[..., Broker], make_config: MakeConfig,
+        run_agent: RunAgent) -> None:
+    """No mqtt.max_message_bytes set: the limit comes from the broker's MQTT 5 CONNACK."""
+    broker = start_broker(kind, extra=limit)
+    big = {"argv": [sys.executable, "-c", "print('x' * 49152)"]}
+    cfg = make_config(broker, {"mqtt": {"protocol": "5"}, "commands.big": big})
+    agent = run_agent(cfg)
+    result = send_command(load_config(cfg), "big", timeout=15)
+    assert result.status == 500
+    assert len(result.body) < 16384
+    assert send_command(load_config(cfg), "ping", timeout=15).status == 200  # the channel is not blocked
+    assert agent.count(r"connection to \S+ ended") == 0  # the broker never had to drop it
 
 
 # --- point 2: MQTT 5 against a 3.1.1-only broker ------------------------------------------------------

@@ -123,7 +123,11 @@ class RabbitMQ(Broker):
     def start(self) -> Broker:
         if self.own_epmd and (self.epmd is None or self.epmd.poll() is not None):
             self.epmd = start_epmd(self.epmd_port, self.dir / "epmd.log", self._wrap)
-        return super().start()
+        try:
+            return super().start()
+        except BaseException:
+            self.close()  # a node that did not boot leaves no epmd behind
+            raise
 
     def ctl(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         """rabbitmqctl against this node (its cookie, its epmd)."""
