@@ -139,7 +139,7 @@ def test_point3_aedes_keepalive_limit_is_named(start_broker: Callable[..., Broke
 def test_point5_rabbitmq_splits_dotted_names_and_doctor_warns(
         kind: str, start_broker: Callable[..., Broker], make_config: MakeConfig) -> None:
     broker = start_broker(kind)
-    cfg = make_config(broker, {'commands."fw.update"': {"argv": ["/bin/true"]}})
+    cfg = make_config(broker, {"commands": {"fw.update": {"argv": ["/bin/true"]}}})
     watcher = TestClient(cfg, subscribe="command///req/#")
     sender = TestClient(cfg)
     sender.publish("command///req/r.1/fw.update")
