@@ -68,7 +68,7 @@ def raw_connect(broker: Broker, pki: PKI, packet: bytes) -> bytes:
         s.sendall(packet)
         try:
             return s.recv(64)
-        except (ConnectionResetError, ssl.SSLError, TimeoutError):
+        except (ConnectionResetError, ssl.SSLError, socket.timeout):  # socket.timeout: 3.9 has no alias
             return b""
 
 
