@@ -42,14 +42,10 @@ class Expect(NamedTuple):
 PASS = Expect("pass")
 V5_ONLY = Expect("n/a", "the broker speaks MQTT 3.1.1 only")
 SPEAKS_V5 = Expect("n/a", "the broker speaks MQTT 5: a v5 config is right")
-NEEDS_17B = "needs issue-17b: "
 
 EXPECTED: dict[tuple[str, str], Expect] = {
     **{(b, s): PASS for b in BROKERS for s in SCENARIOS},
     **{(b, "v5_response_topic"): V5_ONLY for b in ("rabbitmq-3.10", "aedes-1.2")},
-    ("aedes-1.2", "wrong_protocol"): Expect(
-        "xfail", NEEDS_17B + "aedes refuses a v5 CONNECT with CONNACK 0x84 (Unsupported Protocol Version); "
-        "the agent logs the refusal but does not name mqtt.protocol = \"3.1.1\""),
     **{(b, "wrong_protocol"): SPEAKS_V5 for b in ("mosquitto-2.0.11", "mosquitto-2.0.21", "rabbitmq-4.0")},
 }
 
