@@ -53,6 +53,8 @@ IDLE_FLOOR = 1.0
 
 PROTOCOL_HINT = ('; a broker that speaks only MQTT 3.1.1 (RabbitMQ 3.x, Eclipse Hono, amqtt) does this to an '
                  'MQTT 5 CONNECT: set mqtt.protocol = "3.1.1"')
+UNSUPPORTED_VERSION = 0x84  # CONNACK "Unsupported Protocol Version" (aedes answers an MQTT 5 CONNECT so)
+UNSUPPORTED_HINT = '; the broker does not speak MQTT 5: set mqtt.protocol = "3.1.1"'
 
 
 def keepalive_hint(keepalive: int) -> str:
@@ -66,6 +68,8 @@ def connect_hint(end: EndEvidence, v5: bool, error: str, refused_code: int | Non
         return ""  # connected, or TCP/TLS failed (explained where that is known)
     if v5 and end.kind in (NETWORK_ERROR, CONNECTION_LOST) and refused_code is None:
         return PROTOCOL_HINT
+    if v5 and refused_code == UNSUPPORTED_VERSION:
+        return UNSUPPORTED_HINT
     if not v5 and refused_code == 0x80:
         return keepalive_hint(end.keepalive)  # paho maps any non-standard 3.1.1 return code to 0x80
     return ""

@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
-from agent.classify import PROTOCOL_HINT, keepalive_hint
+from agent.classify import PROTOCOL_HINT, UNSUPPORTED_HINT, UNSUPPORTED_VERSION, keepalive_hint
 from agent.config import Config
 from agent.errors import AgentError
 from agent.session import new_client
@@ -60,7 +60,9 @@ def send_command(
 
     def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
-            hint = keepalive_hint(keepalive) if not v5 and int(reason.value) == 0x80 else ""
+            code = int(reason.value)
+            hint = (keepalive_hint(keepalive) if not v5 and code == 0x80
+                    else UNSUPPORTED_HINT if v5 and code == UNSUPPORTED_VERSION else "")
             results.put(("error", f"the broker refused the connection: {reason}{hint}"))
             return
         connected.set()

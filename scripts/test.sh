@@ -4,7 +4,7 @@
 #   ./scripts/test.sh -k tls -x       # extra arguments go to pytest
 # Installs (if missing): mosquitto, mosquitto-clients, prometheus (promtool), systemd (systemd-analyze),
 # libsystemd-dev + pkg-config (to build systemd-python), openssl, shellcheck, polkitd + dbus (the polkit
-# rule test runs a private polkitd); a virtualenv in .venv.
+# rule test runs a private polkitd), rabbitmq-server, debootstrap, nodejs + npm (other brokers); a virtualenv in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/setup-common.sh
@@ -27,10 +27,20 @@ pkg-config --exists libsystemd 2>/dev/null || missing+=(libsystemd-dev)
 [ -x /usr/lib/polkit-1/polkitd ] || missing+=(polkitd)
 command -v dbus-daemon >/dev/null || missing+=(dbus-daemon)
 command -v dbus-send >/dev/null || missing+=(dbus-bin)
+# The interop suite (tests/system/interop) and issue 17's broker tests: RabbitMQ 3.10 from Debian 12,
+# aedes from npm on Node, and a debootstrapped Debian 13 root (mosquitto 2.0.21, RabbitMQ 4.0) cached in
+# /var/cache/mqtt-agent-tests. Where systemd runs, the rabbitmq-server package starts a system-wide node
+# (5672, epmd 4369); the tests use none of it (own node names, ports, epmd, cookie).
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
+command -v debootstrap >/dev/null || missing+=(debootstrap)
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
 apt_install "${missing[@]}"
 # The Debian package starts a system-wide mosquitto on port 1883 where systemd runs; tests use their own.
 make_venv "[test,systemd]"
 
+# Built once per machine (about 2 minutes, then cached): the Debian 13 broker root and the aedes install.
+echo "== brokers"; .venv/bin/python -m tests.support.brokers.trixie && .venv/bin/python -m tests.support.brokers.aedes
 echo "== ruff"; .venv/bin/ruff check agent tests scripts bench
 echo "== mypy"; .venv/bin/mypy
 echo "== pytest"; .venv/bin/python -m pytest "$@"

@@ -55,6 +55,13 @@ def test_a_non_standard_311_connack_says_the_keepalive_may_be_over_the_broker_li
     assert "mqtt.keepalive" not in standard.reason
 
 
+def test_an_mqtt5_connect_refused_as_unsupported_version_names_the_protocol_setting():
+    """aedes answers an MQTT 5 CONNECT with CONNACK 0x84 (Unsupported Protocol Version)."""
+    ended = monitor("5").classify(never_connected(
+        REFUSED, "the broker refused the connection: Unsupported protocol version (CONNACK 0x84)", code=0x84))
+    assert ended.kind == REFUSED and ended.reason.endswith(FIX)
+
+
 def _cfg(protocol: str) -> Config:
     return parse_config({"agent": {"device_id": "dev-1"}, "mqtt": {"hosts": ["broker:1883"], "protocol": protocol},
                          "tls": {"enabled": False}})
