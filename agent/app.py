@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -21,13 +22,13 @@ from agent.health import HealthCheck, LoopPhases, Verdict
 from agent.logs import set_level
 from agent.metrics import AgentMetrics, MetricsServer
 from agent.notify import Notifier, ServiceWatchdog, StatusLine, sender_from_environment, watchdog_interval
-from agent.outbox import Outbox
 from agent.reload import ReloadOutcome, fingerprint, plan_reload, secret_files
 from agent.renewal import has_renewed_pair
 from agent.resilience import ConnectionMonitor
 from agent.service.reload_verdict import read_request, verdict_dir, write_verdict
 from agent.session import Session
-from agent.store import CommandStore, ensure_private_dir
+from agent.state.outbox import Outbox
+from agent.state.store import StateStore, ensure_private_dir
 from agent.tls import build_context
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ class Agent:
         self._clock = clock
         self._started = clock()
         self._log_level_override = log_level_override
-        self.store: CommandStore | None = None
+        self.store: StateStore | None = None
         self.registry: HandlerRegistry | None = None
         self.session: Session | None = None
         self.dispatcher: Dispatcher | None = None
@@ -94,46 +95,46 @@ class Agent:
         tls_in_use = self.renewer.tls_in_use() if self.renewer else cfg.tls
         ssl_context = build_context(tls_in_use) if cfg.tls.enabled else None
         try:
-            self.store = CommandStore(cfg.agent.state_dir / "commands.sqlite3")
-            self.outbox = Outbox(cfg.agent.state_dir / "outbox.sqlite3", cfg.limits.max_outbox_messages,
-                                 window=cfg.mqtt.max_inflight, journal=self.store)
-        except OSError as exc:
-            raise ConfigError([f"agent.state_dir: cannot use {cfg.agent.state_dir}: {exc.strerror or exc}"]) from exc
+            self.store = StateStore(cfg.agent.state_dir, max_bytes=cfg.limits.max_state_bytes)
+            self.outbox = Outbox(self.store, cfg.limits.max_outbox_messages, window=cfg.mqtt.max_inflight)
+        except (OSError, sqlite3.Error) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            raise ConfigError([f"agent.state_dir: cannot use {cfg.agent.state_dir}: {reason}"]) from exc
         self.registry = build_registry(cfg.commands, self.status, plugins=self._plugins, ping=self._ping,
                                        builtins=self._renewal_commands())
-        dispatcher_box: list[Dispatcher] = []
         protocol = "5" if cfg.mqtt.is_v5 else "3.1.1"
         tuning = cfg.keepalive_tuning
         self.metrics = AgentMetrics(protocol=protocol, configured_keepalive=cfg.mqtt.keepalive, tls=tls_in_use,
                                     keepalive_floor=tuning.min if tuning.enabled else None,
-                                    commands=self.registry, in_flight=lambda: dispatcher_box[0].in_flight,
-                                    shared_group=cfg.mqtt.shared_group)
+                                    commands=self.registry,
+                                    in_flight=lambda: self.dispatcher.in_flight if self.dispatcher else 0,
+                                    state=self.store, shared_group=cfg.mqtt.shared_group)
         interval = watchdog_interval()
         self.watchdog = ServiceWatchdog(self.notifier, self._connection_status, self._health, interval=interval)
         self.status_line = StatusLine(protocol, cfg.mqtt.keepalive, on_change=self.watchdog.poke)
         self.phases = LoopPhases(cfg.mqtt.connect_timeout)
         self.monitor = ConnectionMonitor(cfg.mqtt, cfg.reconnect, cfg.keepalive_tuning,
                                          state_dir=cfg.agent.state_dir)
+        self.dispatcher = Dispatcher(
+            registry=self.registry,
+            limits=cfg.limits,
+            responder=self.outbox,
+            store=self.store,
+            device_id=cfg.agent.device_id,
+            observer=self.metrics.commands,
+        )
         self.session = Session(
             cfg.mqtt,
             cfg.tls,
             cfg.reconnect,
             ssl_context=ssl_context,
-            on_message=lambda msg: dispatcher_box[0].accept(msg),
+            on_message=self.dispatcher.accept,
             listeners=[self.metrics.connection, self.status_line, self.phases,
                        *([self.renewer] if self.renewer else [])],
             monitor=self.monitor,
             outbox=self.outbox,
+            on_ack_delay=self.metrics.ack_delay.observe,
         )
-        self.dispatcher = Dispatcher(
-            registry=self.registry,
-            limits=cfg.limits,
-            publisher=self.session,
-            store=self.store,
-            device_id=cfg.agent.device_id,
-            observer=self.metrics.commands,
-        )
-        dispatcher_box.append(self.dispatcher)
         self._health_check = HealthCheck(self.session, self.dispatcher, self.phases, lambda: self.registry or {},
                                          stall_limit=ServiceWatchdog.stall_limit(interval))
 
@@ -386,6 +387,10 @@ class Agent:
             pruned = self.store.prune(self.cfg.limits.dedupe_retention)
             if pruned:
                 log.debug("forgot %d finished commands older than limits.dedupe_retention", pruned)
+            self.store.max_bytes = self.cfg.limits.max_state_bytes
+            if self.store.refresh_size() > self.store.max_bytes:
+                self.store.enforce_bound()
+                self.store.refresh_size()
         except Exception:
             log.exception("journal housekeeping failed")
 

@@ -115,6 +115,8 @@ class LimitsConfig:
     max_command_age: float = 300.0
     dedupe_retention: float = 86400.0
     max_outbox_messages: int = 10000
+    # The state store (agent.state_dir/state.sqlite3): oldest finished commands are forgotten past this size.
+    max_state_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -587,6 +589,7 @@ def _limits(t: _Table) -> LimitsConfig | None:
         max_command_age=t.number("max_command_age", 300.0, 0.0, 31536000.0),
         dedupe_retention=t.number("dedupe_retention", 86400.0, 60.0, 31536000.0),
         max_outbox_messages=t.integer("max_outbox_messages", 10000, 1, 10000000),
+        max_state_bytes=t.integer("max_state_bytes", 64 * 1024 * 1024, 1024 * 1024, 1 << 40),
     )
     t.finish()
     if None in values.values():

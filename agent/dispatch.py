@@ -1,7 +1,11 @@
 """Dispatch: limits, dedupe, a bounded worker pool, timeouts, and outcomes turned into responses.
 
-`accept()` runs on the MQTT network thread: it parses, checks limits, journals the command and
-hands it to a worker, then returns so paho can send the PUBACK. Handlers only run on workers.
+`accept(msg, ack)` runs on the MQTT network thread: it parses and checks limits, and hands the command
+to the state store's writer. Once its row is on disk (the writer's callback, in commit order) the
+command is acknowledged (`ack()`: the PUBACK) and given to a worker. Handlers only run on workers.
+Every answer goes through the store's outbound queue (durable before it is handed to the session),
+except a 503 for a command the store could not take: that one is sent from memory, since the disk is
+what failed.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from agent.protocol import (
     Response,
     is_valid_status,
 )
-from agent.store import QUEUED, RUNNING, CommandStore
+from agent.state.store import QUEUED, RUNNING, Added, OutMessage, Record, StateStore
+from agent.state.writer import Outcome
 from agent.topics import CommandTopic, parse_request
 
 log = logging.getLogger(__name__)
@@ -48,18 +53,24 @@ TIMEOUT_POLL = 1.0
 DOCTOR_PROBE_MARK = "-doctor-"  # in the last segment of the probe topic `mqtt-agent doctor` publishes
 
 
-class Publisher(Protocol):
-    def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        qos: int = 1,
-        *,
-        correlation_data: bytes | None = None,
-        user_properties: tuple[tuple[str, str], ...] = (),
-        content_type: str | None = None,
-        journal_key: str | None = None,
-    ) -> None: ...
+class Responder(Protocol):
+    """Where answers go (agent.state.outbox.Outbox): stored messages, or one sent without the disk."""
+
+    def adopt(self, messages: list[OutMessage]) -> None: ...
+
+    def put_volatile(self, msg: OutMessage) -> None: ...
+
+
+class AckFn(Protocol):
+    def __call__(self) -> None: ...
+
+
+def _no_ack() -> None:
+    pass
+
+
+# A journal that cannot be written is logged at most this often (every command would log it otherwise).
+JOURNAL_ERROR_LOG_INTERVAL = 30.0
 
 
 class DispatchObserver:
@@ -75,23 +86,18 @@ class DispatchObserver:
         """`status`: the response published for it (None: no response, or one counted by command_finished)."""
 
 
-def publish_response(publisher: Publisher, route: ReplyRoute, response: Response,
-                     journal_key: str | None = None) -> None:
-    """Send `response` to the Hono response topic and, for MQTT 5 requests, to their Response Topic.
-    `journal_key`: the journal row that holds the response until the broker acknowledges it."""
+def response_messages(route: ReplyRoute, response: Response, kind: str = "response") -> list[OutMessage]:
+    """The messages that answer a command: the Hono response topic and, for MQTT 5 requests, their
+    Response Topic."""
+    out: list[OutMessage] = []
     if route.topic_base is not None:
-        publisher.publish(f"{route.topic_base}/{response.status}", response.body, 1,
-                          content_type=response.content_type, journal_key=journal_key)
+        out.append(OutMessage(f"{route.topic_base}/{response.status}", response.body, 1,
+                              content_type=response.content_type, kind=kind))
     if route.response_topic:
-        publisher.publish(
-            route.response_topic,
-            response.body,
-            1,
-            correlation_data=route.correlation_data,
-            user_properties=(("status", str(response.status)), *response.headers),
-            content_type=response.content_type,
-            journal_key=journal_key,
-        )
+        out.append(OutMessage(route.response_topic, response.body, 1, correlation_data=route.correlation_data,
+                              user_properties=(("status", str(response.status)), *response.headers),
+                              content_type=response.content_type, kind=kind))
+    return out
 
 
 @dataclass(eq=False)
@@ -174,8 +180,8 @@ class Dispatcher:
         *,
         registry: Mapping[str, Handler],
         limits: LimitsConfig,
-        publisher: Publisher,
-        store: CommandStore,
+        responder: Responder,
+        store: StateStore,
         device_id: str,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
@@ -183,8 +189,10 @@ class Dispatcher:
     ) -> None:
         self._registry = registry
         self.limits = limits
-        self._publisher = publisher
+        self._responder = responder
         self._store = store
+        self._journal_error_logged_at: float | None = None
+        self._journal_errors_unlogged = 0
         self._device_id = device_id
         self._clock = clock
         self._wall = wall
@@ -193,6 +201,7 @@ class Dispatcher:
         self._active: dict[str, _Job] = {}  # dedupe key -> job queued or running
         self._pending = 0  # queued + running
         self._running = 0
+        self._committing = 0  # finished, response not yet on disk
         self._accepting = False
         self._idle = threading.Condition(self._lock)
         self._deadlines: dict[_Job, float] = {}  # running job -> when the monitor answers 504 for it
@@ -224,10 +233,11 @@ class Dispatcher:
         self._accepting = False
 
     def drain(self, timeout: float) -> bool:
-        """Wait until no handler is running (queued ones are deferred). True if drained in time."""
+        """Wait until no handler is running and their responses are stored (queued ones are deferred). True if
+        drained in time."""
         end = self._clock() + timeout
         with self._idle:
-            while self._running:
+            while self._running or self._committing:
                 left = end - self._clock()
                 if left <= 0:
                     return False
@@ -252,45 +262,79 @@ class Dispatcher:
 
     # --- intake (MQTT thread) --------------------------------------------------------------------
 
-    def accept(self, msg: Inbound) -> None:
-        """Called for every message on the command subscription. Never raises."""
+    def accept(self, msg: Inbound, ack: AckFn = _no_ack) -> None:
+        """Called for every message on the command subscription. Never raises; `ack` is called exactly
+        once, when the command (or its answer) is durable."""
         try:
-            self._accept(msg)
+            self._accept(msg, ack)
         except Exception:
             log.exception("internal error while accepting a command on %s; it was dropped", untrusted(msg.topic))
+            ack()
 
-    def _reply(self, route: ReplyRoute, response: Response, journal_key: str | None = None) -> None:
-        if route.silent:
+    def _reply(self, route: ReplyRoute, response: Response, kind: str = "response") -> None:
+        """Answer durably and wait for it (worker threads)."""
+        messages = response_messages(route, response, kind)
+        if not messages:
             return
         try:
-            publish_response(self._publisher, route, response, journal_key)
-        except Exception:
-            log.exception("could not publish a %d response", response.status)
+            self._responder.adopt(self._store.enqueue_wait(messages))
+        except Exception as exc:  # noqa: BLE001 - the disk failed: send it from memory rather than not at all
+            self._journal_failed(exc, "queue a response")
+            for m in messages:
+                self._responder.put_volatile(m)
+
+    def _reply_async(self, route: ReplyRoute, response: Response, ack: AckFn, kind: str = "rejection") -> None:
+        """Answer durably without waiting (network thread); PUBACK the command once the answer is stored."""
+        messages = response_messages(route, response, kind)
+        if not messages:
+            ack()
+            return
+
+        def stored(outcome: Outcome[list[OutMessage]]) -> None:
+            if outcome.error is None and outcome.value is not None:
+                self._responder.adopt(outcome.value)
+            else:
+                self._journal_failed(outcome.error, "queue a response")
+                for m in messages:
+                    self._responder.put_volatile(m)
+            ack()
+
+        self._store.enqueue(messages, then=stored)
+
+    def _journal_failed(self, exc: BaseException | None, what: str) -> None:
+        """Rate-limited: on a full disk every command would say it."""
+        self._journal_errors_unlogged += 1
+        now = self._clock()
+        if self._journal_error_logged_at is None or now - self._journal_error_logged_at >= JOURNAL_ERROR_LOG_INTERVAL:
+            log.error("the state store (agent.state_dir) cannot %s: %s; %d such failure(s) since the last report; "
+                      "commands are answered 503 and not run until it can be written again",
+                      what, exc, self._journal_errors_unlogged, extra={"STATE_ERROR": str(exc)[:200]})
+            self._journal_errors_unlogged = 0
+            self._journal_error_logged_at = now
 
     def _reject(self, topic: CommandTopic, route: ReplyRoute, status: int, reason: str, message: str,
-                journal_key: str | None = None) -> None:
+                ack: AckFn) -> None:
         with self._lock:
             self.stats.rejected[reason] += 1
             self.stats.by_status[status] += 1
         self.observer.command_rejected(topic.command, reason, None if route.silent else status)
         # One line per reason per minute: a flood of 429s or hostile names must not fill the journal.
         self._reject_log.log(reason, logging.WARNING, "command %s (req %s) rejected with %d: %s",
-                             untrusted(topic.command), untrusted(topic.req_id or "-"), status, untrusted(message, 300),
+                             untrusted(topic.command), untrusted(topic.req_id or "-"), status,
+                             untrusted(message, 300),
                              extra={"COMMAND": untrusted(topic.command), "REQ_ID": untrusted(topic.req_id),
                                     "STATUS": status, "REJECT_REASON": reason})
-        response = Response.error(status, message)
-        if journal_key:
-            self._store.finish(journal_key, response)
-        self._reply(route, response)
+        self._reply_async(route, Response.error(status, message), ack)
 
     def _route(self, topic: CommandTopic, msg: Inbound) -> ReplyRoute:
         if topic.one_way:
             return ReplyRoute(None)
         return ReplyRoute(topic.response_base, msg.response_topic, msg.correlation_data)
 
-    def _accept(self, msg: Inbound, recovered_key: str | None = None) -> None:
+    def _accept(self, msg: Inbound, ack: AckFn) -> None:
         topic = parse_request(msg.topic)
         if topic is None:
+            ack()
             if DOCTOR_PROBE_MARK in msg.topic.rsplit("/", 1)[-1]:
                 # `mqtt-agent doctor` proves delivery with a 5-segment probe message: expected, not a problem.
                 log.debug("ignored the delivery probe of mqtt-agent doctor on %s", untrusted(msg.topic))
@@ -305,113 +349,147 @@ class Dispatcher:
         if len(msg.payload) > self.limits.max_payload_bytes:
             self._reject(topic, route, PAYLOAD_TOO_LARGE, "payload_too_large",
                          f"payload is {len(msg.payload)} bytes, over limits.max_payload_bytes "
-                         f"({self.limits.max_payload_bytes})", recovered_key)
+                         f"({self.limits.max_payload_bytes})", ack)
             return
         handler = self._registry.get(topic.command)
         if handler is None:
             self._reject(topic, route, NOT_FOUND, "unknown_command",
                          f"unknown command '{untrusted(topic.command)}'; this agent serves: "
-                         + ", ".join(sorted(self._registry)), recovered_key)
+                         + ", ".join(sorted(self._registry)), ack)
             return
         dedupe_key = None if topic.one_way else topic.dedupe_key
-        if dedupe_key and recovered_key is None:
+        if dedupe_key:
             with self._lock:
                 running = self._active.get(dedupe_key)
                 if running is not None:
                     running.waiters.append(route)
             if running is not None:
                 self.stats.duplicates += 1
+                ack()  # the command is durable already (it runs); the waiter is answered with it
                 log.info("command %s req %s redelivered while it runs: it will be answered, not run again",
                          topic.command, untrusted(topic.req_id),
                          extra={"COMMAND": topic.command, "REQ_ID": untrusted(topic.req_id)})
                 return
-        journal_key = recovered_key or dedupe_key or f"one-way:{uuid.uuid4().hex}"
-        claimed = False
-        if recovered_key is None:
-            capacity = self.limits.max_concurrent_commands + self.limits.max_queued_commands
-            if self._pending >= capacity:
-                # A redelivery gets its stored answer even when the queue is full, never a 429.
-                if dedupe_key and self._answer_duplicate(topic, route, dedupe_key):
-                    return
-                self._reject(topic, route, TOO_MANY_REQUESTS, "queue_full",
-                             f"too many commands waiting ({self.limits.max_queued_commands} queued, "
-                             f"limits.max_queued_commands); retry later")
-                return
+        journal_key = dedupe_key or f"one-way:{uuid.uuid4().hex}"
+        capacity = self.limits.max_concurrent_commands + self.limits.max_queued_commands
+        with self._lock:
+            full = self._pending >= capacity
             # With a worker free the command starts at once: journal it as running in the same write
-            # (one commit instead of two on the hot path). Should the agent die in the microseconds
-            # before the handler starts, the command is answered "interrupted", never run twice.
-            claimed = self._accepting and self._pending < self.limits.max_concurrent_commands
+            # (one commit instead of two on the hot path). Should the agent die in the moment before the
+            # handler starts, the command is answered "interrupted", never run twice.
+            claimed = not full and self._accepting and self._pending < self.limits.max_concurrent_commands
+            if not full:
+                self._pending += 1  # reserved now: commits in flight must not overbook the workers
+        if full:
+            # A redelivery gets its stored answer even when the queue is full, never a 429.
+            record = self._store.lookup(dedupe_key) if dedupe_key else None
+            if record is not None and record.response is not None:
+                self.stats.duplicates += 1
+                self._reply_async(route, record.response, ack, "response")
+                return
+            self._reject(topic, route, TOO_MANY_REQUESTS, "queue_full",
+                         f"too many commands waiting ({self.limits.max_queued_commands} queued, "
+                         f"limits.max_queued_commands); retry later", ack)
+            return
+
+        def answer(record: Record) -> list[OutMessage]:
+            return response_messages(route, record.response) if record.response is not None else []
+
+        def added(outcome: Outcome[Added]) -> None:
+            # Writer thread, in commit order: the row (or the re-sent id's answer) is on disk.
             try:
-                inserted = self._store.add(journal_key, msg, running=claimed)
-            except Exception as exc:  # noqa: BLE001 - disk full, read-only file system, locked database
-                log.error("cannot journal command %s req %s (%s): not run", topic.command,
-                          untrusted(topic.req_id or "-"), exc)
-                self._reject(topic, route, UNAVAILABLE, "journal_error",
-                             "the agent cannot record the command in its journal (agent.state_dir); it was not run")
-                return
-            if not inserted:
-                # The REQ_ID is journalled already: a redelivery (dedupe_key is set for two-way commands).
-                if dedupe_key:
-                    self._answer_duplicate(topic, route, dedupe_key)
-                return
+                self._added(outcome, topic, msg, handler, route, journal_key, dedupe_key, claimed, ack)
+            finally:
+                ack()
+
+        self._store.add_command(journal_key, msg, running=claimed, answer=answer, then=added)
+
+    def _added(self, outcome: Outcome[Added], topic: CommandTopic, msg: Inbound, handler: Handler,
+               route: ReplyRoute, journal_key: str, dedupe_key: str | None, claimed: bool, ack: AckFn) -> None:
+        result = outcome.value
+        if outcome.error is not None or result is None:
+            with self._lock:
+                self._pending -= 1
+                self.stats.rejected["journal_error"] += 1
+                self.stats.by_status[UNAVAILABLE] += 1
+            self._journal_failed(outcome.error, "record a command")
+            self.observer.command_rejected(topic.command, "journal_error", None if route.silent else UNAVAILABLE)
+            response = Response.error(UNAVAILABLE, "the agent cannot record the command in its journal "
+                                                   "(agent.state_dir); it was not run")
+            for m in response_messages(route, response, "rejection"):
+                self._responder.put_volatile(m)  # not through the disk: the disk is what failed
+            return
+        ack()  # durable: PUBACK now, before the handler runs
+        if not result.inserted:
+            with self._lock:
+                self._pending -= 1
+                job = self._active.get(dedupe_key) if dedupe_key else None
+                if job is not None and result.record is not None and result.record.response is None:
+                    job.waiters.append(route)
+            self.stats.duplicates += 1
+            if result.queued:
+                assert result.record is not None and result.record.response is not None
+                log.info("command %s req %s was already executed: re-sending its %d response",
+                         topic.command, untrusted(topic.req_id), result.record.response.status,
+                         extra={"COMMAND": topic.command, "REQ_ID": untrusted(topic.req_id)})
+                self._responder.adopt(list(result.queued))
+            elif job is not None:
+                log.info("command %s req %s redelivered while it runs: it will be answered, not run again",
+                         topic.command, untrusted(topic.req_id),
+                         extra={"COMMAND": topic.command, "REQ_ID": untrusted(topic.req_id)})
+            else:
+                log.info("command %s req %s is already journalled and will run at the next start",
+                         topic.command, untrusted(topic.req_id))
+            return
+        self._start(topic, msg, handler, route, journal_key, dedupe_key, claimed, reserved=True)
+
+    def _start(self, topic: CommandTopic, msg: Inbound, handler: Handler, route: ReplyRoute, journal_key: str,
+               dedupe_key: str | None, claimed: bool, reserved: bool = False) -> None:
         job = _Job(journal_key, dedupe_key, topic, msg, handler, route,
                    device_id=topic.device or self._device_id, claimed=claimed)
         if not self._accepting:
+            if reserved:
+                with self._lock:
+                    self._pending -= 1
+            if claimed:
+                self._store.mark_queued(journal_key)
             log.info("command %s req %s received during shutdown: journalled, runs at the next start",
                      topic.command, untrusted(topic.req_id or "-"))
             return
         with self._lock:
             if dedupe_key:
                 self._active[dedupe_key] = job
-            self._pending += 1
+            if not reserved:
+                self._pending += 1
         assert self._pool is not None
         self._pool.submit(job)
 
-    def _answer_duplicate(self, topic: CommandTopic, route: ReplyRoute, key: str) -> bool:
-        """Answer a redelivered REQ_ID from the journal; False if the journal does not know it."""
-        record = self._store.lookup(key)
-        if record is None:
-            return False
-        self.stats.duplicates += 1
-        if record.response is not None:
-            log.info("command %s req %s was already executed: re-sending its %d response",
-                     topic.command, untrusted(topic.req_id), record.response.status,
-                     extra={"COMMAND": topic.command, "REQ_ID": untrusted(topic.req_id)})
-            self._reply(route, record.response)
-        else:
-            log.info("command %s req %s is already journalled and will run at the next start",
-                     topic.command, untrusted(topic.req_id))
-        return True
-
     def _recover(self) -> None:
-        unsent = self._store.undelivered()
-        if unsent:
-            log.info("%d response(s) from an earlier run were not acknowledged by the broker; they are sent "
-                     "after the connect", len(unsent))
-        for record in unsent:
-            topic = parse_request(record.inbound.topic)
-            if topic is not None and record.response is not None:
-                self._reply(self._route(topic, record.inbound), record.response, record.key)
+        """Finish what the journal says an earlier run left: queued commands run, interrupted ones are
+        answered 500. (Responses not yet acknowledged wait in the outbound queue: the outbox loaded them.)"""
         for record in self._store.pending():
             topic = parse_request(record.inbound.topic)
+            handler = self._registry.get(topic.command) if topic is not None else None
             if topic is None:
                 self._store.discard(record.key)
                 continue
             route = self._route(topic, record.inbound)
-            if record.state == RUNNING:
+            if record.state == RUNNING or handler is None:
                 response = Response.error(
                     INTERNAL_ERROR,
                     "the agent stopped while this command was running; it may or may not have taken effect, "
-                    "and it is not run again",
-                )
-                log.warning("command %s req %s was interrupted by an agent stop; answering 500",
-                            topic.command, untrusted(topic.req_id or "-"))
-                self._store.finish(record.key, response, deliver=not route.silent)
-                self._reply(route, response, record.key)
+                    "and it is not run again", interrupted=True,
+                ) if record.state == RUNNING else Response.error(
+                    NOT_FOUND, f"unknown command {topic.command!r}; it is no longer configured")
+                if record.state == RUNNING:
+                    log.warning("command %s req %s was interrupted by an agent stop; answering 500",
+                                topic.command, untrusted(topic.req_id or "-"))
+                self._responder.adopt(self._store.finish(record.key, response, response_messages(route, response)))
             elif record.state == QUEUED:
                 log.info("resuming command %s req %s received before the last stop", topic.command,
                          untrusted(topic.req_id or "-"))
-                self._accept(record.inbound, recovered_key=record.key)
+                self._start(topic, record.inbound, handler, route, record.key,
+                            None if topic.one_way else topic.dedupe_key, claimed=False)
 
     # --- execution (worker threads) --------------------------------------------------------------
 
@@ -493,8 +571,7 @@ class Dispatcher:
             log.error("command %s req %s failed with an internal error (error id %s): %s: %s",
                       job.topic.command, untrusted(job.topic.req_id or "-"), error_id, type(exc).__name__,
                       untrusted(exc, 500), exc_info=True,
-                      extra={"COMMAND": job.topic.command, "REQ_ID": untrusted(job.topic.req_id),
-                                            "ERROR_ID": error_id})
+                      extra={"COMMAND": job.topic.command, "REQ_ID": untrusted(job.topic.req_id), "ERROR_ID": error_id})
             response = Response.error(INTERNAL_ERROR, f"internal error in command {job.topic.command!r}",
                                       error_id=error_id)
         if not self._complete(job, response):
@@ -502,41 +579,57 @@ class Dispatcher:
                         job.topic.command, untrusted(job.topic.req_id or "-"))
 
     def _complete(self, job: _Job, response: Response) -> bool:
-        """Record and send the outcome once; False if the job was already answered (timeout)."""
+        """Record and send the outcome once; False if the job was already answered (timeout).
+
+        The worker is free at once; the response is stored (with its messages, one durable commit that
+        the writer shares with other commands) and published from the writer's callback, so a worker
+        never waits for an fsync and many responses share one."""
         with job.lock:
             if job.done:
                 return False
             job.done = True
         self._unschedule_timeout(job)
         seconds = self._clock() - job.started
-        try:
-            self._store.finish(job.journal_key, response, deliver=not job.route.silent)
-        except Exception:
-            log.exception("could not journal the response of %s", job.journal_key)
         with self._lock:
-            if job.dedupe_key:
-                self._active.pop(job.dedupe_key, None)
-            waiters, job.waiters = job.waiters, []
             self._running -= 1
-            self._pending -= 1
-            self._idle.notify_all()
+            self._committing += 1
             self.stats.executed += 1
             self.stats.by_status[response.status] += 1
         self.last_progress = self._clock()
         self.observer.command_finished(job.topic.command, response.status, seconds)
-        self._reply(job.route, response, job.journal_key)
-        for route in waiters:
-            self._reply(route, response, job.journal_key)
-        if response.status >= 500:
-            level = logging.WARNING
-        elif getattr(job.handler, "quiet", False):
-            level = logging.DEBUG  # health probes (ping, info) every minute from a fleet monitor would drown the log
-        else:
-            level = logging.INFO
-        log.log(level, "command %s req %s -> %d in %.1f ms%s", job.topic.command,
-                untrusted(job.topic.req_id or "-"), response.status, seconds * 1000,
-                f" (+{len(waiters)} duplicate)" if waiters else "",
-                extra={"COMMAND": job.topic.command, "REQ_ID": untrusted(job.topic.req_id), "STATUS": response.status})
+        messages = response_messages(job.route, response)
+
+        def stored(outcome: Outcome[list[OutMessage]]) -> None:
+            # Writer thread: the response is on disk (or the disk failed: answer from memory rather than not at all).
+            if outcome.error is None and outcome.value is not None:
+                self._responder.adopt(outcome.value)
+            else:
+                self._journal_failed(outcome.error, "store a response")
+                for m in messages:
+                    self._responder.put_volatile(m)
+            with self._lock:
+                # Only now: a re-sent id that arrived meanwhile waited on the job, or finds the stored response.
+                if job.dedupe_key:
+                    self._active.pop(job.dedupe_key, None)
+                waiters, job.waiters = job.waiters, []
+                self._pending -= 1
+                self._committing -= 1
+                self._idle.notify_all()
+            for route in waiters:
+                self._reply_async(route, response, _no_ack, "response")
+            if response.status >= 500:
+                level = logging.WARNING
+            elif getattr(job.handler, "quiet", False):
+                level = logging.DEBUG  # health probes (ping, info) every minute from a fleet monitor: no log flood
+            else:
+                level = logging.INFO
+            log.log(level, "command %s req %s -> %d in %.1f ms%s", job.topic.command,
+                    untrusted(job.topic.req_id or "-"), response.status, seconds * 1000,
+                    f" (+{len(waiters)} duplicate)" if waiters else "",
+                    extra={"COMMAND": job.topic.command, "REQ_ID": untrusted(job.topic.req_id),
+                           "STATUS": response.status})
+
+        self._store.finish_async(job.journal_key, response, messages, then=stored)
         return True
 
     # --- timeouts --------------------------------------------------------------------------------

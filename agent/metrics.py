@@ -274,6 +274,30 @@ class CertificateExpiry:
         yield GaugeMetricFamily("mqtt_agent_tls_certificate_expiry_timestamp_seconds", "", labels=["certificate"])
 
 
+class StateMetrics:
+    """The state store's health, read from the store at scrape time (no locks, plain attributes)."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # collected live: the store may not exist when the registry is built in tests
+
+    def collect(self) -> Iterator[Metric]:
+        st = self._store
+        yield GaugeMetricFamily("mqtt_agent_state_bytes", "Size of the state store on disk (database and WAL)",
+                                value=st.size_bytes)
+        yield GaugeMetricFamily("mqtt_agent_state_max_bytes", "limits.max_state_bytes: the state store's bound",
+                                value=st.max_bytes)
+        rec = CounterMetricFamily("mqtt_agent_state_recovered", "Times the state store was set aside and started "
+                                  "fresh (corrupt at start, removed or replaced while running)", labels=["reason"])
+        for reason in ("corrupt", "replaced"):
+            rec.add_metric([reason], st.recovered.get(reason, 0))
+        yield rec
+        yield CounterMetricFamily("mqtt_agent_state_fsyncs", "Durable commits of the state store (one fsync each)",
+                                  value=st.fsyncs)
+        yield CounterMetricFamily("mqtt_agent_state_pruned", "Finished commands forgotten to stay within "
+                                  "limits.max_state_bytes", value=st.pruned_total)
 RENEWAL_RESULTS = ("success", "signer_failed", "rejected", "probe_failed", "rolled_back")
 
 
@@ -312,6 +336,7 @@ class AgentMetrics:
         keepalive_floor: int | None = None,
         commands: Iterable[str] = (),
         in_flight: Callable[[], int] | None = None,
+        state: Any = None,
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
@@ -322,6 +347,13 @@ class AgentMetrics:
                                             keepalive_floor=keepalive_floor, clock=clock, wall=wall)
         self.commands = CommandMetrics(self.registry, commands, in_flight)
         self.certificates = CertificateExpiry(self.registry, tls)
+        if state is not None:
+            self.registry.register(StateMetrics(state))
+        # Eclipse Hono releases a command it has no PUBACK for after about 1 s.
+        self.ack_delay = Histogram("mqtt_agent_command_ack_delay_seconds", "Time from a command's receipt to its "
+                                   "PUBACK (sent once its journal row is on disk)",
+                                   buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0),
+                                   registry=self.registry)
         self.renewal = RenewalMetrics(self.registry)
         build = Gauge("mqtt_agent_build_info", "Versions of the agent, Python and paho-mqtt: 1",
                       ["version", "python", "paho"], registry=self.registry)

@@ -4,6 +4,13 @@ The agent owns the network thread (`client.loop()` in a loop of its own) instead
 loop_start(), so that the reconnect policy, failover and keepalive are the agent's decisions.
 Every paho callback only translates into the agent's own types and hands off; each is guarded,
 because an exception in a paho callback kills the network thread.
+
+Commands are acknowledged by hand (paho's manual_ack): `on_message` gets the message and an `Ack`, and
+the PUBACK is sent only when the owner calls it, once the command is on disk (the state store's writer
+calls it after its fsync). paho's `ack()` only queues a packet and is safe from another thread, but a
+message id belongs to one connection: the Ack hands (connection, mid) to the network thread, which
+sends it only if that connection is still the current one (after a reconnect the broker redelivers,
+and the journal answers the redelivery).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Callable, TypeVar
@@ -43,9 +51,10 @@ from agent.connection import poison
 from agent.errors import TLSSetupError
 from agent.link import ConnectionEnded, SessionListener, SessionState
 from agent.logs import LogSummary, untrusted
-from agent.outbox import Outbox, OutMessage
 from agent.protocol import Inbound
 from agent.resilience import ConnectionMonitor
+from agent.state.outbox import Outbox
+from agent.state.store import OutMessage
 from agent.tls import explain_handshake_error, fetch_peer_certificate
 
 log = logging.getLogger(__name__)
@@ -250,7 +259,7 @@ class Session:
         reconnect_cfg: ReconnectConfig,
         *,
         ssl_context: ssl.SSLContext | None,
-        on_message: Callable[[Inbound], None],
+        on_message: Callable[[Inbound, Ack], None],
         keepalive: Callable[[], int] | None = None,
         backoff: Backoff | None = None,
         listeners: Sequence[SessionListener] = (),
@@ -260,8 +269,10 @@ class Session:
         wall: Callable[[], float] = time.time,
         monitor: ConnectionMonitor | None = None,
         outbox: Outbox | None = None,
+        on_ack_delay: Callable[[float], None] | None = None,
     ) -> None:
         self.cfg = mqtt_cfg
+        self._on_ack_delay = on_ack_delay  # seconds from a command's receipt to its PUBACK (a metric)
         self.tls_cfg = tls_cfg
         self._ssl_context = ssl_context
         self._on_message = on_message
@@ -284,6 +295,8 @@ class Session:
         self._client.on_message = self._handle_message
         self._client.on_subscribe = self._handle_subscribe
         self._client.on_publish = self._handle_publish
+        self._client.manual_ack_set(True)
+        self._acks: deque[tuple[_Conn, int, int, float]] = deque()  # (connection, mid, qos, received) to ack
         self._withdrawn: list[int] = []  # message ids paho must not re-send (set aside), dropped before a connect
         self._broker_max_packet: int | None = None  # MQTT 5 CONNACK Maximum Packet Size of this connection
         if outbox is not None:
@@ -373,12 +386,10 @@ class Session:
         correlation_data: bytes | None = None,
         user_properties: tuple[tuple[str, str], ...] = (),
         content_type: str | None = None,
-        journal_key: str | None = None,
     ) -> None:
         """Queue a message. With an outbox it is stored first and survives a disconnect or a crash;
-        without one, QoS 1 messages published while offline are sent after the next CONNACK.
-        `journal_key`: the command journal holds this response already (the outbox need not store it)."""
-        msg = OutMessage(topic, payload, qos, correlation_data, user_properties, content_type, journal_key)
+        without one, QoS 1 messages published while offline are sent after the next CONNACK."""
+        msg = OutMessage(topic, payload, qos, correlation_data, user_properties, content_type)
         if self.outbox is not None:
             self.outbox.put(msg)
             return
@@ -629,7 +640,9 @@ class Session:
             self._retry_subscriptions(now)
             if disconnect_deadline is None and conn.connected_at is not None and self._check_link(conn, now):
                 break
+            self._send_acks(conn)
             rc = self._loop_once(0.5)
+            self._send_acks(conn)
             if rc != mqtt.MQTT_ERR_SUCCESS and conn.ended is None and self._client.socket() is None:
                 self._end(conn, False, None, mqtt.error_string(rc))
             if self.outbox is not None:
@@ -663,6 +676,21 @@ class Session:
                 if rc or client.socket() is None:
                     return int(rc)
             return int(client.loop_misc())
+
+    def _send_acks(self, conn: _Conn) -> None:
+        """PUBACK the commands that are durable now (network thread), in the order they became so."""
+        observe = self._on_ack_delay
+        while self._acks:
+            owner, mid, qos, received = self._acks.popleft()
+            if owner is conn and conn.ended is None:
+                self._client.ack(mid, qos)
+                if observe is not None:
+                    observe(self._clock() - received)
+
+    def _queue_ack(self, conn: _Conn, mid: int, qos: int, received: float) -> None:
+        """Any thread: acknowledge `mid` of `conn` from the network thread, soon."""
+        self._acks.append((conn, mid, qos, received))
+        self._wake_loop()
 
     def _write_now(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         """paho has a packet to write (called in the publishing thread): write it now if the network
@@ -884,9 +912,44 @@ class Session:
 
     @_guarded
     def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        conn = self._conn
+        now = self._clock()
+        ack = Ack(self, conn, msg.mid, msg.qos, now) if conn is not None and msg.qos > 0 else Ack(None, None, 0, 0)
         if msg.retain:
             _RETAINED_LOG.log("retained", logging.WARNING, "ignored a retained message on %s: a retained command "
                               "would run again at every reconnect; publish commands without the retain flag",
                               untrusted(msg.topic))
+            ack()
             return
-        self._on_message(inbound_from(msg, self._wall(), self._clock()))
+        try:
+            self._on_message(inbound_from(msg, self._wall(), now), ack)
+        except BaseException:
+            ack()  # never leave a message unacknowledged: the broker would stop sending (receive maximum)
+            raise
+
+
+class Ack:
+    """The PUBACK of one received message, sent at most once, from the network thread, on its connection."""
+
+    __slots__ = ("_conn", "_session", "done", "mid", "qos", "received")
+
+    def __init__(self, session: Session | None, conn: _Conn | None, mid: int, qos: int,
+                 received: float = 0.0) -> None:
+        self._session = session
+        self._conn = conn
+        self.mid = mid
+        self.qos = qos
+        self.received = received
+        self.done = False
+
+    def __call__(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self._session is not None and self._conn is not None:
+            self._session._queue_ack(self._conn, self.mid, self.qos, self.received)
+
+
+def no_ack() -> Ack:
+    """An Ack that sends nothing (a message taken from the journal, a test)."""
+    return Ack(None, None, 0, 0)

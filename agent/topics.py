@@ -54,8 +54,9 @@ class CommandTopic:
 
     @property
     def dedupe_key(self) -> str:
-        """Identifies a request across redeliveries: the same REQ_ID for another child is another request."""
-        return f"{self.tenant}/{self.device}/{self.req_id}"
+        """Identifies a request across redeliveries: the same REQ_ID for another child, or for another
+        command (a backend that numbers its requests from 1 again after a restart), is another request."""
+        return f"{self.tenant}/{self.device}/{self.req_id}/{self.command}"
 
 
 def parse_request(topic: str) -> CommandTopic | None:

@@ -237,7 +237,7 @@ class StateFile:
     def load(self) -> dict[str, Any]:
         """The saved state, or {} if there is none or it is unreadable (logged, never fatal)."""
         try:
-            text = self.path.read_text(encoding="utf-8")
+            raw = self.path.read_bytes()
         except FileNotFoundError:
             return {}
         except OSError as exc:
@@ -245,9 +245,10 @@ class StateFile:
                         exc.strerror or exc)
             return {}
         try:
-            data = json.loads(text)
-        except ValueError as exc:
-            log.warning("%s is not valid JSON (%s); starting without the learned connection state", self.path, exc)
+            data = json.loads(raw.decode("utf-8"))
+        except ValueError as exc:  # UnicodeDecodeError too: binary garbage after a bad SD card or a cut
+            log.warning("%s is not valid JSON (%s); starting without the learned connection state (it is "
+                        "written again at the next change)", self.path, str(exc)[:200])
             return {}
         if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
             log.warning("%s has an unknown format; starting without the learned connection state", self.path)

@@ -17,6 +17,8 @@ command -v promtool >/dev/null || missing+=(prometheus)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v shellcheck >/dev/null || missing+=(shellcheck)
+# The PUBACK-order test reads the agent's system calls; sick-disk tests mount a small tmpfs (util-linux).
+command -v strace >/dev/null || missing+=(strace)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
 pkg-config --exists libsystemd 2>/dev/null || missing+=(libsystemd-dev)
 # deploy/install.sh (and its test) builds the agent's venv with Debian's own python3 and its venv module.

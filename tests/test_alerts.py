@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import HostPort, TlsConfig
 from agent.metrics import AgentMetrics
+from agent.state.store import StateStore
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"
@@ -32,13 +34,15 @@ def promtool(*args: str, cwd: Path = PROMETHEUS) -> subprocess.CompletedProcess[
 def exported_series() -> set[str]:
     """Every sample name the agent exposes (a fresh registry; histograms with their _bucket/_sum/_count)."""
     registry = CollectorRegistry()
+    state = StateStore(Path(tempfile.mkdtemp()))  # a real store: its families are read from it at scrape time
     metrics = AgentMetrics(protocol="3.1.1", configured_keepalive=60, tls=TlsConfig(enabled=False),
-                           registry=registry, commands=["ping"])
+                           registry=registry, commands=["ping"], state=state)
     metrics.commands.command_finished("ping", 200, 0.1)  # labelled families show up once used
     metrics.connection.connected(HostPort("b", 1), 60, False)
     names: set[str] = set()
     for family in text_string_to_metric_families(generate_latest(registry).decode()):
         names.update(s.name for s in family.samples)
+    state.close()
     # Computed at scrape time from files; present whenever TLS is configured.
     names.add("mqtt_agent_tls_certificate_expiry_timestamp_seconds")
     return names

@@ -1,4 +1,4 @@
-"""Dispatcher (pure core with a recording publisher and a real SQLite journal): limits, dedupe,
+"""Dispatcher (pure core with a recording responder and a real state store): limits, dedupe,
 timeouts, restart recovery, and a fuzz run showing that no input makes an exception escape."""
 
 from __future__ import annotations
@@ -19,19 +19,28 @@ from agent.dispatch import Dispatcher
 from agent.handlers import HandlerRegistry
 from agent.handlers.builtin import PingHandler
 from agent.protocol import BadRequest, Inbound, Request, Response
-from agent.store import CommandStore
+from agent.state.store import OutMessage, StateStore
+from agent.state.writer import Outcome
 
 
 class Recorder:
-    """A Publisher that records what would go to the broker."""
+    """A Responder that records what would go to the broker (and whether it was stored first)."""
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes, dict[str, Any]]] = []
         self.cond = threading.Condition()
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, **kwargs: Any) -> None:
+    def adopt(self, messages: list[OutMessage]) -> None:
+        for m in messages:
+            self._record(m)
+
+    def put_volatile(self, msg: OutMessage) -> None:
+        self._record(msg)
+
+    def _record(self, m: OutMessage) -> None:
         with self.cond:
-            self.sent.append((topic, payload, kwargs))
+            self.sent.append((m.topic, m.payload, {"correlation_data": m.correlation_data, "id": m.id,
+                                                   "user_properties": m.user_properties, "kind": m.kind}))
             self.cond.notify_all()
 
     def wait(self, n: int, timeout: float = 5.0) -> list[tuple[str, bytes, dict[str, Any]]]:
@@ -99,7 +108,7 @@ def msg(topic: str, payload: bytes = b"", **kw: Any) -> Inbound:
 @pytest.fixture
 def parts(tmp_path: Path) -> Iterator[dict[str, Any]]:
     made: list[Dispatcher] = []
-    store = CommandStore(tmp_path / "commands.sqlite3")
+    store = StateStore(tmp_path / "state")
 
     def make(limits: LimitsConfig | None = None, handlers: dict[str, Any] | None = None,
              wall: Any = time.time) -> tuple[Dispatcher, Recorder]:
@@ -108,7 +117,7 @@ def parts(tmp_path: Path) -> Iterator[dict[str, Any]]:
         for name, h in (handlers or {}).items():
             reg.register(name, h, "test")
         rec = Recorder()
-        d = Dispatcher(registry=reg, limits=limits or LimitsConfig(), publisher=rec, store=store,
+        d = Dispatcher(registry=reg, limits=limits or LimitsConfig(), responder=rec, store=store,
                        device_id="gw", wall=wall)
         d.start()
         made.append(d)
@@ -259,7 +268,6 @@ def test_journal_survives_a_restart(parts: dict[str, Any]) -> None:
     d1, rec1 = parts["make"](handlers={"count": counter})
     d1.accept(msg("command///req/done/count"))
     rec1.wait(1)
-    parts["store"].mark_delivered(["//done"])  # the broker's PUBACK, which the outbox would record
     d1.stop_accepting()
     d1.accept(msg("command///req/later/count"))
     assert counter.runs == 1 and len(rec1.sent) == 1
@@ -271,10 +279,16 @@ def test_journal_survives_a_restart(parts: dict[str, Any]) -> None:
     assert counter.runs == 2
 
 
+def journal(store: StateStore, key: str, m: Inbound, running: bool = False) -> None:
+    done = threading.Event()
+    store.add_command(key, m, running=running, answer=lambda r: [], then=lambda o: done.set())
+    assert done.wait(5)
+
+
 def test_interrupted_command_is_answered_500_and_not_rerun(parts: dict[str, Any]) -> None:
-    store: CommandStore = parts["store"]
-    store.add("//crashed", msg("command///req/crashed/ping"))
-    store.mark_running("//crashed")
+    store: StateStore = parts["store"]
+    journal(store, "//crashed/ping", msg("command///req/crashed/ping"))
+    store.mark_running("//crashed/ping")
     _, rec = parts["make"]()
     topic, body, _ = rec.wait(1)[0]
     assert topic == "command///res/crashed/500"
@@ -381,7 +395,7 @@ def test_journal_failure_answers_500_and_frees_the_worker(parts: dict[str, Any],
     """A journal write that fails (disk full, locked) must not kill the worker or leak its slot."""
     gate = Gate()
     d, rec = parts["make"](LimitsConfig(max_concurrent_commands=1), handlers={"count": Counter(), "slow": gate})
-    store: CommandStore = parts["store"]
+    store: StateStore = parts["store"]
     real = store.mark_running
 
     def failing(key: str) -> None:
@@ -407,12 +421,12 @@ def test_journal_failure_answers_500_and_frees_the_worker(parts: dict[str, Any],
 def test_journal_failure_at_receipt_answers_503(parts: dict[str, Any]) -> None:
     counter = Counter()
     d, rec = parts["make"](handlers={"count": counter})
-    store: CommandStore = parts["store"]
+    store: StateStore = parts["store"]
 
-    def failing(key: str, msg: Inbound, running: bool = False) -> bool:
-        raise OSError(30, "Read-only file system")
+    def failing(key: str, msg: Inbound, *, running: bool, answer: Any, then: Any) -> None:
+        then(Outcome(error=OSError(30, "Read-only file system")))
 
-    store.add = failing  # type: ignore[method-assign]
+    store.add_command = failing  # type: ignore[method-assign]
     d.accept(msg("command///req/ro/count"))
     topic, body, _ = rec.wait(1)[0]
     assert topic == "command///res/ro/503"
@@ -420,21 +434,34 @@ def test_journal_failure_at_receipt_answers_503(parts: dict[str, Any]) -> None:
     assert counter.runs == 0 and d.in_flight == 0
 
 
-def test_unacknowledged_responses_are_sent_again_after_a_restart(parts: dict[str, Any]) -> None:
-    """A response the broker never acknowledged (the agent died) is re-sent from the journal at the next
-    start, without running the command again; once acknowledged, it is not sent a third time."""
+def test_unacknowledged_responses_stay_queued_in_the_store(parts: dict[str, Any]) -> None:
+    """A response is durable in the outbound queue before it is handed over; it stays there (and is sent
+    again by the next run's outbox) until the broker's PUBACK deletes it. The command does not run again."""
     counter = Counter()
     d1, rec1 = parts["make"](handlers={"count": counter})
     d1.accept(msg("command///req/lost/count"))
-    rec1.wait(1)
-    assert rec1.sent[0][2]["journal_key"] == "//lost"
+    sent = rec1.wait(1)
+    assert sent[0][2]["id"] is not None  # stored before it was handed over
     d1.close()
-    store: CommandStore = parts["store"]
-    assert [r.key for r in store.undelivered()] == ["//lost"]
+    store: StateStore = parts["store"]
+    assert [m.topic for m in store.queued_messages()] == ["command///res/lost/200"]
     _, rec2 = parts["make"](handlers={"count": counter})
-    assert rec2.wait(1)[0][0] == "command///res/lost/200"
-    assert counter.runs == 1
-    store.mark_delivered(["//lost"])
-    _, rec3 = parts["make"](handlers={"count": counter})
+    d_dup = rec2
     time.sleep(0.1)
-    assert rec3.sent == []
+    assert d_dup.sent == [] and counter.runs == 1
+    store.delete_messages([m.id for m in store.queued_messages() if m.id is not None])
+    store.enqueue_wait([])  # a barrier: the deletion is committed
+    assert store.queued_messages() == []
+
+
+def test_a_reused_request_id_for_another_command_runs_it(parts: dict[str, Any]) -> None:
+    """A backend that numbers requests from 1 again after its restart: same id, other command -> it runs."""
+    counter = Counter()
+    d, rec = parts["make"](handlers={"count": counter})
+    d.accept(msg("command///req/7/ping"))
+    rec.wait(1)
+    d.accept(msg("command///req/7/count"))
+    sent = rec.wait(2)
+    assert counter.runs == 1
+    assert json.loads(sent[1][1]) == {"device": "gw", "gateway": False, "props": []}
+    assert d.stats.duplicates == 0

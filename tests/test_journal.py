@@ -25,7 +25,7 @@ from agent.logs import (
     syslog_priority,
 )
 from agent.protocol import Inbound
-from agent.store import CommandStore
+from agent.state.store import OutMessage, StateStore
 
 
 def decode(datagram: bytes) -> dict[str, str]:
@@ -121,18 +121,22 @@ def test_real_dispatcher_log_fields(journal, tmp_path):
     handler = setup_logging("info", journal=True, journal_socket=journal.path)
     published: list[tuple[str, bytes]] = []
 
-    class Publisher:
-        def publish(self, topic: str, payload: bytes, qos: int = 1, **kwargs: object) -> None:
-            published.append((topic, payload))
+    class Responder:
+        def adopt(self, messages: list[OutMessage]) -> None:
+            published.extend((m.topic, m.payload) for m in messages)
 
-    store = CommandStore(tmp_path / "state" / "commands.sqlite3")
+        def put_volatile(self, msg: OutMessage) -> None:
+            published.append((msg.topic, msg.payload))
+
+    store = StateStore(tmp_path / "state")
     try:
         assert isinstance(handler, JournalHandler)
-        dispatcher = Dispatcher(registry={}, limits=LimitsConfig(), publisher=Publisher(), store=store,
+        dispatcher = Dispatcher(registry={}, limits=LimitsConfig(), responder=Responder(), store=store,
                                 device_id="dev-1")
         secret_payload = b'{"password": "hunter2"}'
         dispatcher.accept(Inbound(topic="command///req/r-42/reboot", payload=secret_payload))
         got = journal.receive()
+        store.enqueue_wait([])  # a barrier: the rejection's callback has run
     finally:
         store.close()
         setup_logging("info", journal=False)

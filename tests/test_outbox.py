@@ -1,4 +1,4 @@
-"""The persistent outbox: ordered, bounded, crash-safe, and never the cause of a double send."""
+"""The outbox over the state store's outbound queue: ordered, bounded, crash-safe, never a double send."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import logging
 import sqlite3
 import stat
 
-from agent.outbox import DELETE_BATCH, Outbox, OutMessage
+from agent.state.outbox import DELETE_BATCH, Outbox
+from agent.state.store import OutMessage, StateStore
 
 
 class Link:
@@ -28,6 +29,12 @@ class Link:
         return mid
 
 
+def same(a: OutMessage, b: OutMessage) -> bool:
+    """Equal but for what the store adds (id, attempts)."""
+    return (a.topic, a.payload, a.qos, a.correlation_data, a.user_properties, a.content_type) == (
+        b.topic, b.payload, b.qos, b.correlation_data, b.user_properties, b.content_type)
+
+
 def msg(n: int, **kw: object) -> OutMessage:
     return OutMessage(f"command///res/req{n}/200", f'{{"n":{n}}}'.encode(), **kw)  # type: ignore[arg-type]
 
@@ -35,16 +42,20 @@ def msg(n: int, **kw: object) -> OutMessage:
 def make(tmp_path, max_messages: int = 100, window: int = 10) -> tuple[Outbox, Link, list[int], list[int]]:
     sizes: list[int] = []
     dropped: list[int] = []
-    box = Outbox(tmp_path / "outbox.sqlite3", max_messages, window=window, report_interval=0)
+    box = Outbox(StateStore(tmp_path / "state"), max_messages, window=window, report_interval=0)
     link = Link()
     box.bind(link, sizes.append, dropped.append)
     return box, link, sizes, dropped
 
 
-def rows(tmp_path) -> list[str]:
-    db = sqlite3.connect(str(tmp_path / "outbox.sqlite3"))
+def rows(tmp_path, box: Outbox | None = None) -> list[str]:
+    """What the store holds (read through its own connection: it locks the file exclusively)."""
+    if box is not None and box.store is not None:
+        box.store.enqueue_wait([])  # a barrier: deletions handed to the writer are committed
+        return [m.topic for m in box.store.queued_messages()]
+    db = sqlite3.connect(str(tmp_path / "state" / "state.sqlite3"))
     try:
-        return [r[0] for r in db.execute("SELECT topic FROM outbox ORDER BY seq")]
+        return [r[0] for r in db.execute("SELECT topic FROM outbox ORDER BY id")]
     finally:
         db.close()
 
@@ -61,9 +72,9 @@ def test_link_up_sends_at_once_and_the_ack_empties_it(tmp_path):
     box.link_up()
     box.put(msg(1))
     assert [m.topic for m in link.sent] == ["command///res/req1/200"]
-    assert box.size == 1 and rows(tmp_path) == ["command///res/req1/200"]  # on disk until acknowledged
+    assert box.size == 1 and rows(tmp_path, box) == ["command///res/req1/200"]  # on disk until acknowledged
     ack_all(box, link)
-    assert box.size == 0 and rows(tmp_path) == []
+    assert box.size == 0 and rows(tmp_path, box) == []
     assert sizes == [0, 1, 0]
     box.close()
 
@@ -122,7 +133,7 @@ def test_overflow_drops_the_oldest_waiting_with_a_log_line(tmp_path, caplog):
             box.put(msg(n))
     assert dropped == [1, 1]
     assert box.dropped_total == 2 and box.size == 3
-    assert rows(tmp_path) == [f"command///res/req{n}/200" for n in (2, 3, 4)]
+    assert rows(tmp_path, box) == [f"command///res/req{n}/200" for n in (2, 3, 4)]
     lines = [r.getMessage() for r in caplog.records if "outbox full" in r.getMessage()]
     assert len(lines) == 1  # rate-limited: one line per minute, with the count
     assert "limits.max_outbox_messages = 3" in lines[0] and "command///res/req0/200" in lines[0]
@@ -137,18 +148,22 @@ def test_the_outbox_survives_a_crash(tmp_path):
     box, _, _, _ = make(tmp_path)
     for n in range(3):
         box.put(msg(n, correlation_data=b"\x01\x02", user_properties=(("status", "200"),), content_type="x/y"))
-    # No close(): the process dies here. Each put was committed before it returned.
+    # The process dies here: no outbox close, no checkpoint; the connection (and its file lock) just goes.
+    # Each put was committed before it returned.
+    assert box.store is not None
+    box.store._writer.close()
+    box.store._db.close()
     again, link, sizes, _ = make(tmp_path)
     assert again.size == 3 and sizes == [3]
     again.link_up()
     again.pump()
     assert [m.topic for m in link.sent] == [f"command///res/req{n}/200" for n in range(3)]
-    assert link.sent[0] == msg(0, correlation_data=b"\x01\x02", user_properties=(("status", "200"),),
-                               content_type="x/y")
+    assert same(link.sent[0], msg(0, correlation_data=b"\x01\x02", user_properties=(("status", "200"),),
+                                  content_type="x/y"))
+    assert link.sent[0].attempts == 1  # sent (probably) once by the run that died
     ack_all(again, link)
+    assert rows(tmp_path, again) == []
     again.close()
-    assert rows(tmp_path) == []
-    box.close()
 
 
 def test_acks_are_deleted_in_batches_and_all_of_them_on_close(tmp_path):
@@ -159,14 +174,14 @@ def test_acks_are_deleted_in_batches_and_all_of_them_on_close(tmp_path):
     for mid in list(link.mids)[:DELETE_BATCH - 1]:
         box.acked(mid)
     box.pump()
-    assert len(rows(tmp_path)) == DELETE_BATCH + 5  # below the batch and within the delay: not yet deleted
+    assert len(rows(tmp_path, box)) == DELETE_BATCH + 5  # below the batch and within the delay: not yet deleted
     box.acked(DELETE_BATCH)
     box.pump()
-    assert len(rows(tmp_path)) == 5
+    assert len(rows(tmp_path, box)) == 5
     for mid in range(DELETE_BATCH + 1, DELETE_BATCH + 4):
         box.acked(mid)
     box.close()
-    assert len(rows(tmp_path)) == 2
+    assert len(rows(tmp_path, box)) == 2
 
 
 def test_a_refused_hand_over_keeps_the_response_waiting(tmp_path):
@@ -186,13 +201,14 @@ def test_qos0_needs_no_ack(tmp_path):
     box.link_up()
     box.put(msg(1, qos=0))
     box.pump(force_flush=True)
-    assert box.size == 0 and rows(tmp_path) == [] and len(link.sent) == 1
+    assert box.size == 0 and rows(tmp_path, box) == [] and len(link.sent) == 1
     box.close()
 
 
 def test_the_file_is_private(tmp_path):
     box, _, _, _ = make(tmp_path)
-    assert stat.S_IMODE((tmp_path / "outbox.sqlite3").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "state" / "state.sqlite3").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
     box.close()
 
 
@@ -221,49 +237,14 @@ def test_config_bounds_the_outbox():
     assert "max_outbox_messages" in str(err.value)  # did-you-mean
 
 
-class FakeJournal:
-    def __init__(self) -> None:
-        self.delivered: list[str] = []
-
-    def mark_delivered(self, keys: list[str]) -> None:
-        self.delivered.extend(keys)
-
-
-def test_journal_backed_responses_are_not_stored_twice(tmp_path):
-    """A command's response is in the journal already: the outbox keeps it in memory only and tells the
-    journal when the broker has it (for an MQTT 5 request, once both of its messages are acknowledged)."""
-    journal = FakeJournal()
-    box = Outbox(tmp_path / "outbox.sqlite3", 100, journal=journal)
-    link = Link()
-    box.bind(link)
+def test_a_volatile_message_is_sent_but_never_stored(tmp_path):
+    """The 503 for a command the store could not take goes out without the disk."""
+    box, link, _, _ = make(tmp_path)
     box.link_up()
-    box.put(OutMessage("command///res/r1/200", b"ok", journal_key="//r1"))
-    box.put(OutMessage("replies/r1", b"ok", journal_key="//r1"))
-    box.put(OutMessage("command///res/r2/404", b"no"))  # a rejection: stored in the outbox file
-    assert rows(tmp_path) == ["command///res/r2/404"]
-    assert box.size == 3
-    mids = list(link.mids)
-    box.acked(mids[0])
-    box.pump(force_flush=True)
-    assert journal.delivered == []  # the second message of r1 is not acknowledged yet
-    box.acked(mids[1])
-    box.acked(mids[2])
-    box.pump(force_flush=True)
-    assert journal.delivered == ["//r1"]
-    assert rows(tmp_path) == []
+    box.put_volatile(OutMessage("command///res/x/503", b"{}"))
+    assert [m.topic for m in link.sent] == ["command///res/x/503"] and rows(tmp_path, box) == []
+    ack_all(box, link)
     assert box.size == 0
-    box.close()
-
-
-def test_dropping_a_journal_backed_response_settles_it(tmp_path):
-    journal = FakeJournal()
-    box = Outbox(tmp_path / "outbox.sqlite3", 1, journal=journal)
-    box.bind(Link())  # link down: everything waits
-    box.put(OutMessage("command///res/old/200", b"", journal_key="//old"))
-    box.put(OutMessage("command///res/new/200", b"", journal_key="//new"))
-    box.pump(force_flush=True)
-    assert journal.delivered == ["//old"]  # given up on: not re-sent after a restart either
-    assert box.size == 1
     box.close()
 
 
@@ -272,7 +253,7 @@ def test_size_reports_are_throttled_while_busy_but_never_lost(tmp_path):
     the rest at most once per report_interval, the latest value included."""
     now = [100.0]
     sizes: list[int] = []
-    box = Outbox(tmp_path / "outbox.sqlite3", 100, clock=lambda: now[0], report_interval=1.0)
+    box = Outbox(StateStore(tmp_path / "state"), 100, clock=lambda: now[0], report_interval=1.0)
     link = Link()
     box.bind(link, sizes.append)
     box.link_up()

@@ -280,8 +280,7 @@ def test_broker_killed_three_times_every_command_runs_exactly_once_and_is_answer
 
 def test_a_response_in_the_outbox_survives_an_agent_crash(make_broker, make_proxy, make_config, run_agent, tmp_path):
     """The link is down when the command finishes, then the agent is SIGKILLed: the response waits on
-    disk (in the command journal, which the outbox relies on for command responses) and goes out after
-    the restart, once."""
+    disk (in the state store's outbound queue) and goes out after the restart, once."""
     broker = make_broker()
     proxy = make_proxy(broker)
     cfg = make_config(proxy, {
@@ -301,14 +300,14 @@ def test_a_response_in_the_outbox_survives_an_agent_crash(make_broker, make_prox
         agent.wait_for(r"command slow req r1 -> 200", timeout=10)
         time.sleep(0.3)
         agent.kill()
-        db = sqlite3.connect(str(tmp_path / "state-crash" / "commands.sqlite3"))
-        assert db.execute("SELECT topic, status FROM commands WHERE delivered = 0").fetchall() == [
-            ("command///req/r1/slow", 200)]
+        db = sqlite3.connect(str(tmp_path / "state-crash" / "state.sqlite3"))
+        assert db.execute("SELECT topic, kind FROM outbox").fetchall() == [("command///res/r1/200", "response")]
+        assert db.execute("SELECT state, status FROM commands").fetchall() == [("done", 200)]
         db.close()
         assert sender.responses == {}
         proxy.refuse = False
         again = run_agent(cfg)
-        again.wait_for(r"1 response\(s\) from an earlier run were not acknowledged by the broker")
+        again.wait_for(r"1 message\(s\) from an earlier run wait in the outbound queue")
         end = time.monotonic() + 10
         while not sender.responses and time.monotonic() < end:
             time.sleep(0.05)

@@ -14,9 +14,10 @@ import pytest
 
 from agent.classify import FINAL_KINDS, IDLE_TIMEOUT, SHUTDOWN
 from agent.config import Config, load_config
-from agent.outbox import Outbox
 from agent.resilience import ConnectionMonitor
 from agent.session import ConnectionEnded, Session, SessionListener
+from agent.state.outbox import Outbox
+from agent.state.store import StateStore
 from agent.tls import build_context
 from tests.support.proxy import FaultProxy
 
@@ -68,12 +69,12 @@ def session_factory(tmp_path: Path) -> Iterator[Callable[..., tuple[Session, Rec
     def make(cfg: Config) -> tuple[Session, Recorder, Outbox]:
         state = tmp_path / f"state{len(made)}"
         state.mkdir()
-        outbox = Outbox(state / "outbox.sqlite3", cfg.limits.max_outbox_messages, window=cfg.mqtt.max_inflight,
+        outbox = Outbox(StateStore(state), cfg.limits.max_outbox_messages, window=cfg.mqtt.max_inflight,
                         report_interval=0)
         monitor = ConnectionMonitor(cfg.mqtt, cfg.reconnect, cfg.keepalive_tuning, state_dir=state)
         rec = Recorder()
         session = Session(cfg.mqtt, cfg.tls, cfg.reconnect, ssl_context=build_context(cfg.tls),
-                          on_message=lambda msg: None, monitor=monitor, outbox=outbox, listeners=[rec])
+                          on_message=lambda msg, ack: ack(), monitor=monitor, outbox=outbox, listeners=[rec])
         made.append((session, outbox))
         return session, rec, outbox
 

@@ -42,7 +42,7 @@ def test_network_thread_survives_an_internal_error(broker, make_config, monkeypa
 
     events = Events()
     session = Session(cfg.mqtt, cfg.tls, cfg.reconnect, ssl_context=build_context(cfg.tls),
-                      on_message=lambda msg: None, keepalive=keepalive, listeners=[events])
+                      on_message=lambda msg, ack: ack(), keepalive=keepalive, listeners=[events])
     with caplog.at_level(logging.ERROR, logger="agent.session"):
         session.start()
         try:

@@ -249,15 +249,15 @@ def test_sigkilled_member_without_a_session_leaves_the_rest_to_the_survivor(
 
 
 def journal_keys(cfg: Path) -> set[str]:
-    """The dedupe keys (TENANT/DEVICE/REQ_ID) in a member's command journal."""
+    """TENANT/DEVICE/REQ_ID of the dedupe keys (TENANT/DEVICE/REQ_ID/COMMAND) in a member's command journal."""
     from agent.config import load_config
 
     state = load_config(cfg).agent.state_dir
     out = subprocess.run([sys.executable, "-c", (
         "import sqlite3,sys; db=sqlite3.connect(sys.argv[1]); "
         "print('\\n'.join(r[0] for r in db.execute('select key from commands')))"),
-        str(state / "commands.sqlite3")], capture_output=True, text=True, check=True)
-    return set(out.stdout.split())
+        str(state / "state.sqlite3")], capture_output=True, text=True, check=True)
+    return {key.rsplit("/", 1)[0] for key in out.stdout.split()}
 
 
 def test_mqtt_311_with_shared_group_is_a_config_error_naming_the_key(make_config, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -30,8 +31,11 @@ def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
 
 
 class AgentProcess:
-    def __init__(self, config: Path, *, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
+    def __init__(self, config: Path, *, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
+                 new_session: bool = False, wrapper: tuple[str, ...] = ()) -> None:
         self.config = config
+        self.wrapper = wrapper  # e.g. ("strace", "-f", ...): the agent runs under it
+        self.new_session = new_session  # its own process group: `kill_group` takes its children too
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.args = args
         self.lines: list[str] = []
@@ -41,8 +45,9 @@ class AgentProcess:
 
     def start(self) -> AgentProcess:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(self.config), *self.args],
+            [*self.wrapper, sys.executable, "-m", "agent", "run", "--config", str(self.config), *self.args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=self.env,
+            start_new_session=self.new_session,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -101,6 +106,15 @@ class AgentProcess:
         if self._reader:
             self._reader.join(5)
         return rc
+
+    def kill_group(self) -> None:
+        """SIGKILL the agent and every child it started (a power cut takes them all at once)."""
+        assert self.proc and self.new_session
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        if self._reader:
+            self._reader.join(5)
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:

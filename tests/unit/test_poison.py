@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.connection import poison
-from agent.outbox import Outbox, OutMessage
+from agent.state.outbox import Outbox
+from agent.state.store import OutMessage, StateStore
 
 # --- sizes ------------------------------------------------------------------------------------------
 
@@ -111,7 +111,7 @@ class Link:
 
 def make(tmp_path: Path) -> tuple[Outbox, Link, Clock]:
     clock = Clock()
-    box = Outbox(tmp_path / "outbox.sqlite3", 100, clock=clock, report_interval=0)
+    box = Outbox(StateStore(tmp_path / "state"), 100, clock=clock, report_interval=0)
     link = Link()
     box.bind(link, withdraw=link.withdrawn.append, on_set_aside=link.set_aside.append)
     return box, link, clock
@@ -139,10 +139,10 @@ def test_a_message_the_broker_drops_the_connection_for_is_answered_500_after_thr
     assert link.set_aside == [poison.POISON]
     replacement = link.sent[-1]
     assert replacement.topic == "command///res/r1/500" and b"set aside" in replacement.payload
-    db = sqlite3.connect(str(tmp_path / "outbox.sqlite3"))
-    assert [r[0] for r in db.execute("SELECT topic FROM outbox ORDER BY seq")] == [
+    assert box.store is not None
+    box.store.enqueue_wait([])  # a barrier: the replacement is committed
+    assert [m.topic for m in box.store.queued_messages()] == [
         "command///res/r1/500", "command///res/r2/200"]  # a restart sends the 500, not the poison again
-    db.close()
     assert caplog.text.count("set aside a 50000-byte message") == 1
     box.close()
 
@@ -189,4 +189,7 @@ def test_an_unsendable_message_is_set_aside_and_the_queue_moves_on(tmp_path):
     box.put(OutMessage("command///res/r2/200", b"ok"))
     assert [m.topic for m in link.sent] == ["command///res/r2/200"]
     assert link.set_aside == [poison.TOO_LARGE] and box.size == 1
+    assert box.store is not None
+    box.store.enqueue_wait([])
+    assert [m.topic for m in box.store.queued_messages()] == ["command///res/r2/200"]  # kept aside, never sent
     box.close()

@@ -1,0 +1,200 @@
+"""Group commit: one thread writes the state store, many rows per transaction, one fsync per batch.
+
+Callers hand the writer an operation (a function of the SQLite connection) and, for a durable one, a
+callback. The writer takes every operation that is waiting, runs them in one transaction, commits
+(with `synchronous=FULL` in WAL mode that commit is one fsync of the WAL) and only then calls the
+callbacks, in submission order. While one batch is being fsynced the next one gathers, so at one
+command in flight a command waits for one fsync and at 64 in flight one fsync covers many commands;
+no artificial delay is added (the batching delay is bounded by one fsync plus the batch's own work).
+
+Operations that need not be durable (deleting an acknowledged message, counting an attempt) are
+committed with `synchronous=NORMAL` when a batch holds nothing else: their WAL frames are made
+durable by the next FULL commit, and losing them in a cut only means a message is sent once more.
+
+The callbacks run on the writer thread: they must be quick and must not wait for the writer.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# At most this many operations share one transaction (bounds the time the connection lock is held).
+MAX_BATCH = 256
+# While idle the writer wakes this often to let its owner check the store (state_dir replaced).
+IDLE_TICK = 1.0
+
+
+@dataclass
+class Outcome(Generic[T]):
+    """What an operation returned, or the error that prevented its commit."""
+
+    value: T | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class _Op:
+    fn: Callable[[sqlite3.Connection], Any]
+    durable: bool
+    then: Callable[[Outcome[Any]], None] | None
+
+
+class GroupWriter:
+    """The only thread that writes the store. `conn_lock` guards the connection for readers too."""
+
+    def __init__(
+        self,
+        connection: Callable[[], sqlite3.Connection],
+        conn_lock: threading.Lock,
+        *,
+        before_batch: Callable[[], None] = lambda: None,
+        on_idle: Callable[[], None] = lambda: None,
+        on_fsync: Callable[[int], None] = lambda n: None,
+    ) -> None:
+        self._connection = connection  # the current connection (it is replaced when the store is reopened)
+        self._lock = conn_lock
+        self._before_batch = before_batch
+        self._on_idle = on_idle
+        self._on_fsync = on_fsync
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._sync_mode = ""
+        self._thread = threading.Thread(target=self._run, name="state-writer", daemon=True)
+        self._closed = False
+        self.batches = 0
+        self.durable_batches = 0
+        self._thread.start()
+
+    # --- any thread ----------------------------------------------------------------------------
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True,
+               then: Callable[[Outcome[T]], None] | None = None) -> None:
+        """Run `fn` in the next batch; `then(outcome)` once that batch is committed (or failed)."""
+        if self._closed:
+            if then is not None:
+                then(Outcome(error=RuntimeError("the state store is closed")))
+            return
+        self._queue.put(_Op(fn, durable, then))
+
+    def call(self, fn: Callable[[sqlite3.Connection], T], *, timeout: float = 60.0) -> T:
+        """Run `fn` durably and wait until it is on disk; raises what prevented that."""
+        done = threading.Event()
+        box: list[Outcome[T]] = []
+
+        def then(outcome: Outcome[T]) -> None:
+            box.append(outcome)
+            done.set()
+
+        self.submit(fn, then=then)
+        if not done.wait(timeout):
+            raise TimeoutError(f"the state store did not commit within {timeout:g} s")
+        outcome = box[0]
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.value  # type: ignore[return-value]
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Commit what is queued, then end the thread."""
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    # --- writer thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            try:
+                first = self._queue.get(timeout=IDLE_TICK)
+            except queue.Empty:
+                self._safe(self._on_idle)
+                continue
+            batch: list[_Op] = []
+            stop = first is None
+            if first is not None:
+                batch.append(first)
+            while len(batch) < MAX_BATCH:
+                try:
+                    op = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if op is None:
+                    stop = True
+                    break
+                batch.append(op)
+            if batch:
+                self._commit(batch)
+            if stop:
+                return
+
+    def _commit(self, batch: Sequence[_Op]) -> None:
+        outcomes: list[Outcome[Any]] = [Outcome() for _ in batch]
+        durable = any(op.durable for op in batch)
+        try:
+            self._before_batch()
+            with self._lock:
+                failed = self._transaction(batch, outcomes, durable)
+                if failed:
+                    # One operation failed (a bug, a constraint): run each alone, so that only it fails.
+                    outcomes = [Outcome() for _ in batch]
+                    for op, outcome in zip(batch, outcomes):
+                        if self._transaction([op], [outcome], op.durable):
+                            outcome.value = None
+        except Exception as exc:  # noqa: BLE001 - every caller hears why its write failed
+            self._sync_mode = ""  # a reopened connection starts with its own setting
+            for outcome in outcomes:
+                outcome.value, outcome.error = None, exc
+        else:
+            self.batches += 1
+            if durable:
+                self.durable_batches += 1
+                self._safe(lambda: self._on_fsync(len(batch)))
+        for op, outcome in zip(batch, outcomes):
+            if op.then is not None:
+                try:
+                    op.then(outcome)
+                except Exception:
+                    log.exception("internal error in a state store callback")
+
+    def _transaction(self, batch: Sequence[_Op], outcomes: list[Outcome[Any]], durable: bool) -> bool:
+        """Run `batch` in one transaction and commit it (lock held). True if an operation raised: then
+        nothing was committed and that operation's outcome holds its error. A failing commit raises."""
+        db = self._connection()
+        mode = "FULL" if durable else "NORMAL"
+        if mode != self._sync_mode:
+            db.execute(f"PRAGMA synchronous={mode}")
+            self._sync_mode = mode
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for op, outcome in zip(batch, outcomes):
+                try:
+                    outcome.value = op.fn(db)
+                except Exception as exc:
+                    if not db.in_transaction:
+                        raise  # the whole transaction is gone (disk full, I/O error): the batch fails
+                    outcome.error = exc
+                    db.execute("ROLLBACK")
+                    return True
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            raise
+        return False
+
+    @staticmethod
+    def _safe(fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception:
+            log.exception("internal error in the state store's writer")
