@@ -101,7 +101,8 @@ class Container:
                *(f"{k}={v}" for k, v in (env or {}).items()), *argv]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input)
         if check and proc.returncode != 0:
-            raise ContainerError(f"{' '.join(argv)} exited {proc.returncode}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+            raise ContainerError(
+                f"{' '.join(argv)} exited {proc.returncode}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
         return proc
 
     def show(self, unit: str, *props: str) -> dict[str, str]:

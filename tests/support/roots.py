@@ -10,7 +10,7 @@ root itself: they work on a copy (copy_root).
 
 Foreign architectures (arm64, armhf) are emulated with Debian's qemu-user-static. The kernel runs an ARM
 binary through qemu only if binfmt_misc says so; rather than registering qemu for the whole machine,
-`in_emulated_root` creates a user namespace (uids 0-65535 mapped to themselves, so files keep their real
+`in_root` creates a user namespace (uids 0-65535 mapped to themselves, so files keep their real
 owners), mounts a private binfmt_misc instance there (Linux >= 6.7) and registers qemu in it: the
 registration disappears with the namespace.
 """
@@ -83,7 +83,8 @@ def debian_root(name: str, suite: str, arch: str, packages: Sequence[str], *, va
 def _run(argv: Sequence[str], timeout: float, what: str) -> None:
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise RootError(f"{what} failed ({proc.returncode}): {' '.join(argv)}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+        raise RootError(
+            f"{what} failed ({proc.returncode}): {' '.join(argv)}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
 
 
 def _build(tmp: Path, suite: str, arch: str, variant: str, packages: Sequence[str], timeout: float) -> None:
@@ -181,9 +182,9 @@ def in_root(root: Path, arch: str, argv: Sequence[str], *, timeout: float = 600.
 def _map_ids(pid: int) -> None:
     """Map uids and gids 0-65535 of the new user namespace of `pid` to the same host ids. Only a
     privileged parent can write such a map (newuidmap would want /etc/subuid entries)."""
-    own = os.readlink("/proc/self/ns/user")
+    own = Path("/proc/self/ns/user").readlink()
     deadline = time.monotonic() + 10
-    while os.readlink(f"/proc/{pid}/ns/user") == own:
+    while Path(f"/proc/{pid}/ns/user").readlink() == own:
         if time.monotonic() > deadline:
             raise RootError("unshare did not create its user namespace within 10 s")
         time.sleep(0.005)

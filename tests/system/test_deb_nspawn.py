@@ -64,6 +64,7 @@ class Gateway:
     ct: Container
     root: Path
     debs: Debs
+    device_files: Path  # ca.pem, device.pem, device.key as the operator receives them
 
     def deb_path(self, deb: Path) -> str:
         """The .deb's path inside the container (copied into its /var/tmp)."""
@@ -128,8 +129,7 @@ def gateway(debs: Debs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ga
     for src, name in ((ca.cert_path, "ca.pem"), (device.cert, "device.pem"), (device.key, "device.key")):
         (staged / name).write_bytes(src.read_bytes())
     with Container(root) as ct:
-        gw = Gateway(ct, root, debs)
-        gw.staged = staged  # type: ignore[attr-defined]
+        gw = Gateway(ct, root, debs, staged)
         ct.wait_for("mosquitto.service", {"ActiveState": "active"})
         yield gw
 
@@ -158,7 +158,7 @@ def test_install_offline_enables_the_unit_and_waits_for_a_configuration(gateway:
 
 def test_configured_agent_starts_reports_ready_and_answers_ping(gateway: Gateway) -> None:
     ct, root = gateway.ct, gateway.root
-    staged: Path = gateway.staged  # type: ignore[attr-defined]
+    staged = gateway.device_files
     for name in ("ca.pem", "device.pem", "device.key"):
         dest = root / "etc/mqtt-agent" / name
         dest.write_bytes((staged / name).read_bytes())
@@ -231,7 +231,7 @@ def test_upgrade_restarts_and_keeps_config_state_and_the_command_journal(gateway
     ct.run("dpkg", "-i", gateway.deb_path(gateway.debs.newer))
     assert ct.run("dpkg-query", "-W", "-f", "${Version}", "mqtt-agent").stdout == gateway.debs.newer_version
     assert (gateway.root / CONF.lstrip("/")).read_text() == config_before  # the operator's edits
-    state = ct.wait_for(UNIT, {"ActiveState": "active", "SubState": "running"})
+    ct.wait_for(UNIT, {"ActiveState": "active", "SubState": "running"})
     assert ct.show(UNIT, "MainPID")["MainPID"] != pid, "the upgrade restarted the service"
     assert state_files <= set(ct.run("find", "/var/lib/mqtt-agent", "-type", "f").stdout.split())
     # The journal survived: the same request id is answered from it, not run again (same timestamp).
