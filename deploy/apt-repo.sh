@@ -100,7 +100,7 @@ gpg --batch --yes --quiet --local-user "$KEY" --digest-algo SHA512 --clearsign -
 gpg --batch --yes --quiet --local-user "$KEY" --digest-algo SHA512 --armor --detach-sign -o "$dists/Release.gpg" "$dists/Release"
 gpg --batch --yes --export "$KEY" >"$OUT/mqtt-agent-archive-keyring.gpg"
 
-echo "apt-repo: $OUT: $(ls "$pool" | tr '\n' ' ')signed by $KEY, suite $SUITE, architectures $ARCHS"
+echo "apt-repo: $OUT: $(cd "$pool" && printf '%s ' *.deb)signed by $KEY, suite $SUITE, architectures $ARCHS"
 echo "apt-repo: on a gateway (with DIR served at URL):"
 echo "  curl -fsSL URL/mqtt-agent-archive-keyring.gpg | sudo tee /usr/share/keyrings/mqtt-agent-archive-keyring.gpg >/dev/null"
 echo "  echo 'deb [signed-by=/usr/share/keyrings/mqtt-agent-archive-keyring.gpg] URL $SUITE main' | sudo tee /etc/apt/sources.list.d/mqtt-agent.list"

@@ -24,6 +24,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 CACHE = Path(os.environ.get("MQTT_AGENT_TEST_CACHE", "/var/cache/mqtt-agent-tests"))
 MIRROR = "http://deb.debian.org/debian"
@@ -148,12 +149,14 @@ exec chroot "$root" "$@"
 """
 
 
-def in_root(root: Path, arch: str, argv: Sequence[str], *, timeout: float = 600.0,
-            env: dict[str, str] | None = None, input: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run argv as root inside `root` (chroot with its own /proc, /tmp, /run; the host's /dev), in a
-    mount and PID namespace of its own. A foreign-architecture root runs under qemu-user-static, in a
-    user namespace too (see the module's docstring). The host's network is shared (a broker on the
-    host's loopback is reachable); nothing is registered or stays mounted outside the namespaces."""
+def spawn_in_root(root: Path, arch: str, argv: Sequence[str], *, env: dict[str, str] | None = None,
+                  stdout: Any = subprocess.PIPE) -> subprocess.Popen[str]:
+    """Start argv as root inside `root` (chroot with its own /proc, /tmp, /run; the host's /dev), in a
+    mount and PID namespace of its own; killing the returned process ends everything in it. A
+    foreign-architecture root runs under qemu-user-static, in a user namespace too (see the module's
+    docstring). The host's network is shared (a broker on the host's loopback is reachable); nothing
+    is registered or stays mounted outside the namespaces. The caller writes one line to stdin ("go")
+    before anything else: see release()."""
     foreign = arch != host_arch()
     register = ""
     if foreign:
@@ -167,10 +170,23 @@ def in_root(root: Path, arch: str, argv: Sequence[str], *, timeout: float = 600.
     proc = subprocess.Popen(
         ["unshare", *ns, "--mount", "--pid", "--fork", "--kill-child",
          "sh", "-c", 'read -r _ && exec sh -c "$0" emu "$@"', _EMU_SCRIPT, str(root), *argv],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_env)
+        stdin=subprocess.PIPE, stdout=stdout, stderr=subprocess.STDOUT if stdout is not subprocess.PIPE
+        else subprocess.PIPE, text=True, env=run_env)
     try:
         if foreign:
             _map_ids(proc.pid)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
+
+
+def in_root(root: Path, arch: str, argv: Sequence[str], *, timeout: float = 600.0,
+            env: dict[str, str] | None = None, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run argv inside `root` to completion (see spawn_in_root)."""
+    proc = spawn_in_root(root, arch, argv, env=env)
+    try:
         out, err = proc.communicate(f"go\n{input or ''}", timeout=timeout)
     except BaseException:
         proc.kill()

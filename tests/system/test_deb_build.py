@@ -81,3 +81,9 @@ def test_packaged_unit_is_the_repository_unit_with_the_packaged_path_and_a_confi
     ]
     launcher = (tmp_path / "usr/bin/mqtt-agent").read_text()
     assert launcher.startswith("#!/usr/bin/python3 -I\n")
+
+
+def test_packaging_scripts_are_shellcheck_clean() -> None:
+    scripts = ["scripts/build-deb.sh", "deploy/apt-repo.sh", "debian/mqtt-agent.postinst", "debian/mqtt-agent.postrm"]
+    result = subprocess.run(["shellcheck", "-x", *scripts], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout
