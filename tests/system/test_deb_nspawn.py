@@ -11,6 +11,7 @@ command journal kept); remove; purge. The root is made once with debootstrap and
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import pytest
 from tests.support.nspawn import Container, nspawn_available
 from tests.support.pki import TestCA
 from tests.support.roots import copy_root, debian_root
-from tests.system.conftest import Debs
+from tests.system.conftest import Debs, Repo
 
 pytestmark = pytest.mark.system
 
@@ -220,7 +221,8 @@ def test_watchdog_pings_arrive_and_a_wedged_agent_is_restarted(gateway: Gateway)
     assert gateway.send("ping")[0] == "200"
 
 
-def test_upgrade_restarts_and_keeps_config_state_and_the_command_journal(gateway: Gateway) -> None:
+def test_upgrade_from_the_apt_repository_restarts_and_keeps_config_state_and_the_command_journal(
+        gateway: Gateway, apt_repo: Repo) -> None:
     ct = gateway.ct
     config_before = (gateway.root / CONF.lstrip("/")).read_text()
     stamp = gateway.send("stamp", "--req-id", "before-upgrade")
@@ -228,7 +230,17 @@ def test_upgrade_restarts_and_keeps_config_state_and_the_command_journal(gateway
     state_files = set(ct.run("find", "/var/lib/mqtt-agent", "-type", "f").stdout.split())
     assert state_files, "the agent keeps its journal in state_dir"
     pid = ct.show(UNIT, "MainPID")["MainPID"]
-    ct.run("dpkg", "-i", gateway.deb_path(gateway.debs.newer))
+    # The fleet's way (README): the keyring, one sources line, apt. The repository is a directory in
+    # the container here (file:), served over HTTPS in a fleet.
+    shutil.copytree(apt_repo.path, gateway.root / "srv/mqtt-agent-repo")
+    keyring = "/usr/share/keyrings/mqtt-agent-archive-keyring.gpg"
+    shutil.copy(apt_repo.keyring, gateway.root / keyring.lstrip("/"))
+    gateway.write("/etc/apt/sources.list.d/mqtt-agent.list",
+                  f"deb [signed-by={keyring}] file:/srv/mqtt-agent-repo stable main\n")
+    # Only this source: the container has no network for Debian's mirror.
+    only = ["-o", "Dir::Etc::SourceList=/etc/apt/sources.list.d/mqtt-agent.list", "-o", "Dir::Etc::SourceParts=-"]
+    ct.run("apt-get", *only, "update")
+    ct.run("apt-get", *only, "install", "-y", "mqtt-agent", env={"DEBIAN_FRONTEND": "noninteractive"})
     assert ct.run("dpkg-query", "-W", "-f", "${Version}", "mqtt-agent").stdout == gateway.debs.newer_version
     assert (gateway.root / CONF.lstrip("/")).read_text() == config_before  # the operator's edits
     ct.wait_for(UNIT, {"ActiveState": "active", "SubState": "running"})
