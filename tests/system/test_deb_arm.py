@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,8 @@ from tests.support.mosquitto import Mosquitto
 from tests.support.roots import copy_root, debian_root, in_root, spawn_in_root
 from tests.system.conftest import Debs
 
-pytestmark = pytest.mark.system
+pytestmark = [pytest.mark.system, pytest.mark.arm]
+ARCHS = ["arm64", "armhf"]
 
 ROOT_PACKAGES = ["python3", "python3-cryptography", "python3-systemd", "adduser", "procps"]
 MACHINE = {"arm64": "aarch64", "armhf": "armv7l"}
@@ -48,14 +50,23 @@ listen = ""
 """
 
 
-@pytest.mark.parametrize("arch", ["arm64", "armhf"])
-def test_package_installs_and_answers_a_ping_on_emulated_arm(
-        arch: str, debs: Debs, make_broker: Callable[..., Mosquitto], pki: PKI,
-        tmp_path_factory: pytest.TempPathFactory) -> None:
+@pytest.fixture(scope="module")
+def arm_roots() -> dict[str, Path]:
+    """The cached emulated roots. Built for the first time (about 5 min each under emulation, mostly the
+    maintainer scripts), both at once: each build is one emulated process at a time, so two use two cores."""
     if shutil.which("debootstrap") is None or not Path("/usr/bin/qemu-arm-static").exists():
         pytest.fail("debootstrap and qemu-user-static are needed; run ./scripts/test.sh, which installs them")
-    cached = debian_root(f"bookworm-{arch}-deb", "bookworm", arch, ROOT_PACKAGES)
-    root = copy_root(cached, tmp_path_factory.mktemp(f"root-{arch}"))
+    with ThreadPoolExecutor(len(ARCHS)) as pool:
+        futures = {arch: pool.submit(debian_root, f"bookworm-{arch}-deb", "bookworm", arch, ROOT_PACKAGES)
+                   for arch in ARCHS}
+        return {arch: future.result() for arch, future in futures.items()}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_package_installs_and_answers_a_ping_on_emulated_arm(
+        arch: str, arm_roots: dict[str, Path], debs: Debs, make_broker: Callable[..., Mosquitto], pki: PKI,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    root = copy_root(arm_roots[arch], tmp_path_factory.mktemp(f"root-{arch}"))
     (root / "var/tmp" / debs.current.name).write_bytes(debs.current.read_bytes())
 
     def run(*argv: str, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
