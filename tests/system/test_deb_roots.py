@@ -1,5 +1,6 @@
 """The same Architecture: all package on emulated ARM: Debian 12 arm64 (Raspberry Pi 3/4/5, 64-bit OS)
-and armhf (32-bit Raspberry Pi OS; no cryptography wheel on PyPI, no compiler on the image).
+and armhf (32-bit Raspberry Pi OS; no cryptography wheel on PyPI, no compiler on the image); and on
+Debian 13 (Python 3.13, python3-cryptography 43), natively.
 
 Each root is debootstrapped once under qemu-user-static and cached (tests/support/roots.py); the
 package is installed offline with dpkg, then `mqtt-agent --version`, `check-config` and an agent that
@@ -21,14 +22,17 @@ import pytest
 from agent import __version__
 from tests.conftest import PKI
 from tests.support.mosquitto import Mosquitto
-from tests.support.roots import copy_root, debian_root, in_root, spawn_in_root
+from tests.support.roots import copy_root, debian_root, host_arch, in_root, spawn_in_root
 from tests.system.conftest import Debs
 
-pytestmark = [pytest.mark.system, pytest.mark.arm]
+pytestmark = pytest.mark.system
 ARCHS = ["arm64", "armhf"]
+# (suite, architecture): the roots this file installs the package into.
+TARGETS = [pytest.param(("bookworm", arch), id=f"bookworm-{arch}", marks=pytest.mark.arm) for arch in ARCHS]
+TARGETS.append(pytest.param(("trixie", host_arch()), id=f"trixie-{host_arch()}"))
 
 ROOT_PACKAGES = ["python3", "python3-cryptography", "python3-systemd", "adduser", "procps"]
-MACHINE = {"arm64": "aarch64", "armhf": "armv7l"}
+MACHINE = {"arm64": "aarch64", "armhf": "armv7l", "amd64": "x86_64"}
 CONF = "/etc/mqtt-agent/mqtt-agent.toml"
 
 
@@ -50,23 +54,32 @@ listen = ""
 """
 
 
-@pytest.fixture(scope="module")
-def arm_roots() -> dict[str, Path]:
-    """The cached emulated roots. Built for the first time (about 5 min each under emulation, mostly the
-    maintainer scripts), both at once: each build is one emulated process at a time, so two use two cores."""
-    if shutil.which("debootstrap") is None or not Path("/usr/bin/qemu-arm-static").exists():
-        pytest.fail("debootstrap and qemu-user-static are needed; run ./scripts/test.sh, which installs them")
-    with ThreadPoolExecutor(len(ARCHS)) as pool:
-        futures = {arch: pool.submit(debian_root, f"bookworm-{arch}-deb", "bookworm", arch, ROOT_PACKAGES)
-                   for arch in ARCHS}
-        return {arch: future.result() for arch, future in futures.items()}
+_arm_roots: dict[str, Path] = {}
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_package_installs_and_answers_a_ping_on_emulated_arm(
-        arch: str, arm_roots: dict[str, Path], debs: Debs, make_broker: Callable[..., Mosquitto], pki: PKI,
+def target_root(suite: str, arch: str) -> Path:
+    """The cached root. The emulated ones are built together the first time (about 5 min each under
+    emulation, mostly maintainer scripts; each build is one emulated process at a time, so two use both
+    cores)."""
+    if shutil.which("debootstrap") is None:
+        pytest.fail("debootstrap is needed; run ./scripts/test.sh, which installs it")
+    if arch == host_arch():
+        return debian_root(f"{suite}-{arch}-deb", suite, arch, ROOT_PACKAGES)
+    if not Path("/usr/bin/qemu-arm-static").exists():
+        pytest.fail("qemu-user-static is needed; run ./scripts/test.sh, which installs it")
+    if arch not in _arm_roots:
+        with ThreadPoolExecutor(len(ARCHS)) as pool:
+            futures = {a: pool.submit(debian_root, f"bookworm-{a}-deb", "bookworm", a, ROOT_PACKAGES) for a in ARCHS}
+            _arm_roots.update({a: f.result() for a, f in futures.items()})
+    return _arm_roots[arch]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_package_installs_and_answers_a_ping(
+        target: tuple[str, str], debs: Debs, make_broker: Callable[..., Mosquitto], pki: PKI,
         tmp_path_factory: pytest.TempPathFactory) -> None:
-    root = copy_root(arm_roots[arch], tmp_path_factory.mktemp(f"root-{arch}"))
+    suite, arch = target
+    root = copy_root(target_root(suite, arch), tmp_path_factory.mktemp(f"root-{suite}-{arch}"))
     (root / "var/tmp" / debs.current.name).write_bytes(debs.current.read_bytes())
 
     def run(*argv: str, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
@@ -74,7 +87,7 @@ def test_package_installs_and_answers_a_ping_on_emulated_arm(
         assert proc.returncode == 0, f"{' '.join(argv)} ({arch}): {proc.returncode}\n{proc.stdout}{proc.stderr}"
         return proc
 
-    assert run("uname", "-m").stdout.strip() == MACHINE[arch]  # really emulated
+    assert run("uname", "-m").stdout.strip() == MACHINE[arch]  # really emulated (ARM)
     installed = run("dpkg", "-i", f"/var/tmp/{debs.current.name}")
     assert "mqtt-agent is installed and enabled" in installed.stdout
     assert run("getent", "passwd", "mqtt-agent").returncode == 0
