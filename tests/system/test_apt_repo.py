@@ -11,7 +11,7 @@ import pytest
 
 from tests.system.conftest import Debs, Repo
 
-pytestmark = pytest.mark.system
+pytestmark = [pytest.mark.system, pytest.mark.timeout(600)]  # the session builds the package twice
 
 
 def apt(state: Path, repo: Path, keyring: Path, *argv: str, arch: str = "arm64") -> subprocess.CompletedProcess[str]:

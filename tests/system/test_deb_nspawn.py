@@ -21,13 +21,12 @@ import pytest
 
 from tests.support.nspawn import Container, nspawn_available
 from tests.support.pki import TestCA
-from tests.support.roots import copy_root, debian_root
+from tests.support.roots import bookworm_systemd_root, copy_root
 from tests.system.conftest import Debs, Repo
 
-pytestmark = pytest.mark.system
+# The first run debootstraps the root (1-2 min, more on a loaded machine), and the package is built.
+pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
 
-ROOT_PACKAGES = ["systemd", "systemd-sysv", "dbus", "python3", "python3-cryptography", "python3-systemd",
-                 "adduser", "procps", "mosquitto"]
 CONF = "/etc/mqtt-agent/mqtt-agent.toml"
 UNIT = "mqtt-agent.service"
 DEVICE = "nspawn-gw"
@@ -108,7 +107,7 @@ def gateway(debs: Debs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ga
     reason = nspawn_available()
     if reason:
         pytest.fail(reason)
-    cached = debian_root("bookworm-amd64-systemd", "bookworm", "amd64", ROOT_PACKAGES)
+    cached = bookworm_systemd_root()
     work = tmp_path_factory.mktemp("nspawn")
     root = copy_root(cached, work / "root")
     ca = TestCA(work / "pki")
