@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, SignatureAlgorithmOID
 
 from agent.errors import AgentError
 from agent.tls import cert_info
@@ -80,8 +80,10 @@ def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     if cert.issuer != issuer.subject:
         return False
     public = issuer.public_key()
-    params = cert.signature_algorithm_parameters
     digest = cert.signature_hash_algorithm
+    params = getattr(cert, "signature_algorithm_parameters", None)  # cryptography >= 41
+    if params is None:
+        params = _signature_parameters(cert, public, digest)
     try:
         if isinstance(public, rsa.RSAPublicKey) and isinstance(params, (padding.PKCS1v15, padding.PSS)) and digest:
             public.verify(cert.signature, cert.tbs_certificate_bytes, params, digest)
@@ -89,9 +91,25 @@ def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
             public.verify(cert.signature, cert.tbs_certificate_bytes, params)
         else:
             cert.verify_directly_issued_by(issuer)
-    except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError):
+    except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError, AttributeError):
+        # AttributeError: verify_directly_issued_by is cryptography >= 40 (only other key types get there).
         return False
     return True
+
+
+def _signature_parameters(cert: x509.Certificate, public: Any, digest: Any) -> Any:
+    """The signature's padding (RSA) or ECDSA parameters from its algorithm OID, for cryptography < 41,
+    which lacks Certificate.signature_algorithm_parameters: Debian 12 (and Raspberry Pi OS bookworm)
+    ship python3-cryptography 38, which the Debian package uses."""
+    if digest is None:
+        return None
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        return ec.ECDSA(digest)
+    if isinstance(public, rsa.RSAPublicKey):
+        if cert.signature_algorithm_oid == SignatureAlgorithmOID.RSASSA_PSS:
+            return padding.PSS(mgf=padding.MGF1(digest), salt_length=padding.PSS.AUTO)
+        return padding.PKCS1v15()
+    return None
 
 
 def chain_to_anchor(leaf: x509.Certificate, intermediates: Sequence[x509.Certificate],

@@ -4,7 +4,9 @@
 #   ./scripts/test.sh -k tls -x       # extra arguments go to pytest
 # Installs (if missing): mosquitto, mosquitto-clients, prometheus (promtool), systemd (systemd-analyze),
 # libsystemd-dev + pkg-config (to build systemd-python), openssl, shellcheck, polkitd + dbus (the polkit
-# rule test runs a private polkitd), rabbitmq-server, debootstrap, nodejs + npm (other brokers); a virtualenv in .venv.
+# rule test runs a private polkitd), rabbitmq-server, debootstrap, nodejs + npm (other brokers), the
+# Debian packaging tools, systemd-container and qemu-user-static (the package's system tests); a
+# virtualenv in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/setup-common.sh
@@ -35,6 +37,13 @@ command -v dbus-send >/dev/null || missing+=(dbus-bin)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
+# The Debian package (scripts/build-deb.sh, deploy/apt-repo.sh) and its system tests: a booted Debian in
+# systemd-nspawn, ARM roots emulated by qemu-user-static (tests/system/, roots cached in
+# /var/cache/mqtt-agent-tests).
+for pkg in debhelper dh-python python3-all dpkg-dev fakeroot lintian python3-pip apt-utils gnupg \
+           systemd-container qemu-user-static; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
 apt_install "${missing[@]}"
 # The Debian package starts a system-wide mosquitto on port 1883 where systemd runs; tests use their own.
 make_venv "[test,systemd]"

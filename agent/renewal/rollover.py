@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import re
 import secrets
 import threading
 import time
@@ -70,9 +71,14 @@ def _short(text: str) -> str:
     return cut.encode("unicode_escape").decode("ascii")
 
 
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+
+
 def parse_chain(data: bytes) -> list[x509.Certificate]:
+    # One block at a time, not x509.load_pem_x509_certificates: that is cryptography >= 39, and Debian 12
+    # (Raspberry Pi OS bookworm) has 38, which the Debian package uses.
     try:
-        return list(x509.load_pem_x509_certificates(data))
+        return [x509.load_pem_x509_certificate(block) for block in _PEM_CERT.findall(data)]
     except ValueError:
         return []
 

@@ -22,15 +22,17 @@ import pytest
 
 from tests.support.agentproc import REPO
 from tests.support.mosquitto import Mosquitto
+from tests.support.roots import bookworm_systemd_root
 
-CACHED_ROOT = Path("/var/cache/mqtt-agent-tests/bookworm-amd64-systemd")
 VENV_SITE = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
 
 
 def _root() -> Path:
-    root = Path(os.environ.get("MQTT_AGENT_SYSTEMD_ROOT") or CACHED_ROOT)
     if os.geteuid() != 0 or shutil.which("systemd-nspawn") is None:
         pytest.skip("needs root and systemd-nspawn")
+    # The cached root of the package tests, built here if this test runs first (a fresh machine).
+    root = Path(os.environ["MQTT_AGENT_SYSTEMD_ROOT"]) if os.environ.get("MQTT_AGENT_SYSTEMD_ROOT") \
+        else bookworm_systemd_root()
     if not (root / "lib/systemd/systemd").exists():
         pytest.skip(f"no bookworm root with systemd at {root} (set MQTT_AGENT_SYSTEMD_ROOT)")
     py = f"python{sys.version_info.major}.{sys.version_info.minor}"
@@ -139,6 +141,7 @@ def container(tmp_path: Path) -> Iterator[tuple[Container, Mosquitto]]:
         broker.stop()
 
 
+@pytest.mark.timeout(900)  # may debootstrap the cached root first (tests/support/roots.py)
 def test_reload_verdict_environment_and_processes_under_systemd(container, tmp_path):
     from tests.support.mqttclient import TestClient
 

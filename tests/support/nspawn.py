@@ -1,0 +1,137 @@
+"""A Debian root booted with systemd as PID 1 in systemd-nspawn, and commands run inside it.
+
+    with Container(root_dir) as ct:          # boots; waits until systemd reports running/degraded
+        ct.run("systemctl", "start", "mqtt-agent")
+
+PID 1 of this machine is not systemd, so the container is not registered with machined
+(--register=no) and stays in the caller's scope (--keep-unit); `machinectl shell` is therefore not
+available and commands enter the container's namespaces with nsenter instead. --private-network gives
+the container its own network namespace with only a loopback device: nothing it starts (mosquitto,
+the agent's exporter) is reachable from, or collides with, the host.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+
+class ContainerError(RuntimeError):
+    pass
+
+
+def nspawn_available() -> str | None:
+    """None if containers can be booted here, else the reason they cannot."""
+    if shutil.which("systemd-nspawn") is None:
+        return "systemd-nspawn is not installed (Debian: systemd-container); run ./scripts/test.sh"
+    if os.geteuid() != 0:
+        return "systemd-nspawn needs root"
+    return None
+
+
+class Container:
+    def __init__(self, root: Path, *, boot_timeout: float = 120.0) -> None:
+        self.root = root
+        self.boot_timeout = boot_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.leader = 0
+        self.console = root.parent / f"{root.name}.console.log"
+
+    def __enter__(self) -> Container:
+        self.boot()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    def boot(self) -> None:
+        machine = f"mqtt-agent-test-{os.getpid()}"
+        with open(self.console, "wb") as log:
+            self.proc = subprocess.Popen(
+                ["systemd-nspawn", "--quiet", "-D", str(self.root), "-b", "--register=no", "--keep-unit",
+                 "--private-network", f"--machine={machine}", "--console=passive"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + self.boot_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ContainerError(f"systemd-nspawn exited {self.proc.returncode}: {self._console_tail()}")
+            if not self.leader:
+                self.leader = self._find_leader()
+            if self.leader:
+                state = self.run("systemctl", "is-system-running", check=False, timeout=30).stdout.strip()
+                if state in ("running", "degraded"):
+                    return
+            time.sleep(0.5)
+        raise ContainerError(f"the container did not finish booting in {self.boot_timeout:g} s: {self._console_tail()}")
+
+    def _find_leader(self) -> int:
+        """PID (on the host) of the container's init: the child of systemd-nspawn that runs systemd."""
+        assert self.proc is not None
+        try:
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        except OSError:
+            return 0
+        for pid in children:
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "systemd":
+                    return int(pid)
+            except OSError:
+                continue
+        return 0
+
+    def _console_tail(self) -> str:
+        try:
+            return self.console.read_text(errors="replace")[-3000:]
+        except OSError:
+            return "(no console log)"
+
+    def run(self, *argv: str, check: bool = True, timeout: float = 120.0, input: str | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run argv inside the container as root (all of its namespaces, its root directory)."""
+        if not self.leader:
+            raise ContainerError("the container is not running")
+        cmd = ["nsenter", f"--target={self.leader}", "--mount", "--uts", "--ipc", "--net", "--pid", "--cgroup",
+               "--root", "--wd=/", "env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8",
+               "HOME=/root", "SYSTEMD_PAGER=", "SYSTEMD_COLORS=0",
+               *(f"{k}={v}" for k, v in (env or {}).items()), *argv]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input)
+        if check and proc.returncode != 0:
+            raise ContainerError(
+                f"{' '.join(argv)} exited {proc.returncode}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+        return proc
+
+    def show(self, unit: str, *props: str) -> dict[str, str]:
+        out = self.run("systemctl", "show", unit, "-p", ",".join(props)).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def wait_for(self, unit: str, want: dict[str, str], timeout: float = 60.0) -> dict[str, str]:
+        """Poll `systemctl show` until every property in `want` has its value; the last values otherwise."""
+        deadline = time.monotonic() + timeout
+        seen = self.show(unit, *want)
+        while not all(seen.get(k) == v for k, v in want.items()):
+            if time.monotonic() > deadline:
+                raise ContainerError(f"{unit}: wanted {want}, still {seen} after {timeout:g} s")
+            time.sleep(0.5)
+            seen = self.show(unit, *want)
+        return seen
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        # SIGRTMIN+3 to the container's systemd: a clean poweroff (journal flushed).
+        if self.leader:
+            try:
+                os.kill(self.leader, signal.SIGRTMIN + 3)
+            except ProcessLookupError:
+                pass
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self.leader = 0
