@@ -17,9 +17,11 @@ registration disappears with the namespace.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Sequence
@@ -200,10 +202,37 @@ def in_root(root: Path, arch: str, argv: Sequence[str], *, timeout: float = 600.
     try:
         out, err = proc.communicate(f"go\n{input or ''}", timeout=timeout)
     except BaseException:
-        proc.kill()
-        proc.wait()
+        stop_in_root(proc)
         raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def stop_in_root(proc: subprocess.Popen[str], timeout: float = 30.0) -> list[int]:
+    """End everything spawn_in_root started.
+
+    Killing `unshare` alone is not enough for a foreign root: writing the child's uid map changes its
+    credentials, which clears the parent-death signal that --kill-child relies on, so the namespace's init
+    (the program itself, by exec) outlived the test, reparented to the host's PID 1. Killing that init ends
+    its PID namespace and every process in it. Returns the host pids of the inits it killed.
+    """
+    try:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+    proc.kill()
+    proc.wait(timeout=timeout)
+    return [int(pid) for pid in children]
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _map_ids(pid: int) -> None:

@@ -22,7 +22,7 @@ import pytest
 from agent import __version__
 from tests.conftest import PKI
 from tests.support.mosquitto import Mosquitto
-from tests.support.roots import copy_root, debian_root, host_arch, in_root, spawn_in_root
+from tests.support.roots import alive, copy_root, debian_root, host_arch, in_root, spawn_in_root, stop_in_root
 from tests.system.conftest import Debs
 
 # Emulated roots take about 6 min to build the first time (11 min measured on a loaded 2-core machine).
@@ -123,5 +123,10 @@ def test_package_installs_and_answers_a_ping(
         assert answer is not None and answer.returncode == 0, f"{answer}\n{log.read_text()}"
         assert answer.stdout.splitlines()[0] == "200"
     finally:
-        agent.kill()
-        agent.wait(timeout=30)
+        inits = stop_in_root(agent)
+    # The emulated agent is its namespace's init; it once outlived unshare (see stop_in_root).
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in inits) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert inits and not any(alive(pid) for pid in inits), f"the agent in {arch} outlived the test: {inits}"
+
