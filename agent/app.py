@@ -19,17 +19,22 @@ from agent.handlers import HandlerRegistry
 from agent.handlers.builtin import PingHandler
 from agent.handlers.registry import build_registry
 from agent.health import HealthCheck, LoopPhases, Verdict
-from agent.logs import set_level
-from agent.metrics import AgentMetrics, MetricsServer
+from agent.logs import set_level, untrusted
+from agent.metrics import AgentMetrics, MetricsServer, PublishMetrics
 from agent.notify import Notifier, ServiceWatchdog, StatusLine, sender_from_environment, watchdog_interval
+from agent.protocol import Inbound
 from agent.reload import ReloadOutcome, fingerprint, plan_reload, secret_files
 from agent.renewal import has_renewed_pair
 from agent.resilience import ConnectionMonitor
+from agent.service.api import PublishApi
+from agent.service.publish import PublishContext
 from agent.service.reload_verdict import read_request, verdict_dir, write_verdict
-from agent.session import Session
-from agent.state.outbox import Outbox
+from agent.service.server import ApiServer
+from agent.session import Ack, Session
+from agent.state.outbox import Outbox, PublishLimits
 from agent.state.store import StateStore, ensure_private_dir
 from agent.tls import build_context
+from agent.topics import error_filter, parse_error
 
 if TYPE_CHECKING:
     from agent.renewal.rollover import Renewer
@@ -41,6 +46,8 @@ HOUSEKEEPING_INTERVAL = 60.0
 FIRST_ATTEMPT_WAIT = 5.0
 # Time after agent.shutdown_grace to deliver responses and disconnect (systemd's stop timeout follows).
 STOP_MARGIN = 10.0
+# Hono error messages: at most this many log lines a minute (each one is counted).
+HONO_ERROR_LOGS_PER_MINUTE = 10
 
 
 class Agent:
@@ -77,6 +84,11 @@ class Agent:
         self._reload_requested = threading.Event()
         self.outbox: Outbox | None = None
         self.monitor: ConnectionMonitor | None = None
+        self.api: PublishApi | None = None
+        self.api_server: ApiServer | None = None
+        self.forwarder: Any = None
+        self.hono_errors = 0
+        self._hono_logged: list[float] = []
         self.subreaper = False
         self.renewer: Renewer | None = None
 
@@ -96,7 +108,9 @@ class Agent:
         ssl_context = build_context(tls_in_use) if cfg.tls.enabled else None
         try:
             self.store = StateStore(cfg.agent.state_dir, max_bytes=cfg.limits.max_state_bytes)
-            self.outbox = Outbox(self.store, cfg.limits.max_outbox_messages, window=cfg.mqtt.max_inflight)
+            pub = cfg.publish
+            self.outbox = Outbox(self.store, cfg.limits.max_outbox_messages, window=cfg.mqtt.max_inflight,
+                                 limits=PublishLimits(pub.max_messages, pub.max_bytes, pub.max_age))
         except (OSError, sqlite3.Error) as exc:
             reason = getattr(exc, "strerror", None) or exc
             raise ConfigError([f"agent.state_dir: cannot use {cfg.agent.state_dir}: {reason}"]) from exc
@@ -108,7 +122,8 @@ class Agent:
                                     keepalive_floor=tuning.min if tuning.enabled else None,
                                     commands=self.registry,
                                     in_flight=lambda: self.dispatcher.in_flight if self.dispatcher else 0,
-                                    state=self.store, shared_group=cfg.mqtt.shared_group)
+                                    state=self.store, shared_group=cfg.mqtt.shared_group,
+                                    publish=PublishMetrics(self.outbox, hono_errors=lambda: self.hono_errors))
         interval = watchdog_interval()
         self.watchdog = ServiceWatchdog(self.notifier, self._connection_status, self._health, interval=interval)
         self.status_line = StatusLine(protocol, cfg.mqtt.keepalive, on_change=self.watchdog.poke)
@@ -128,16 +143,74 @@ class Agent:
             cfg.tls,
             cfg.reconnect,
             ssl_context=ssl_context,
-            on_message=self.dispatcher.accept,
+            on_message=self._on_message,
             listeners=[self.metrics.connection, self.status_line, self.phases,
                        *([self.renewer] if self.renewer else [])],
             monitor=self.monitor,
             outbox=self.outbox,
+            topics=[cfg.mqtt.subscription, *([error_filter(cfg.mqtt.command_topic)] if cfg.publish.hono_errors
+                                              else [])],
             on_ack_delay=self.metrics.ack_delay.observe,
         )
+        self.api = PublishApi(self.outbox, PublishContext(
+            command_topic=cfg.mqtt.command_topic, v5=cfg.mqtt.is_v5,
+            max_message_bytes=lambda: (self.session.max_message_bytes() if self.session is not None
+                                       else self.cfg.mqtt.max_message_bytes),
+            max_batch=cfg.publish.max_batch, wall=time.time), self.api_status)
+        if cfg.api.socket is not None:
+            self.api_server = ApiServer(cfg.api, self.api)
+        if cfg.forward_local.enabled:
+            from agent.connection.forward import LocalForwarder
+
+            self.forwarder = LocalForwarder(cfg.forward_local, self.outbox, self.api.ctx)
         self._health_check = HealthCheck(self.session, self.dispatcher, self.phases, lambda: self.registry or {},
                                          stall_limit=ServiceWatchdog.stall_limit(interval))
 
+    def _on_message(self, msg: Inbound, ack: Ack) -> None:
+        """Commands go to the dispatcher; Hono's error messages (publish.hono_errors) are counted and logged."""
+        if self.cfg.publish.hono_errors and msg.topic.startswith("error/"):
+            ack()
+            self.hono_errors += 1
+            now = self._clock()
+            self._hono_logged = [t for t in self._hono_logged if now - t < 60.0]
+            if len(self._hono_logged) < HONO_ERROR_LOGS_PER_MINUTE:
+                self._hono_logged.append(now)
+                facts = parse_error(msg.topic, msg.payload)
+                log.warning("Eclipse Hono could not process a message: %s", ", ".join(
+                    f"{k}={untrusted(v, 200)!r}" for k, v in facts.items()),
+                    extra={"HONO_ERROR": untrusted(facts.get("code", ""), 20)})
+            return
+        self.dispatcher.accept(msg, ack)  # type: ignore[union-attr]
+
+    def api_status(self) -> dict[str, Any]:
+        """GET /v1/status: the link, the queue, the broker and the device."""
+        out: dict[str, Any] = {"device_id": self.cfg.agent.device_id, "connected": False, "broker": None}
+        if self.session is not None:
+            st = self.session.state()
+            out.update(connected=st.connected, broker=str(st.host) if st.host else None, protocol=st.protocol)
+        if self.outbox is not None:
+            count, size, oldest = self.outbox.publish_stats()
+            out["queue"] = {"messages": count, "bytes": size,
+                            "oldest_age_s": round(max(0.0, time.time() - oldest), 3) if oldest else 0.0,
+                            "max_messages": self.cfg.publish.max_messages, "max_bytes": self.cfg.publish.max_bytes,
+                            "accepted": dict(self.outbox.accepted), "sent": dict(self.outbox.sent),
+                            "dropped": {f"{k}/{r}": n for (k, r), n in sorted(self.outbox.dropped.items())}}
+        return out
+
+    def _start_api(self) -> None:
+        if self.api_server is None:
+            return
+        try:
+            self.api_server.start()
+        except OSError as exc:
+            # Commands matter more than the local API: keep running; apps get "unreachable" (exit 2).
+            log.error("api.socket: the local API is disabled until the next start: %s", exc.strerror or exc)
+            self.api_server = None
+            return
+        if self.api_server.path is not None:
+            log.info("local API on %s (group %s)", self.api_server.path, self.cfg.api.group)
+        else:
+            log.info("local API on the socket systemd passed (mqtt-agent.socket)")
     def _renewal_commands(self) -> dict[str, Any]:
         """cert.csr and cert.install, when the backend signs through the command channel."""
         if self.renewer is None or not self.cfg.renewal.enabled or self.cfg.renewal.signer != "command":
@@ -259,6 +332,9 @@ class Agent:
         self._start_metrics()
         self.dispatcher.start()
         self.session.start()
+        self._start_api()
+        if self.forwarder is not None:
+            self.forwarder.start()
         if self.renewer is not None:
             self.renewer.attach_metrics(self.metrics.renewal if self.metrics else None)
             pair = self.renewer.pair
@@ -403,6 +479,10 @@ class Agent:
         self.watchdog.set_phase(status)
         log.info("stopping: no new commands are started; waiting up to %g s for running ones", grace)
         self.dispatcher.stop_accepting()
+        if self.api is not None:
+            self.api.stopping = True  # 503 from here on; what was answered 202 is in the store
+        if self.forwarder is not None:
+            self.forwarder.stop()
         if not self.dispatcher.drain(grace):
             log.warning("%d command(s) still running after the %g s grace period; they are answered 500 at the "
                         "next start", self.dispatcher.in_flight, grace)
@@ -416,6 +496,8 @@ class Agent:
         REAPER.stop()
         self.session.stop()
         self.dispatcher.close()
+        if self.api_server is not None:
+            self.api_server.stop()
         if self.outbox is not None:
             self.outbox.close()
         self.store.close()

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from agent import __version__
 from agent.config import DEFAULT_CONFIG_PATH, Config, load_config, render_config
@@ -215,7 +216,49 @@ Details and the --json schema: docs/doctor.md.""",
     renew.add_argument("--force", action="store_true", help="renew even if the certificate is not due yet")
     renew.add_argument("--timeout", metavar="S", type=float, default=None,
                        help="seconds to wait for the outcome (default: enough for renewal.timeout and the probes)")
+    _add_publish(sub)
     return parser
+
+
+def _add_publish(sub: Any) -> None:
+    pub = sub.add_parser(
+        "publish",
+        help="publish one telemetry message or event through the running agent",
+        description="Hand one telemetry message or event to the running agent through its local API "
+        "([api] socket; only that key is read from the config). The agent stores it durably and sends it "
+        "upstream over its own session, after reconnects and restarts too; 'accepted' means it is on the "
+        "agent's disk. The user needs to be in the socket's group ([api] group, default mqtt-agent-apps).",
+        epilog="exit codes:\n  0  accepted (durable in the agent's queue)\n"
+        "  1  refused, with the reason (400 bad request, 413 too large, 507 queue full, 503 stopping)\n"
+        "  2  the agent is not reachable (not running, or no permission on the socket)\n\n"
+        "examples:\n  mqtt-agent publish telemetry --payload '{\"temp\": 21.5}'\n"
+        "  mqtt-agent publish event --ttl 3600 --payload @alarm.json\n"
+        "  sensor-read | mqtt-agent publish telemetry --device child-7 --payload -\n"
+        "  curl --unix-socket /run/mqtt-agent/api.sock --data-binary '{\"t\":1}' http://agent/v1/telemetry",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config(pub)
+    pub.add_argument("kind", choices=("telemetry", "event"), help="telemetry (QoS 0 or 1) or event (QoS 1)")
+    pub.add_argument("--device", metavar="ID", help="a device behind the gateway (topic telemetry//ID)")
+    pub.add_argument("--qos", type=int, choices=(0, 1), help="telemetry QoS (default 1; events are always 1)")
+    pub.add_argument("--content-type", metavar="T", default="application/json",
+                     help="content type passed upstream (default: application/json)")
+    pub.add_argument("--ttl", metavar="S", type=_positive_seconds,
+                     help="drop the message if not delivered within S seconds (events: Hono's hono-ttl)")
+    pub.add_argument("--payload", metavar="JSON|@FILE|-", default="-",
+                     help="the payload, verbatim; @FILE reads a file, - standard input (default)")
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from agent.tools.publish import EX_UNREACHABLE, publish, read_payload
+
+    try:
+        payload = read_payload(args.payload)
+    except OSError as exc:
+        print(f"mqtt-agent publish: cannot read the payload: {exc.strerror or exc}", file=sys.stderr)
+        return EX_UNREACHABLE
+    return publish(args.config, args.kind, payload, device=args.device, qos=args.qos,
+                   content_type=args.content_type or None, ttl=args.ttl)
 
 
 def _cmd_renew(args: argparse.Namespace) -> int:
@@ -413,6 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "send": _cmd_send,
         "doctor": _cmd_doctor,
         "enroll": _cmd_enroll,
+        "publish": _cmd_publish,
         "reload": _cmd_reload,
         "renew": _cmd_renew,
     }

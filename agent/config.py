@@ -15,7 +15,7 @@ import shutil
 import stat
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -161,6 +161,54 @@ class MetricsConfig:
         return parse_host_port(self.listen, default_port=None)
 
 
+DEFAULT_API_SOCKET = Path("/run/mqtt-agent/api.sock")
+PUBLISH_KINDS = ("telemetry", "event")
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """The local HTTP API on a Unix socket (telemetry and events from the gateway's own apps)."""
+
+    socket: Path | None = DEFAULT_API_SOCKET  # None: no API
+    group: str = "mqtt-agent-apps"  # may publish (socket mode 0660); nobody else
+    max_body_bytes: int = 1024 * 1024  # one request (a batch); a single message is bounded by the MQTT limit
+    max_connections: int = 64
+    timeout: float = 10.0  # s for a whole request (headers and body): a slow client gives up its slot
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    """Bounds and policies of the telemetry/event queue (the state store's outbound queue)."""
+
+    max_messages: int = 100_000
+    max_bytes: int = 32 * 1024 * 1024
+    max_age: float = 7 * 86400.0  # s; older messages are dropped before sending
+    hono_errors: bool = False  # subscribe to Hono's error topic (error///#, gateway error//+/#)
+    max_batch: int = 1000  # messages in one /v1/telemetry/batch request
+
+
+@dataclass(frozen=True)
+class ForwardRule:
+    topic_filter: str  # a local MQTT topic filter, e.g. sensors/#
+    kind: str  # telemetry | event
+
+
+@dataclass(frozen=True)
+class ForwardLocalConfig:
+    """[forward.local]: forward topics of a local broker (the gateway's own mosquitto) upstream."""
+
+    host: HostPort | None = None  # None: not configured
+    client_id: str = ""
+    username: str | None = None
+    password_file: Path | None = None
+    rules: tuple[ForwardRule, ...] = ()
+    qos: int = 1  # telemetry sent upstream at this QoS (events always 1)
+
+    @property
+    def enabled(self) -> bool:
+        return self.host is not None and bool(self.rules)
+
+
 @dataclass(frozen=True)
 class RenewalConfig:
     """[renewal]: when and how the client certificate is renewed (agent/renewal/). Off without a signer."""
@@ -189,6 +237,9 @@ class Config:
     keepalive_tuning: KeepaliveTuningConfig
     metrics: MetricsConfig
     source: Path | None = None
+    api: ApiConfig = field(default_factory=ApiConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    forward_local: ForwardLocalConfig = field(default_factory=ForwardLocalConfig)
     renewal: RenewalConfig = RenewalConfig()
 
 
@@ -710,6 +761,86 @@ def _metrics(t: _Table) -> MetricsConfig | None:
     return None if listen is None else MetricsConfig(listen=listen)
 
 
+def _api(t: _Table) -> ApiConfig | None:
+    text = t.string("socket", str(DEFAULT_API_SOCKET))
+    group = t.string("group", "mqtt-agent-apps")
+    max_body = t.integer("max_body_bytes", 1024 * 1024, 1024, 256 * 1024 * 1024)
+    max_conn = t.integer("max_connections", 64, 1, 4096)
+    timeout = t.number("timeout", 10.0, 0.1, 3600.0)
+    t.finish()
+    path: Path | None = None
+    if isinstance(text, str) and text:
+        path = Path(text).expanduser()
+        if not path.is_absolute():
+            path = t.base_dir / path
+        if len(os.fsencode(str(path))) > 107:
+            t.error("socket", f"{path} is longer than a Unix socket path may be (107 bytes); choose a shorter one")
+            return None
+    if None in (text, group, max_body, max_conn, timeout):
+        return None
+    return ApiConfig(socket=path, group=group, max_body_bytes=max_body, max_connections=max_conn, timeout=timeout)
+
+
+def _publish(t: _Table) -> PublishConfig | None:
+    values = dict(
+        max_messages=t.integer("max_messages", 100_000, 1, 100_000_000),
+        max_bytes=t.integer("max_bytes", 32 * 1024 * 1024, 1024, 1 << 40),
+        max_age=t.number("max_age", 7 * 86400.0, 1.0, 366 * 86400.0),
+        hono_errors=t.boolean("hono_errors", False),
+        max_batch=t.integer("max_batch", 1000, 1, 100_000),
+    )
+    t.finish()
+    if None in values.values():
+        return None
+    return PublishConfig(**values)
+
+
+def check_topic_filter(value: str) -> str | None:
+    if not value or "\x00" in value:
+        return f"must be a non-empty MQTT topic filter, got {value!r}"
+    parts = value.split("/")
+    for i, part in enumerate(parts):
+        if "#" in part and (part != "#" or i != len(parts) - 1):
+            return f"'#' must be the last whole segment, got {value!r}"
+        if "+" in part and part != "+":
+            return f"'+' must fill a whole segment, got {value!r}"
+    return None
+
+
+def _forward(t: _Table) -> ForwardLocalConfig | None:
+    local = t.table("local")
+    t.finish()
+    host_text = local.string("host", "")
+    client_id = local.string("client_id", "")
+    username = local.string("username", "")
+    password_file = local.file("password_file")
+    qos = local.integer("qos", 1, 0, 1)
+    topics = local.table("topics")
+    rules: list[ForwardRule] = []
+    for name, kind in topics.data.items():
+        topics.known.append(name)
+        problem = check_topic_filter(name)
+        if problem:
+            topics.error(name, problem)
+        elif kind not in PUBLISH_KINDS:
+            topics.error(name, f"must be \"telemetry\" or \"event\", got {kind!r}")
+        else:
+            rules.append(ForwardRule(name, kind))
+    local.finish()
+    host: HostPort | None = None
+    if isinstance(host_text, str) and host_text:
+        try:
+            host = parse_host_port(host_text, default_port=1883)
+        except ValueError as exc:
+            local.error("host", str(exc))
+            return None
+        if not rules:
+            local.error("topics", "name at least one local topic filter to forward, e.g. \"sensors/#\" = \"telemetry\"")
+            return None
+    if None in (host_text, client_id, username, qos):
+        return None
+    return ForwardLocalConfig(host=host, client_id=client_id or "", username=username or None,
+                              password_file=password_file, rules=tuple(rules), qos=qos)
 def _program(t: _Table, name: str, argv: list[str] | None) -> list[str] | None:
     """An argv whose program exists and is executable (absolute path or found in PATH)."""
     if argv is None:
@@ -781,6 +912,9 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
     reconnect = _reconnect(root.table("reconnect"))
     tuning = _tuning(root.table("keepalive_tuning"), mqtt.keepalive if mqtt else None)
     metrics = _metrics(root.table("metrics"))
+    api = _api(root.table("api"))
+    publish = _publish(root.table("publish"))
+    forward = _forward(root.table("forward"))
     renewal = _renewal(root.table("renewal"), tls)
     root.finish()
     if mqtt and tls and mqtt.password and not tls.enabled:
@@ -788,8 +922,11 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
     if problems:
         raise ConfigError(problems, str(source) if source else "")
     assert agent and mqtt and tls and limits and commands is not None and reconnect and tuning and metrics
-    assert renewal is not None
-    return Config(agent, mqtt, tls, limits, commands, reconnect, tuning, metrics, source, renewal)
+    assert api and publish and forward and renewal is not None
+    if forward.host is not None and not forward.client_id:
+        forward = replace(forward, client_id=f"{mqtt.client_id}-forward")
+    return Config(agent, mqtt, tls, limits, commands, reconnect, tuning, metrics, source, renewal=renewal,
+                  api=api, publish=publish, forward_local=forward)
 
 
 # Secret files a systemd unit hands over as credentials (LoadCredential=KEY:PATH, see docs/systemd.md):
@@ -919,5 +1056,14 @@ def render_config(cfg: Config) -> str:
                 if spec.env:  # names only: a value may be a token
                     emit(("commands", spec.name, "env"), {k: REDACTED for k, _ in spec.env}, [])
             continue
-        emit((f.name,), *_table(section))
+        if f.name == "forward_local":
+            if section.host is not None:  # not configured: no section at all
+                emit(("forward", "local"), *_table(section, skip=frozenset({"rules"})))
+                emit(("forward", "local", "topics"), {r.topic_filter: r.kind for r in section.rules}, [])
+            continue
+        values, unset = _table(section)
+        if f.name == "api" and section.socket is None:  # "" disables the API (unset would mean the default)
+            values["socket"] = ""
+            unset.remove("socket")
+        emit((f.name,), values, unset)
     return "\n".join(parts)

@@ -324,6 +324,53 @@ class RenewalMetrics:
         self.next.set(when if when is not None else float("nan"))
 
 
+PUBLISH_KINDS = ("telemetry", "event")
+PUBLISH_DROP_REASONS = ("queue_full", "ttl", "max_age")
+
+
+class PublishMetrics:
+    """Telemetry and events from the local API and [forward.local], read from the outbox at scrape time."""
+
+    def __init__(self, outbox: Any, wall: Callable[[], float] = time.time,
+                 hono_errors: Callable[[], int] | None = None) -> None:
+        self._outbox = outbox
+        self._wall = wall
+        self._hono_errors = hono_errors
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        box = self._outbox
+        accepted = CounterMetricFamily("mqtt_agent_publish_accepted", "Telemetry messages and events accepted "
+                                       "(durable in the queue: answered 202)", labels=["kind"])
+        sent = CounterMetricFamily("mqtt_agent_publish_sent", "Telemetry messages and events the broker "
+                                   "acknowledged (QoS 0: handed to the connection)", labels=["kind"])
+        for kind in PUBLISH_KINDS:
+            accepted.add_metric([kind], box.accepted.get(kind, 0))
+            sent.add_metric([kind], box.sent.get(kind, 0))
+        dropped = CounterMetricFamily("mqtt_agent_publish_dropped", "Accepted telemetry messages and events that "
+                                      "were not sent: queue_full (the oldest telemetry made room), ttl, max_age",
+                                      labels=["kind", "reason"])
+        for kind in PUBLISH_KINDS:
+            for reason in PUBLISH_DROP_REASONS:
+                dropped.add_metric([kind, reason], box.dropped.get((kind, reason), 0))
+        yield accepted
+        yield sent
+        yield dropped
+        count, size, oldest = box.publish_stats()
+        yield GaugeMetricFamily("mqtt_agent_publish_queue_messages", "Telemetry messages and events not yet "
+                                "acknowledged by the broker", value=count)
+        yield GaugeMetricFamily("mqtt_agent_publish_queue_bytes", "Bytes (payload and topic) of those messages",
+                                value=size)
+        yield GaugeMetricFamily("mqtt_agent_publish_queue_oldest_age_seconds", "Age of the oldest of them "
+                                "(0 when the queue is empty)",
+                                value=max(0.0, self._wall() - oldest) if oldest is not None else 0.0)
+        if self._hono_errors is not None:
+            yield CounterMetricFamily("mqtt_agent_publish_hono_errors", "Error messages Eclipse Hono sent on its "
+                                      "error topic (publish.hono_errors = true)", value=self._hono_errors())
+
+
 class AgentMetrics:
     """Every metric of the agent in one registry (injected in tests)."""
 
@@ -337,6 +384,7 @@ class AgentMetrics:
         commands: Iterable[str] = (),
         in_flight: Callable[[], int] | None = None,
         state: Any = None,
+        publish: PublishMetrics | None = None,
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
@@ -349,6 +397,8 @@ class AgentMetrics:
         self.certificates = CertificateExpiry(self.registry, tls)
         if state is not None:
             self.registry.register(StateMetrics(state))
+        if publish is not None:
+            self.registry.register(publish)
         # Eclipse Hono releases a command it has no PUBACK for after about 1 s.
         self.ack_delay = Histogram("mqtt_agent_command_ack_delay_seconds", "Time from a command's receipt to its "
                                    "PUBACK (sent once its journal row is on disk)",

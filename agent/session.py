@@ -412,6 +412,11 @@ class Session:
         response. Raises poison.Unsendable if neither fits."""
         props = (publish_properties(msg.correlation_data, msg.user_properties, msg.content_type)
                  if self.cfg.is_v5 else None)
+        if self.cfg.is_v5 and msg.expires is not None and msg.kind in ("telemetry", "event"):
+            # The time left of the message's ttl, as MQTT 5 Message Expiry Interval (Hono: hono-ttl).
+            if props is None:
+                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.MessageExpiryInterval = max(1, int(msg.expires - self._wall() + 0.999))
         limit = self.max_message_bytes()
         if limit is None:
             return msg, props

@@ -127,6 +127,60 @@ def parse_response(topic: str) -> tuple[str, int] | None:
     return parts[4], int(parts[5])
 
 
+# --- telemetry and events (Hono's MQTT adapter, device -> cloud) -----------------------------
+
+_PUBLISH_PREFIX = {("telemetry", False): "telemetry", ("telemetry", True): "t",
+                   ("event", False): "event", ("event", True): "e"}
+
+
+def uses_short_form(command_topic: str) -> bool:
+    """The spelling the agent's command subscription uses (`c///q/#`): its publish topics follow it."""
+    return command_topic.split("/", 1)[0] == "c"
+
+
+def publish_topic(kind: str, command_topic: str, device: str | None = None, *,
+                  property_bag: tuple[tuple[str, str], ...] = ()) -> str:
+    """Where a telemetry message or event goes.
+
+    The agent's own device: `telemetry` (`t`); a device behind the gateway: `telemetry/TENANT/DEVICE`,
+    TENANT being the command subscription's (empty for an authenticated gateway). `property_bag`
+    (MQTT 3.1.1: content type, hono-ttl) becomes a last segment `?k=v&..`, URL-encoded.
+    """
+    from urllib.parse import quote
+
+    prefix = _PUBLISH_PREFIX[(kind, uses_short_form(command_topic))]
+    if device:
+        tenant = command_topic.split("/")[1]
+        topic = f"{prefix}/{tenant}/{device}"
+    else:
+        topic = prefix
+    if property_bag:
+        topic += "/?" + "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in property_bag)
+    return topic
+
+
+def error_filter(command_topic: str) -> str:
+    """Hono's error topic for this agent: `error///#`, or `error//+/#` for a gateway."""
+    parts = command_topic.split("/")
+    device = "+" if parts[2] == "+" else parts[2]
+    return f"error/{parts[1]}/{device}/#"
+
+
+def parse_error(topic: str, payload: bytes) -> dict[str, str]:
+    """The facts of a Hono error message (`error/TENANT/DEVICE/CORRELATION/CODE`, JSON payload), bounded."""
+    parts = topic.split("/")
+    out = {"device": parts[2] if len(parts) > 2 else "", "code": parts[-1] if len(parts) > 3 else ""}
+    try:
+        import json
+
+        data = json.loads(payload.decode("utf-8", "replace")[:4096])
+        if isinstance(data, dict):
+            for key in ("code", "message", "message-id", "correlation-id"):
+                if key in data:
+                    out[key] = str(data[key])[:200]
+    except ValueError:
+        out["message"] = payload[:200].decode("utf-8", "replace")
+    return out
 def check_shared_group(group: str) -> str | None:
     """A problem with an MQTT 5 shared subscription group name (section 4.8.2), or None."""
     if not group:

@@ -21,6 +21,9 @@ CONF_DIR=/etc/mqtt-agent
 STATE_DIR=/var/lib/mqtt-agent
 UNIT_NAME=mqtt-agent.service
 UNIT_PATH=/etc/systemd/system/$UNIT_NAME
+SOCKET_NAME=mqtt-agent.socket
+SOCKET_PATH=/etc/systemd/system/$SOCKET_NAME
+APPS_GROUP=mqtt-agent-apps
 SYSUSERS_PATH=/usr/lib/sysusers.d/mqtt-agent.conf
 STAMP=$VENV/.mqtt-agent-source
 DEBIAN_SYSTEMD=/usr/lib/python3/dist-packages/systemd
@@ -191,9 +194,22 @@ install_user() {
     conf="$(mktemp)"
     # A static system user: files in /etc/mqtt-agent keep a stable owner across reinstalls.
     printf 'u %s - "mqtt-agent device agent" %s /usr/sbin/nologin\n' "$USER_NAME" "$STATE_DIR" >"$conf"
+    # The apps that may publish through the local API (the socket's group; add their users to it).
+    printf 'g %s -\n' "$APPS_GROUP" >>"$conf"
     put_file "$conf" "$SYSUSERS_PATH" 0644 0:0
     rm -f "$conf"
-    if id_in_root /etc/passwd "$USER_NAME" >/dev/null 2>&1; then return 0; fi
+    if id_in_root /etc/passwd "$USER_NAME" >/dev/null 2>&1 && id_in_root /etc/group "$APPS_GROUP" >/dev/null 2>&1; then
+        return 0
+    fi
+    if id_in_root /etc/passwd "$USER_NAME" >/dev/null 2>&1; then  # an upgrade: only the group is new
+        if command -v systemd-sysusers >/dev/null; then
+            systemd-sysusers --root="${ROOT:-/}" "$(basename "$SYSUSERS_PATH")" >/dev/null 2>&1 || true
+        elif [ -z "$ROOT" ]; then
+            groupadd --system "$APPS_GROUP" || true
+        fi
+        if id_in_root /etc/group "$APPS_GROUP" >/dev/null 2>&1; then changed "created group $APPS_GROUP"; fi
+        return 0
+    fi
     if command -v systemd-sysusers >/dev/null; then
         mkdir -p "$ROOT/etc"
         local out
@@ -281,6 +297,7 @@ install_files() {
     gid="$(id_in_root /etc/group "$USER_NAME")"
     local before="$CHANGES"
     put_file "$CHECKOUT/systemd/$UNIT_NAME" "$UNIT_PATH" 0644 0:0
+    put_file "$CHECKOUT/systemd/$SOCKET_NAME" "$SOCKET_PATH" 0644 0:0
     if [ "$CHANGES" -gt "$before" ]; then UNIT_CHANGED=1; RESTART_NEEDED=1; fi
     ensure_dir "$CONF_DIR" 0755 0:0
     put_file "$CHECKOUT/etc/mqtt-agent.toml" "$CONF_DIR/mqtt-agent.toml.example" 0644 0:0
@@ -298,6 +315,10 @@ enable_service() {
     if ! systemctl_root is-enabled --quiet "$UNIT_NAME" 2>/dev/null; then
         systemctl_root enable --quiet "$UNIT_NAME"
         changed "enabled $UNIT_NAME"
+    fi
+    if ! systemctl_root is-enabled --quiet "$SOCKET_NAME" 2>/dev/null; then
+        systemctl_root enable --quiet "$SOCKET_NAME"
+        changed "enabled $SOCKET_NAME (the local API for apps in group $APPS_GROUP)"
     fi
     if systemd_running && [ "$RESTART_NEEDED" -eq 1 ] && systemctl is-active --quiet "$UNIT_NAME"; then
         systemctl restart "$UNIT_NAME"
@@ -334,6 +355,12 @@ do_uninstall() {
     if systemd_running && systemctl is-active --quiet "$UNIT_NAME"; then
         systemctl stop "$UNIT_NAME"
         changed "stopped $UNIT_NAME"
+    fi
+    if [ -e "$ROOT$SOCKET_PATH" ]; then
+        if systemd_running; then systemctl stop "$SOCKET_NAME" 2>/dev/null || true; fi
+        systemctl_root disable --quiet "$SOCKET_NAME" 2>/dev/null || true
+        rm -f "$ROOT$SOCKET_PATH"
+        changed "removed $SOCKET_PATH"
     fi
     if [ -e "$ROOT$UNIT_PATH" ]; then
         if systemctl_root is-enabled --quiet "$UNIT_NAME" 2>/dev/null; then

@@ -76,6 +76,22 @@ def merge(base: dict[str, dict[str, Any]], overrides: dict[str, dict[str, Any]])
     return out
 
 
+_SHORT_DIRS: list[Path] = []
+
+
+def short_dir() -> Path:
+    """One short temporary directory per test session, for Unix sockets."""
+    if not _SHORT_DIRS:
+        import atexit
+        import tempfile
+
+        path = Path(tempfile.mkdtemp(prefix="ma-", dir="/tmp"))
+        path.chmod(0o755)
+        atexit.register(shutil.rmtree, path, True)
+        _SHORT_DIRS.append(path)
+    return _SHORT_DIRS[0]
+
+
 @pytest.fixture
 def make_config(tmp_path: Path, pki: PKI) -> Callable[..., Path]:
     """Factory: make_config(broker, {"mqtt": {"keepalive": 5}}, name="agent") -> path of a TOML config.
@@ -83,6 +99,10 @@ def make_config(tmp_path: Path, pki: PKI) -> Callable[..., Path]:
     A value of None removes the key (or, for a section, the whole section).
     """
     counter = [0]
+    import tempfile
+
+    sockets = Path(tempfile.mkdtemp(dir=short_dir()))
+    sockets.chmod(0o755)
 
     def make(broker: Mosquitto | None, overrides: dict[str, dict[str, Any]] | None = None,
              name: str | None = None) -> Path:
@@ -95,6 +115,8 @@ def make_config(tmp_path: Path, pki: PKI) -> Callable[..., Path]:
                     "key_file": str(pki.device.key)},
             "reconnect": {"min_delay": 0.2, "max_delay": 2.0},
             "metrics": {"listen": ""},
+            # A short directory: a Unix socket path is limited to 107 bytes, pytest's tmp_path may be longer.
+            "api": {"socket": str(sockets / f"{name}.sock")},
         }
         return write_toml(tmp_path / f"{name}.toml", merge(base, overrides or {}))
 

@@ -15,7 +15,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import HostPort, TlsConfig
-from agent.metrics import AgentMetrics
+from agent.metrics import AgentMetrics, PublishMetrics
+from agent.state.outbox import Outbox
 from agent.state.store import StateStore
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -36,7 +37,8 @@ def exported_series() -> set[str]:
     registry = CollectorRegistry()
     state = StateStore(Path(tempfile.mkdtemp()))  # a real store: its families are read from it at scrape time
     metrics = AgentMetrics(protocol="3.1.1", configured_keepalive=60, tls=TlsConfig(enabled=False),
-                           registry=registry, commands=["ping"], state=state)
+                           registry=registry, commands=["ping"], state=state,
+                           publish=PublishMetrics(Outbox(None, 10), hono_errors=lambda: 0))
     metrics.commands.command_finished("ping", 200, 0.1)  # labelled families show up once used
     metrics.connection.connected(HostPort("b", 1), 60, False)
     names: set[str] = set()
@@ -51,7 +53,7 @@ def exported_series() -> set[str]:
 def test_rules_check():
     result = promtool("check", "rules", "alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 10 rules found" in result.stdout
+    assert "SUCCESS: 11 rules found" in result.stdout
 
 
 def test_rule_unit_tests_pass_and_cover_every_alert():
@@ -114,7 +116,7 @@ def test_dashboard_layout():
     assert len(ids) == len(set(ids))
     titles = {p["title"] for p in dash["panels"]}
     for needed in ("Connection state", "Disconnects by reason", "Keepalive", "Command rate by command",
-                   "Command latency", "Command errors and rejections"):
+                   "Command latency", "Command errors and rejections", "Publish queue"):
         assert needed in titles
     # No two panels overlap on Grafana's 24-column grid.
     cells: set[tuple[int, int]] = set()

@@ -293,6 +293,23 @@ def test_quick_run_measures_every_figure_and_writes_markdown_and_json(tmp_path: 
     assert md in proc.stdout  # the table is printed as well
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(200)
+def test_publish_bench_quick_run_measures_both_paths_and_the_baseline(tmp_path: Path) -> None:
+    out = tmp_path / "publish"
+    proc = subprocess.run([sys.executable, "-m", "bench.publish", "--quick", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    data = json.loads((out / "publish.json").read_text())
+    assert data["judged"] is False
+    assert data["bare"]["messages"] == data["batch"]["messages"] == 400 and data["single"]["messages"] == 200
+    for path in ("single", "batch"):
+        for key in ("msg_per_s", "latency_p50_ms", "latency_p99_ms", "state_bytes_written_per_msg"):
+            assert isinstance(data[path][key], (int, float)) and data[path][key] > 0, (path, key)
+    md = (out / "publish.md").read_text()
+    assert "| bare paho publisher | 400 |" in md and "Smoke run" in md
+
+
 def test_run_script_passes_shellcheck() -> None:
     if shutil.which("shellcheck") is None:
         pytest.fail("shellcheck is not installed; run ./scripts/test.sh, which installs it")

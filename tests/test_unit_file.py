@@ -63,7 +63,8 @@ def test_systemd_analyze_verify_reports_nothing(tmp_path: Path):
         exe.write_text("#!/bin/sh\n")
         exe.chmod(0o755)
     shutil.copy(UNIT, root / "etc/systemd/system" / UNIT.name)
-    result = systemd_analyze("verify", f"--root={root}", UNIT.name)
+    shutil.copy(UNIT.with_suffix(".socket"), root / "etc/systemd/system" / "mqtt-agent.socket")
+    result = systemd_analyze("verify", f"--root={root}", UNIT.name, "mqtt-agent.socket")
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
@@ -116,3 +117,17 @@ def test_no_privilege_is_granted_for_device_management():
     assert service("AmbientCapabilities") == [""]
     assert service("RestrictSUIDSGID") == ["yes"]
     assert "AF_UNIX" in service("RestrictAddressFamilies")[0]  # D-Bus, for polkit-authorised actions
+
+
+def test_api_socket_unit_gives_the_apps_group_the_socket_the_agent_expects():
+    from agent.config import ApiConfig
+    from agent.service.server import inherited_socket
+
+    socket_unit = UNIT.with_suffix(".socket").read_text()
+    conf = dict(line.split("=", 1) for line in socket_unit.splitlines() if "=" in line and not line.startswith("#"))
+    defaults = ApiConfig()
+    assert conf["ListenStream"] == str(defaults.socket)
+    assert (conf["SocketGroup"], conf["SocketMode"]) == (defaults.group, "0660")
+    assert conf["FileDescriptorName"] == "api" and inherited_socket.__defaults__ == ("api",)
+    assert conf["Service"] == UNIT.name
+    assert "mqtt-agent.socket" in directives()["[Unit]Wants"][0]

@@ -16,7 +16,15 @@ A response is answered with a 500 in its place (its stored row is replaced); any
 set aside in the store (kept for an operator, never sent again). Both are logged (at most one line per
 LOG_EVERY s) and counted (`on_set_aside`).
 
-Threads: `put`/`adopt` run on worker threads, everything else on the network thread. `acked` is called
+Telemetry and events (from the local API and [forward.local]) share this window with the command
+responses, in one order, but have their own bounds (`PublishLimits`: [publish] max_messages,
+max_bytes, max_age) and policies: `admit` checks them before anything is written, so a message is
+either refused (`QueueFull`, answered 507) or durable before its caller hears "accepted". Telemetry
+makes room by dropping the oldest waiting telemetry (counted per reason); events are never dropped to
+make room (a new event is refused instead). Messages past their ttl or past max_age are dropped before
+they are handed to the client, counted. Responses keep their own bound (limits.max_outbox_messages).
+
+Threads: `put`/`adopt`/`admit` run on worker threads, everything else on the network thread. `acked` is called
 from inside paho's on_publish (paho holds its own locks there), so it only appends to a deque;
 `pump`, called by the network loop between paho calls, does the bookkeeping.
 """
@@ -26,8 +34,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, replace
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from agent.connection import poison
@@ -46,13 +55,49 @@ REPORT_INTERVAL = 1.0
 LOG_EVERY = 10.0  # set-aside messages: at most one log line per this many seconds (the rest are counted)
 
 
-@dataclass
+PUBLISH_KINDS = ("telemetry", "event")
+# Why a telemetry message or event was not sent (the `reason` label of mqtt_agent_publish_dropped_total).
+DROP_REASONS = ("queue_full", "ttl", "max_age")
+_PENDING, _HANDED, _GONE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class PublishLimits:
+    """[publish] bounds of the telemetry/event queue (together: both kinds count)."""
+
+    max_messages: int = 100_000
+    max_bytes: int = 32 * 1024 * 1024
+    max_age: float = 7 * 86400.0
+
+
+class QueueFull(Exception):
+    """The queue cannot take these messages under its policy; `limit` names the bound (a config key)."""
+
+    def __init__(self, limit: str, value: int, message: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.value = value
+
+
+@dataclass(eq=False)
 class _Entry:
     msg: OutMessage  # msg.id: its row in the store; None: memory only
     created: float
+    state: int = _PENDING
+    size: int = field(default=0)
     sent_at: float | None = None  # monotonic: last handed to the client, or re-sent by it at a CONNACK
     tries: int = 0  # connections that ended right after this message was sent (poison strikes)
     replaced: bool = False  # msg is the 500 sent in place of a response that was set aside
+
+
+def _klass(kind: str) -> str:
+    """Bound classes: each publish kind on its own queue of entries, the command answers together."""
+    return kind if kind in PUBLISH_KINDS else "command"
+
+
+def message_bytes(msg: OutMessage) -> int:
+    """What a message counts against [publish] max_bytes: its payload and topic."""
+    return len(msg.payload) + len(msg.topic)
 
 
 def _noop(_: int) -> None:
@@ -75,8 +120,10 @@ class Outbox:
         wall: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.monotonic,
         report_interval: float = REPORT_INTERVAL,
+        limits: PublishLimits | None = None,
     ) -> None:
         self.store = store
+        self.limits = limits or PublishLimits()
         self.report_interval = report_interval
         self.max_messages = max_messages
         self.window = max(1, window)
@@ -87,6 +134,7 @@ class Outbox:
         self._on_dropped: Callable[[int], None] = _noop
         self._lock = threading.Lock()
         self._report_lock = threading.Lock()
+        self._stats_lock = threading.Lock()  # the drop counters and their summary log line (any thread)
         self._pending: deque[_Entry] = deque()  # not yet handed to the client, oldest first
         self._handed: dict[int, _Entry] = {}  # message id -> entry the client holds until PUBACK
         self._acks: deque[int] = deque()
@@ -99,6 +147,16 @@ class Outbox:
         self._dropped_unlogged = 0
         self._drop_logged_at: float | None = None
         self.dropped_total = 0
+        # Per bound class, the entries not yet with the broker (waiting or in flight), oldest first;
+        # entries that went (acknowledged, dropped) are removed lazily from the front.
+        self._classes: dict[str, deque[_Entry]] = {k: deque() for k in ("command", *PUBLISH_KINDS)}
+        self._count: Counter[str] = Counter()  # class -> entries not yet with the broker
+        self._bytes: Counter[str] = Counter()
+        self.accepted: Counter[str] = Counter()  # kind -> telemetry/events accepted (durable)
+        self.sent: Counter[str] = Counter()  # kind -> acknowledged by the broker (QoS 0: handed over)
+        self.dropped: Counter[tuple[str, str]] = Counter()  # (kind, reason) -> not sent
+        self._publish_drops_unlogged: Counter[tuple[str, str]] = Counter()
+        self._publish_drop_logged_at: float | None = None
         self.set_aside_total = 0
         self._link_up_at = 0.0
         self._withdraw: Callable[[int], None] = _noop
@@ -107,8 +165,13 @@ class Outbox:
         self._set_aside_unlogged = 0
         if store is not None:
             for msg in store.queued_messages():
-                self._pending.append(_Entry(msg, wall()))
-        self._size = len(self._pending)
+                self._track(_Entry(msg, msg.created if msg.created is not None else wall()))
+            for kind, n in store.expired_at_load.items():
+                self.dropped[(kind, "ttl")] += n
+            store.expired_at_load.clear()
+        self._size = sum(self._count.values())
+        if self._over_publish_bounds():
+            self._make_room(0, 0)  # the bounds shrank across a restart: the oldest telemetry goes
         if self._size:
             log.info("%d message(s) from an earlier run wait in the outbound queue; they are sent after the connect",
                      self._size)
@@ -141,8 +204,142 @@ class Outbox:
 
     @property
     def waiting(self) -> int:
-        """Responses not yet handed to the client."""
-        return len(self._pending)
+        """Messages not yet handed to the client."""
+        return sum(1 for e in self._pending if e.state == _PENDING)
+
+    def publish_stats(self) -> tuple[int, int, float | None]:
+        """(telemetry+events not yet with the broker, their bytes, the oldest one's wall-clock time)."""
+        with self._lock:
+            count = sum(self._count[k] for k in PUBLISH_KINDS)
+            size = sum(self._bytes[k] for k in PUBLISH_KINDS)
+            oldest = [q[0].created for q in (self._front(k) for k in PUBLISH_KINDS) if q]
+        return count, size, min(oldest) if oldest else None
+
+    def _front(self, klass: str) -> deque[_Entry]:
+        """The class's queue with gone entries removed from its front (lock held)."""
+        q = self._classes[klass]
+        while q and q[0].state == _GONE:
+            q.popleft()
+        return q
+
+    # --- telemetry and events ----------------------------------------------------------------
+
+    def admit(self, messages: Sequence[OutMessage]) -> list[OutMessage]:
+        """Accept telemetry/events under the [publish] bounds, durably: returns them with their ids once
+        they are on disk. Raises QueueFull (nothing written) or the store's error (nothing accepted).
+
+        All or nothing: a batch that does not fit is refused whole."""
+        need_count = len(messages)
+        need_bytes = sum(message_bytes(m) for m in messages)
+        with self._lock:
+            victims = self._make_room(need_count, need_bytes)
+            if victims is None:
+                raise self._full(need_count, need_bytes)
+            for m in messages:  # reserved: a concurrent caller sees them as taken
+                self._count[m.kind] += 1
+                self._bytes[m.kind] += message_bytes(m)
+        if victims:
+            self._account_drops(victims, "queue_full")
+        try:
+            stored = self.store.enqueue_wait(list(messages)) if self.store is not None else list(messages)
+        except BaseException:
+            with self._lock:
+                for m in messages:
+                    self._count[m.kind] -= 1
+                    self._bytes[m.kind] -= message_bytes(m)
+            raise
+        with self._lock:
+            for m in stored:
+                self.accepted[m.kind] += 1
+        self.adopt(stored, reserved=True)
+        return stored
+
+    def _over_publish_bounds(self, count: int = 0, size: int = 0) -> bool:
+        lim = self.limits
+        return (sum(self._count[k] for k in PUBLISH_KINDS) + count > lim.max_messages
+                or sum(self._bytes[k] for k in PUBLISH_KINDS) + size > lim.max_bytes)
+
+    def _make_room(self, count: int, size: int) -> list[_Entry] | None:
+        """Drop the oldest waiting telemetry until `count` more messages of `size` bytes fit (lock held).
+        The dropped entries, or None if even that would not make room (nothing is dropped then)."""
+        if not self._over_publish_bounds(count, size):
+            return []
+        total_count = sum(self._count[k] for k in PUBLISH_KINDS) + count
+        total_bytes = sum(self._bytes[k] for k in PUBLISH_KINDS) + size
+        victims: list[_Entry] = []
+        for entry in self._front("telemetry"):
+            if total_count <= self.limits.max_messages and total_bytes <= self.limits.max_bytes:
+                break
+            if entry.state != _PENDING:
+                continue  # in flight: the broker has it, or will have it, soon
+            victims.append(entry)
+            total_count -= 1
+            total_bytes -= entry.size
+        if (total_count > self.limits.max_messages or total_bytes > self.limits.max_bytes) and count:
+            return None
+        for entry in victims:
+            self._forget(entry)
+        return victims
+
+    def _full(self, count: int, size: int) -> QueueFull:
+        lim = self.limits
+        queued = sum(self._count[k] for k in PUBLISH_KINDS)
+        if queued + count > lim.max_messages:
+            return QueueFull("publish.max_messages", lim.max_messages,
+                             f"the queue holds {queued} message(s) (publish.max_messages = {lim.max_messages}) "
+                             "and none that may be dropped to make room; retry later")
+        return QueueFull("publish.max_bytes", lim.max_bytes,
+                         f"the queue holds {sum(self._bytes[k] for k in PUBLISH_KINDS)} bytes "
+                         f"(publish.max_bytes = {lim.max_bytes}) and none that may be dropped for {size} more; "
+                         "retry later")
+
+    def _expired(self, entry: _Entry, now: float) -> str | None:
+        msg = entry.msg
+        if msg.expires is not None and msg.expires < now:
+            return "ttl"
+        if msg.kind in PUBLISH_KINDS and entry.created + self.limits.max_age < now:
+            return "max_age"
+        return None
+
+    def _track(self, entry: _Entry) -> None:
+        """A new entry not yet with the broker (lock held, or not yet shared)."""
+        entry.size = message_bytes(entry.msg)
+        klass = _klass(entry.msg.kind)
+        self._classes[klass].append(entry)
+        self._count[klass] += 1
+        self._bytes[klass] += entry.size
+        self._pending.append(entry)
+
+    def _forget(self, entry: _Entry) -> None:
+        """`entry` will not be sent (dropped): out of every count, its row deleted (lock held)."""
+        entry.state = _GONE
+        klass = _klass(entry.msg.kind)
+        self._count[klass] -= 1
+        self._bytes[klass] -= entry.size
+        self._size -= 1
+        if entry.msg.id is not None and self.store is not None:
+            self.store.delete_messages([entry.msg.id])
+
+    def _account_drops(self, dropped: list[_Entry], reason: str) -> None:
+        """Count and (in summary, at most once a minute) log telemetry/events that were not sent."""
+        with self._stats_lock:
+            self._account_drops_locked(dropped, reason)
+
+    def _account_drops_locked(self, dropped: list[_Entry], reason: str) -> None:
+        for entry in dropped:
+            key = (entry.msg.kind, reason)
+            self.dropped[key] += 1
+            self._publish_drops_unlogged[key] += 1
+        now = self._clock()
+        if self._publish_drop_logged_at is None or now - self._publish_drop_logged_at >= DROP_LOG_INTERVAL:
+            summary = ", ".join(f"{n} {kind} ({reason})" for (kind, reason), n
+                                in sorted(self._publish_drops_unlogged.items()))
+            log.warning("dropped messages that were not sent: %s; reasons: queue_full = publish.max_messages or "
+                        "publish.max_bytes reached (the oldest telemetry goes first), ttl = the message's ttl "
+                        "passed, max_age = older than publish.max_age", summary,
+                        extra={"PUBLISH_DROPPED": sum(self._publish_drops_unlogged.values())})
+            self._publish_drops_unlogged.clear()
+            self._publish_drop_logged_at = now
 
     # --- any thread ----------------------------------------------------------------------------
 
@@ -157,29 +354,57 @@ class Outbox:
         """Send `msg` without the disk (a 503 when the store cannot take a write): lost if the agent dies."""
         self.adopt([msg])
 
-    def adopt(self, messages: list[OutMessage]) -> None:
-        """Take messages the store already holds (or none should: id None) into the send window."""
+    def adopt(self, messages: list[OutMessage], *, reserved: bool = False) -> None:
+        """Take messages the store already holds (or none should: id None) into the send window.
+        `reserved`: `admit` has counted them already."""
         dropped: list[_Entry] = []
+        expired: list[tuple[_Entry, str]] = []
         with self._lock:
             created = self._wall()
             for msg in messages:
                 entry = _Entry(msg, created)
-                overflow = self._size + 1 - self.max_messages
-                while overflow > 0 and self._pending:
-                    dropped.append(self._pending.popleft())
-                    overflow -= 1
+                klass = _klass(msg.kind)
+                if klass == "command":
+                    overflow = self._count["command"] + 1 - self.max_messages
+                    for old in self._front("command"):
+                        if overflow <= 0:
+                            break
+                        if old.state == _PENDING:
+                            dropped.append(old)
+                            self._forget(old)
+                            overflow -= 1
+                if reserved:
+                    self._count[klass] -= 1
+                    self._bytes[klass] -= message_bytes(msg)
+                nothing_older = not self._waiting_front()
+                self._track(entry)
                 self._size += 1
-                if not (self._link_up and not self._pending and len(self._handed) < self.window
-                        and self._hand(entry)):
-                    self._pending.append(entry)
-            if dropped:
-                self._size -= len(dropped)
-                ids = [e.msg.id for e in dropped if e.msg.id is not None]
-                if ids and self.store is not None:
-                    self.store.delete_messages(ids)  # given up on: not to be sent again after a restart
+                if self._link_up and nothing_older:
+                    reason = self._expired(entry, created)
+                    if reason is not None:
+                        self._forget(entry)
+                        expired.append((entry, reason))
+                    elif len(self._handed) < self.window:
+                        self._hand(entry)
+            self._compact()
         if dropped:
             self._log_dropped(dropped)
+        for entry, reason in expired:
+            self._account_drops([entry], reason)
         self._report()
+
+    def _waiting_front(self) -> deque[_Entry]:
+        """`_pending` without entries that went or were handed over at its front (lock held)."""
+        while self._pending and self._pending[0].state != _PENDING:
+            self._pending.popleft()
+        return self._pending
+
+    def _compact(self) -> None:
+        """Keep `_pending` from growing with entries that went (lock held): clean its front, and
+        rebuild it when most of it is gone (drops in the middle)."""
+        self._waiting_front()
+        if len(self._pending) > 64 and len(self._pending) > 2 * (self._size + 1):
+            self._pending = deque(e for e in self._pending if e.state == _PENDING)
 
     # --- network thread ------------------------------------------------------------------------
 
@@ -197,12 +422,14 @@ class Outbox:
         self._link_up = False
 
     def pump(self, force_flush: bool = False) -> None:
-        """Account for acknowledgements, delete acknowledged rows in batches, hand waiting responses over."""
+        """Account for acknowledgements, delete acknowledged rows in batches, hand waiting messages over
+        (dropping those past their ttl or publish.max_age first)."""
         if (not self._acks and not self._to_delete and not (self._link_up and self._pending)
                 and not force_flush):
             if self._size != self._reported:
                 self._report()  # a change held back while busy
             return
+        expired: list[tuple[_Entry, str]] = []
         with self._lock:
             while self._acks:
                 entry = self._handed.pop(self._acks.popleft(), None)
@@ -212,10 +439,22 @@ class Outbox:
                     force_flush or len(self._to_delete) >= DELETE_BATCH
                     or self._clock() - self._delete_since >= DELETE_DELAY):
                 self._flush()
-            while self._link_up and self._pending and len(self._handed) < self.window:
-                if not self._hand(self._pending[0]):
+            now = self._wall()
+            while self._link_up and self._waiting_front() and len(self._handed) < self.window:
+                entry = self._pending[0]
+                reason = self._expired(entry, now)
+                if reason is not None:
+                    self._forget(entry)
+                    expired.append((entry, reason))
+                    continue
+                if not self._hand(entry):
                     break
-                self._pending.popleft()
+            self._compact()
+        by_reason: dict[str, list[_Entry]] = {}
+        for entry, reason in expired:
+            by_reason.setdefault(reason, []).append(entry)
+        for reason, entries in by_reason.items():
+            self._account_drops(entries, reason)
         self._report()
 
     def close(self) -> None:
@@ -235,6 +474,7 @@ class Outbox:
             return True
         if mid is None:
             return False
+        entry.state = _HANDED
         entry.sent_at = self._clock()
         if entry.msg.qos == 0:
             self._done(entry)  # no PUBACK will come; paho sends QoS 0 once
@@ -244,11 +484,20 @@ class Outbox:
 
     def _done(self, entry: _Entry) -> None:
         """`entry` is with the broker (lock held): forget it, in the next batch."""
+        if entry.state == _GONE:
+            return
+        entry.state = _GONE
         if entry.msg.id is not None:
             if not self._to_delete:
                 self._delete_since = self._clock()
             self._to_delete.append(entry.msg.id)
+        klass = _klass(entry.msg.kind)
+        self._count[klass] -= 1
+        self._bytes[klass] -= entry.size
+        if klass != "command":
+            self.sent[entry.msg.kind] += 1
         self._size -= 1
+        self._front(klass)  # acknowledgements come oldest first: this keeps the class queue short
 
     # --- poison messages (issue 17): `tries`/`sent_at` count strikes, poison.judge decides ------------
 
@@ -297,12 +546,19 @@ class Outbox:
             entry.replaced, entry.tries, entry.sent_at = True, 0, None
             if entry.msg.id is not None and self.store is not None:
                 self.store.replace_message(entry.msg)
-            self._pending.appendleft(entry)
+            if entry.state != _PENDING:  # it was in flight: first in line again (if waiting, it is first already)
+                entry.state = _PENDING
+                self._pending.appendleft(entry)
             outcome = f"answered with a 500 on '{untrusted(entry.msg.topic, 120)}' instead"
         else:
             if msg.id is not None and self.store is not None:
                 self.store.set_aside(msg.id, f"{reason}: {detail}", msg.topic, quiet=True)
-            self._size -= 1
+            if entry.state != _GONE:
+                entry.state = _GONE
+                klass = _klass(msg.kind)
+                self._count[klass] -= 1
+                self._bytes[klass] -= entry.size
+                self._size -= 1
             outcome = "dropped"
         self._log_set_aside(reason, f"set aside a {len(msg.payload)}-byte message to '{untrusted(msg.topic, 120)}': "
                                     f"{detail}; {outcome}")

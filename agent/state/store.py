@@ -122,6 +122,7 @@ class OutMessage:
     expires: float | None = None  # wall clock; not sent after this
     id: int | None = None  # its row in the outbox; None: not stored (answered without the disk)
     attempts: int = 0
+    created: float | None = None  # wall clock when it was queued (set when read back from the store)
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,7 @@ class StateStore:
         self.fsyncs = 0
         self.set_aside_total = 0
         self.pruned_total = 0
+        self.expired_at_load: Counter[str] = Counter()  # kind -> messages past their expiry when read back
         self._set_aside_unlogged = 0
         self._set_aside_logged_at: float | None = None
         self._lock = threading.Lock()
@@ -552,15 +554,17 @@ class StateStore:
     def queued_messages(self, kind: str | None = None) -> list[OutMessage]:
         """Messages waiting for the broker, oldest first; expired ones are deleted instead."""
         now = self._wall()
-        sql = ("SELECT id, kind, topic, payload, qos, props, expires, attempts FROM outbox WHERE set_aside IS NULL"
+        sql = ("SELECT id, kind, topic, payload, qos, props, expires, attempts, created FROM outbox"
+               " WHERE set_aside IS NULL"
                + (" AND kind = ?" if kind else "") + " ORDER BY id")
         with self._lock:
             rows = self._db.execute(sql, (kind,) if kind else ()).fetchall()
         out: list[OutMessage] = []
         expired: list[int] = []
-        for msg_id, kind_, topic, payload, qos, props_text, expires, attempts in rows:
+        for msg_id, kind_, topic, payload, qos, props_text, expires, attempts, created in rows:
             if expires is not None and float(expires) < now:
                 expired.append(int(msg_id))
+                self.expired_at_load[str(kind_)] += 1
                 continue
             props = json.loads(str(props_text)) if props_text else {}
             corr = props.get("correlation_data")
@@ -569,7 +573,7 @@ class StateStore:
                 correlation_data=bytes.fromhex(corr) if corr is not None else None,
                 user_properties=tuple((str(k), str(v)) for k, v in props.get("user_properties", [])),
                 content_type=props.get("content_type"), expires=float(expires) if expires is not None else None,
-                id=int(msg_id), attempts=int(attempts)))
+                id=int(msg_id), attempts=int(attempts), created=float(created)))
         if expired:
             log.info("%d queued message(s) expired before they could be sent; dropped", len(expired))
             self.delete_messages(expired)

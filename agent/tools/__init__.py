@@ -1,1 +1,1 @@
-"""Operator tools run from the command line next to the service (doctor, enroll, send, renew)."""
+"""Operator tools run from the command line next to the service (doctor, enroll, send, renew, publish)."""

@@ -58,6 +58,7 @@ def test_contents_program_unit_conffile_and_opt_in_polkit(debs: Debs) -> None:
     assert files["/usr/bin/mqtt-agent"].startswith("-rwxr-xr-x root/root")
     assert files["/etc/mqtt-agent/mqtt-agent.toml"] == "-rw-r----- root/root"
     assert "/lib/systemd/system/mqtt-agent.service" in files
+    assert "/lib/systemd/system/mqtt-agent.socket" in files  # the local API (telemetry and events)
     assert "/usr/lib/mqtt-agent/agent/cli.py" in files
     assert "/usr/lib/mqtt-agent/vendor/paho/mqtt/client.py" in files
     assert "/usr/lib/mqtt-agent/vendor/prometheus_client/__init__.py" in files
