@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from agent.config import load_config
-from agent.sender import send_command
+from agent.tools.send import send_command
 from tests.support.mqttclient import TestClient
 
 

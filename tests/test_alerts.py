@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import HostPort, TlsConfig
-from agent.metrics import AgentMetrics, PublishMetrics
+from agent.service.metrics import AgentMetrics, PublishMetrics
 from agent.state.outbox import Outbox
 from agent.state.store import StateStore
 

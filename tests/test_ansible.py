@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.config import load_config
-from agent.sender import send_command
+from agent.tools.send import send_command
 from tests.support.agentproc import REPO
 from tests.support.mosquitto import BrokerOptions, Mosquitto
 

@@ -7,8 +7,8 @@ import statistics
 
 import pytest
 
-from agent.backoff import Backoff, HostRotation
 from agent.config import ReconnectConfig
+from agent.connection.backoff import Backoff, HostRotation
 
 CFG = ReconnectConfig(min_delay=1.0, max_delay=120.0, stable_after=60.0, jitter=True)
 

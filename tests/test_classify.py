@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.classify import (
+from agent.config import HostPort, KeepaliveTuningConfig, MqttConfig, ReconnectConfig
+from agent.connection.classify import (
     AUTH_FAILED,
     CONNECTION_LOST,
     FINAL_KINDS,
@@ -25,9 +26,8 @@ from agent.classify import (
     TLS_ERROR,
     Classifier,
 )
-from agent.config import HostPort, KeepaliveTuningConfig, MqttConfig, ReconnectConfig
-from agent.resilience import ConnectionMonitor
-from agent.session import ConnectionEnded
+from agent.connection.monitor import ConnectionMonitor
+from agent.connection.session import ConnectionEnded
 
 HOST = HostPort("broker", 8883)
 
@@ -234,7 +234,7 @@ def simulate_duplicates(seed: int, rounds: int = 12) -> tuple[SimAgent, SimAgent
     clock = Clock()
 
     def agent() -> SimAgent:
-        from agent.backoff import Backoff
+        from agent.connection.backoff import Backoff
         backoff = Backoff(RECONNECT, random.Random(rng.random()))
         return SimAgent(ConnectionMonitor(MQTT, RECONNECT, TUNING, backoff=backoff, clock=clock, wall=clock))
 

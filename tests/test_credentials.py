@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import CREDENTIAL_UNSET, apply_credentials, credential_overrides, load_config
-from agent.sender import send_command
+from agent.tools.send import send_command
 from tests.support.agentproc import REPO
 
 

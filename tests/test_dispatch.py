@@ -14,10 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent.commands.dispatch import Dispatcher
+from agent.commands.handlers import HandlerRegistry
+from agent.commands.handlers.builtin import PingHandler
 from agent.config import LimitsConfig
-from agent.dispatch import Dispatcher
-from agent.handlers import HandlerRegistry
-from agent.handlers.builtin import PingHandler
 from agent.protocol import BadRequest, Inbound, Request, Response
 from agent.state.store import OutMessage, StateStore
 from agent.state.writer import Outcome
@@ -381,7 +381,7 @@ def test_expired_mqtt5_message_is_answered_410(parts: dict[str, Any]) -> None:
 
 def test_doctor_probe_is_ignored_quietly(parts: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
     d, rec = parts["make"]()
-    with caplog.at_level("DEBUG", logger="agent.dispatch"):
+    with caplog.at_level("DEBUG", logger="agent.commands.dispatch"):
         d.accept(msg("command///req/dev-1-doctor-abc123"))
         d.accept(msg("command///req/not-a-probe"))
     assert rec.sent == []

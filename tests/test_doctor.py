@@ -21,9 +21,9 @@ import pytest
 
 from agent.cli import main
 from agent.config import load_config
-from agent.doctor import Report, render_text, run_doctor
-from agent.doctor.report import CheckResult, Finding
-from agent.sender import send_command
+from agent.tools.doctor import Report, render_text, run_doctor
+from agent.tools.doctor.report import CheckResult, Finding
+from agent.tools.send import send_command
 from tests.conftest import PKI
 from tests.support.agentproc import REPO
 from tests.support.mosquitto import free_port, make_password_file

@@ -20,16 +20,16 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from agent.config import HostPort, MqttConfig, load_config
-from agent.doctor import probe_client_id, run_doctor
-from agent.doctor.certs import assess_certificate, key_security_bits, name_matches, sha1_rejected_from
-from agent.doctor.files import check_files, readable_by
-from agent.doctor.history import assess_history, check_history
-from agent.doctor.local import assess_clock, assess_state_dir, check_metrics_port
-from agent.doctor.mqtt_check import connack_finding, delivery_topic
-from agent.doctor.report import CheckResult, Report, render_text, result, skipped, warn
-from agent.doctor.runner import _guarded
-from agent.doctor.tls_check import handshake_code
-from agent.tls import CertInfo
+from agent.tls.certs import CertInfo
+from agent.tools.doctor import probe_client_id, run_doctor
+from agent.tools.doctor.certs import assess_certificate, key_security_bits, name_matches, sha1_rejected_from
+from agent.tools.doctor.files import check_files, readable_by
+from agent.tools.doctor.history import assess_history, check_history
+from agent.tools.doctor.local import assess_clock, assess_state_dir, check_metrics_port
+from agent.tools.doctor.mqtt_check import connack_finding, delivery_topic
+from agent.tools.doctor.report import CheckResult, Report, render_text, result, skipped, warn
+from agent.tools.doctor.runner import _guarded
+from agent.tools.doctor.tls_check import handshake_code
 from agent.topics import parse_request
 from tests.conftest import PKI
 from tests.support.mosquitto import free_port

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from agent.config import load_config
-from agent.sender import send_command
+from agent.tools.send import send_command
 
 
 def test_ping_round_trip_over_mutual_tls(broker, make_config, run_agent):

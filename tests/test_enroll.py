@@ -23,10 +23,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent import provision
 from agent.config import load_config
 from agent.errors import EX_CONFIG, ConfigError
-from agent.sender import send_command
+from agent.tools import enroll as provision
+from agent.tools.send import send_command
 from tests.support.agentproc import REPO, write_toml
 from tests.support.pki import TestCA
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.commands.handlers.exec import ExecHandler
 from agent.config import CommandSpec
-from agent.handlers.exec import ExecHandler
 from agent.protocol import CommandError, CommandTimeout, Request
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from agent.commands.dispatch import ENFORCED_TIMEOUT_GRACE
 from agent.config import HostPort, LimitsConfig
-from agent.dispatch import ENFORCED_TIMEOUT_GRACE
-from agent.health import DNS_ALLOWANCE, DispatchEvidence, LoopEvidence, LoopPhases, Verdict, judge, longest_job
-from agent.notify import Notifier, ServiceWatchdog
-from agent.session import ConnectionEnded
+from agent.connection.session import ConnectionEnded
+from agent.service.health import DNS_ALLOWANCE, DispatchEvidence, LoopEvidence, LoopPhases, Verdict, judge, longest_job
+from agent.service.notify import Notifier, ServiceWatchdog
 
 STALL = 3.0
 HOST = HostPort("broker", 8883)

@@ -160,7 +160,7 @@ def test_upgrade_reinstalls_only_the_program_then_uninstall_and_purge(tmp_path: 
     first = install("--root", str(root), "--source", str(source), "--systemd-python", "none")
     assert first.returncode == 0, first.stdout + first.stderr
     assert not (site_packages(root) / "systemd").is_symlink()
-    assert (site_packages(root) / "agent/provision.py").is_file()
+    assert (site_packages(root) / "agent/tools/enroll.py").is_file()
     unit_mtime = (root / UNIT).stat().st_mtime_ns
     init = source / "agent/__init__.py"
     init.write_text(init.read_text().replace('__version__ = "0.1.0"', '__version__ = "0.1.0.post1"'))

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.commands.dispatch import Dispatcher
 from agent.config import LimitsConfig
-from agent.dispatch import Dispatcher
-from agent.logs import (
+from agent.protocol import Inbound
+from agent.service.logs import (
     JournalHandler,
     encode_journal_fields,
     journal_stream_matches,
@@ -24,7 +25,6 @@ from agent.logs import (
     structured_fields,
     syslog_priority,
 )
-from agent.protocol import Inbound
 from agent.state.store import OutMessage, StateStore
 
 
@@ -149,10 +149,11 @@ def test_real_dispatcher_log_fields(journal, tmp_path):
 def test_fallback_to_stderr_with_priority_prefix_when_journald_is_gone(tmp_path):
     stream = io.StringIO()
     handler = JournalHandler(tmp_path / "no-journal.sock", fallback=stream)
-    record = logging.LogRecord("agent.session", logging.ERROR, __file__, 1, "TLS handshake failed", None, None)
+    record = logging.LogRecord("agent.connection.session", logging.ERROR, __file__, 1, "TLS handshake failed",
+                               None, None)
     handler.emit(record)
     handler.close()
-    assert stream.getvalue() == "<3>agent.session: TLS handshake failed\n"
+    assert stream.getvalue() == "<3>agent.connection.session: TLS handshake failed\n"
 
 
 def test_journal_stream_detection(tmp_path):
@@ -205,7 +206,7 @@ def test_real_agent_under_a_journal_stream_logs_to_journald(broker, make_config,
     import threading
 
     from agent.config import load_config
-    from agent.sender import send_command
+    from agent.tools.send import send_command
     from tests.support.agentproc import REPO
 
     path = make_config(broker)
@@ -237,7 +238,7 @@ def test_real_agent_under_a_journal_stream_logs_to_journald(broker, make_config,
     connected = next(r for r in records if r["MESSAGE"].startswith("connected to "))
     assert (connected["KEEPALIVE"], connected["PRIORITY"], connected["SYSLOG_IDENTIFIER"]) == ("30", "6", "mqtt-agent")
     rejected = next(r for r in records if r.get("COMMAND") == "no-such-command")
-    assert (rejected["STATUS"], rejected["PRIORITY"], rejected["LOGGER"]) == ("404", "4", "agent.dispatch")
+    assert (rejected["STATUS"], rejected["PRIORITY"], rejected["LOGGER"]) == ("404", "4", "agent.commands.dispatch")
     assert rejected["REQ_ID"]
     # Nothing went to stderr: under systemd the journal gets the records, with their fields.
     assert b"".join(stderr_lines) == b"", b"".join(stderr_lines)[-2000:]

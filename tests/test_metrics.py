@@ -17,9 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent import __version__
 from agent.config import HostPort, TlsConfig, load_config
-from agent.metrics import DISCONNECT_REASONS, UNKNOWN_COMMAND, AgentMetrics, MetricsServer
-from agent.sender import send_command
-from agent.session import ConnectionEnded
+from agent.connection.session import ConnectionEnded
+from agent.service.metrics import DISCONNECT_REASONS, UNKNOWN_COMMAND, AgentMetrics, MetricsServer
+from agent.tools.send import send_command
 from tests.support.mosquitto import free_port
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

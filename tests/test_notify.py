@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import load_config
-from agent.sender import send_command
+from agent.tools.send import send_command
 from tests.support.mosquitto import free_port
 from tests.support.notify import NotifySocket
 from tests.support.wedge import PausableAgent
@@ -179,4 +179,4 @@ def test_watchdog_abort_leaves_every_thread_stack_in_the_log(broker, make_config
         break
     assert rc == -signal.SIGABRT
     assert agent.count(r"^Thread 0x[0-9a-f]+ \(most recent call first\):$") >= 3
-    assert agent.count(r'File ".*agent/session\.py", line \d+ in _serve') == 1
+    assert agent.count(r'File ".*agent/connection/session\.py", line \d+ in _serve') == 1

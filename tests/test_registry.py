@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.commands.handlers import DuplicateHandlerError, HandlerRegistry
+from agent.commands.handlers.builtin import PingHandler
+from agent.commands.handlers.registry import _may_have_plugins
 from agent.errors import AgentError
-from agent.handlers import DuplicateHandlerError, HandlerRegistry
-from agent.handlers.builtin import PingHandler
-from agent.handlers.registry import _may_have_plugins
 
 
 def dist(root: Path, name: str, entry_points: str | None) -> None:
@@ -56,7 +56,7 @@ def test_plugins_are_found_and_broken_ones_skipped(tmp_path: Path, caplog: pytes
         "class Hello:\n    def handle(self, request):\n        return Response.ok({'hello': request.device_id})\n")
     code = (
         "import logging, sys; logging.basicConfig(level=logging.ERROR);"
-        "from agent.handlers.registry import build_registry;"
+        "from agent.commands.handlers.registry import build_registry;"
         "reg = build_registry({}, dict);"
         "print(sorted(reg), reg.source('hello'), 'importlib.metadata' in sys.modules)"
     )
@@ -68,7 +68,7 @@ def test_plugins_are_found_and_broken_ones_skipped(tmp_path: Path, caplog: pytes
 
 
 def test_no_plugins_no_importlib_metadata() -> None:
-    code = ("import sys; from agent.handlers.registry import build_registry; build_registry({}, dict);"
+    code = ("import sys; from agent.commands.handlers.registry import build_registry; build_registry({}, dict);"
             "print('importlib.metadata' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from agent.config import CommandSpec, HostPort, load_config, parse_config
-from agent.reload import fingerprint, plan_reload, secret_files
-from agent.sender import send_command
+from agent.service.reload import fingerprint, plan_reload, secret_files
+from agent.tools.send import send_command
 from tests.support.notify import NotifySocket
 
 BASE: dict[str, Any] = {

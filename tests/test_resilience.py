@@ -18,9 +18,9 @@ from typing import Any, Callable
 import pytest
 
 from agent.config import load_config
-from agent.sender import send_command
-from agent.session import new_client
-from agent.tls import build_context
+from agent.connection.session import new_client
+from agent.tls.context import build_context
+from agent.tools.send import send_command
 from tests.support.agentproc import AgentProcess
 from tests.support.mosquitto import Mosquitto
 from tests.support.proxy import FaultProxy

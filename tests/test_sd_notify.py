@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from agent.config import HostPort
-from agent.notify import (
+from agent.connection.session import ConnectionEnded
+from agent.service.notify import (
     Notifier,
     StatusLine,
     notify_address,
@@ -16,7 +17,6 @@ from agent.notify import (
     socket_sender,
     watchdog_interval,
 )
-from agent.session import ConnectionEnded
 from tests.support.notify import NotifySocket, parse
 
 HOST = HostPort("broker.example", 8883)

@@ -12,13 +12,13 @@ from typing import Any, Callable
 
 import pytest
 
-from agent.classify import FINAL_KINDS, IDLE_TIMEOUT, SHUTDOWN
 from agent.config import Config, load_config
-from agent.resilience import ConnectionMonitor
-from agent.session import ConnectionEnded, Session, SessionListener
+from agent.connection.classify import FINAL_KINDS, IDLE_TIMEOUT, SHUTDOWN
+from agent.connection.monitor import ConnectionMonitor
+from agent.connection.session import ConnectionEnded, Session, SessionListener
 from agent.state.outbox import Outbox
 from agent.state.store import StateStore
-from agent.tls import build_context
+from agent.tls.context import build_context
 from tests.support.proxy import FaultProxy
 
 pytestmark = pytest.mark.integration

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-import agent.session as session_mod
+import agent.connection.session as session_mod
 from agent.config import load_config
-from agent.session import ConnectionEnded, Session, SessionListener
-from agent.tls import build_context
+from agent.connection.session import ConnectionEnded, Session, SessionListener
+from agent.tls.context import build_context
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,7 @@ def test_network_thread_survives_an_internal_error(broker, make_config, monkeypa
     events = Events()
     session = Session(cfg.mqtt, cfg.tls, cfg.reconnect, ssl_context=build_context(cfg.tls),
                       on_message=lambda msg, ack: ack(), keepalive=keepalive, listeners=[events])
-    with caplog.at_level(logging.ERROR, logger="agent.session"):
+    with caplog.at_level(logging.ERROR, logger="agent.connection.session"):
         session.start()
         try:
             assert events.connected_event.wait(15), caplog.text

@@ -11,7 +11,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent.config import HostPort, TlsConfig
 from agent.errors import TLSSetupError
-from agent.tls import build_context, cert_info, explain_handshake_error, load_certificates
+from agent.tls.certs import cert_info, load_certificates
+from agent.tls.context import build_context
+from agent.tls.explain import explain_handshake_error
 
 
 def test_security_level_is_applied_before_the_chain(pki) -> None:
@@ -86,7 +88,7 @@ def test_plain_port_explanation() -> None:
 
 def test_der_expiry_reader_agrees_with_cryptography(pki, tmp_path: Path) -> None:
     """The metrics exporter reads notAfter without `cryptography`; it must agree with it exactly."""
-    from agent.tls import certificate_expiries
+    from agent.tls.certs import certificate_expiries
 
     far = datetime.datetime(2061, 3, 4, 5, 6, 7, tzinfo=datetime.timezone.utc)  # GeneralizedTime (>= 2050)
     certs = [
@@ -116,7 +118,7 @@ def test_a_healthy_agent_does_not_load_cryptography() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, agent.app, agent.cli, agent.metrics, agent.session; "
+    code = ("import sys, agent.service.app, agent.cli, agent.service.metrics, agent.connection.session; "
             "print('cryptography' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

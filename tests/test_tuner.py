@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.classify import (
+from agent.config import HostPort, KeepaliveTuningConfig, MqttConfig, ReconnectConfig
+from agent.connection.classify import (
     AUTH_FAILED,
     CONNECTION_LOST,
     IDLE_TIMEOUT,
@@ -20,10 +21,9 @@ from agent.classify import (
     SHUTDOWN,
     TLS_ERROR,
 )
-from agent.config import HostPort, KeepaliveTuningConfig, MqttConfig, ReconnectConfig
-from agent.resilience import ConnectionMonitor
-from agent.session import ConnectionEnded
-from agent.tuner import STATE_FILE, KeepaliveTuner, StateFile, format_duration, safe_keepalive
+from agent.connection.monitor import ConnectionMonitor
+from agent.connection.session import ConnectionEnded
+from agent.connection.tuner import STATE_FILE, KeepaliveTuner, StateFile, format_duration, safe_keepalive
 
 HOST = HostPort("broker", 8883)
 

@@ -8,7 +8,8 @@ from paho.mqtt.client import DisconnectFlags
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.classify import (
+from agent.config import HostPort, KeepaliveTuningConfig, MqttConfig, ReconnectConfig, TlsConfig
+from agent.connection.classify import (
     CONNECTION_LOST,
     IDLE_TIMEOUT,
     MESSAGE_REJECTED,
@@ -18,10 +19,9 @@ from agent.classify import (
     SESSION_TAKEN_OVER,
     Classifier,
 )
-from agent.config import HostPort, KeepaliveTuningConfig, MqttConfig, ReconnectConfig, TlsConfig
-from agent.link import ConnectionEnded
-from agent.resilience import ConnectionMonitor
-from agent.session import Session, _Conn
+from agent.connection.events import ConnectionEnded
+from agent.connection.monitor import ConnectionMonitor
+from agent.connection.session import Session, _Conn
 
 HOST = HostPort("broker", 8883)
 NAT_LIKELY = "a NAT or firewall idle limit is likely"

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.connection import poison
+from agent.state import poison
 from agent.state.outbox import Outbox
 from agent.state.store import OutMessage, StateStore
 
