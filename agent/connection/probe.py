@@ -18,7 +18,7 @@ import paho.mqtt.client as mqtt
 from cryptography import x509
 
 from agent.config import HostPort, MqttConfig, TlsConfig, read_secret
-from agent.connection.session import connect_properties, new_client
+from agent.connection.adapter import connect_properties, new_client
 from agent.tls.explain import verify_name
 
 # How an attempt ended.

@@ -1,4 +1,5 @@
-"""The MQTT session: the only module that talks to paho.
+"""The MQTT session: one connection at a time, driven on the agent's own network thread (the paho client
+itself comes from adapter.py).
 
 The agent owns the network thread (`client.loop()` in a loop of its own) instead of paho's
 loop_start(), so that the reconnect policy, failover and keepalive are the agent's decisions.
@@ -15,7 +16,6 @@ and the journal answers the redelivery).
 
 from __future__ import annotations
 
-import functools
 import logging
 import select
 import socket
@@ -25,15 +25,25 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import HostPort, KeepaliveTuningConfig, MqttConfig, ReconnectConfig, TlsConfig, read_secret
+from agent.connection.adapter import (
+    AUTH_FAILURE_CODES,
+    RC_KEEPALIVE_TIMEOUT,
+    RC_SESSION_TAKEN_OVER,
+    RC_SHARED_UNSUPPORTED,
+    connect_properties,
+    guarded,
+    inbound_from,
+    new_client,
+    publish_properties,
+)
 from agent.connection.backoff import Backoff, HostRotation
 from agent.connection.classify import (
     AUTH_FAILED,
@@ -57,175 +67,31 @@ from agent.state.outbox import Outbox
 from agent.state.store import OutMessage
 from agent.tls.explain import explain_handshake_error, fetch_peer_certificate
 
-log = logging.getLogger(__name__)
 # A publisher that retains commands would otherwise cost one warning per message.
+log = logging.getLogger(__name__)
 _RETAINED_LOG = LogSummary(log)
 
-F = TypeVar("F", bound=Callable[..., None])
 
-# MQTT 5 reason codes (paho maps MQTT 3.1.1 CONNACK codes onto these as well).
-RC_CONNECTION_LOST = 0x80  # paho: "Unspecified error", the socket closed without a DISCONNECT
-RC_KEEPALIVE_TIMEOUT = 0x8D
-RC_SESSION_TAKEN_OVER = 0x8E
-AUTH_FAILURE_CODES = frozenset({0x86, 0x87, 0x8C})  # bad user name or password, not authorized, bad auth method
-RC_SHARED_UNSUPPORTED = 0x9E  # SUBACK: "Shared Subscriptions not supported"
 SHARED_UNSUPPORTED_FIX = ("this broker does not serve shared subscriptions (mqtt.shared_group): remove "
                           "mqtt.shared_group, or use a broker that supports them (mosquitto 2, EMQX, HiveMQ)")
 
-# What ended a connection is first named by the session alone (agent/connection/classify.py lists the kinds);
-# the ConnectionMonitor's classifier turns "connection_lost" and "reconnect_requested" into final
-# reasons using the connection history, before any listener sees the end.
 
 # paho needs about 2 x keepalive to notice a link that stopped carrying traffic (PINGREQ after one
 # keepalive, gives up one keepalive later). The session closes the link itself once a PINGREQ has
 # waited this share of the keepalive (at least PING_GRACE_MIN s, for slow cellular round trips).
 PING_GRACE = 0.5
+
+
 PING_GRACE_MIN = 2.0
+
+
 # A host counts as working once a connection to it has lasted this long (not at CONNACK: a broker
 # that accepts and drops at once must be left for the next host too).
 HOST_PROVEN_AFTER = 5.0
-# Gaps in traffic shorter than this are not tracked as link silences (they say nothing about idle limits).
-QUIET_RESOLUTION = 1.0
+
+
 # After an unexpected internal error in the network loop, wait this long before connecting again.
 INTERNAL_ERROR_RETRY = 5.0
-
-
-def _guarded(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        try:
-            fn(*args, **kwargs)
-        except Exception:
-            log.exception("internal error in MQTT callback %s (the connection keeps running)", fn.__name__)
-
-    return wrapper  # type: ignore[return-value]
-
-
-class _TrackedClient(mqtt.Client):
-    """paho client that records when bytes last went in and out: the idle time at a drop is the
-    evidence the keepalive tuner needs, and paho's own timestamps are reset by its ping logic.
-
-    It also records the longest quiet the link carried (a quiet period that ended with our send
-    counts once an answer arrives: a NAT that had forgotten the flow would have reset it instead),
-    and how the link ended (EOF or reset), for the disconnect classifier."""
-
-    last_in = 0.0
-    last_out = 0.0
-    longest_quiet = 0.0
-    link_error = ""
-    _since = 0.0
-    _unconfirmed_quiet = 0.0
-
-    def begin_connection(self) -> None:
-        self._since = time.monotonic()
-        self.longest_quiet = 0.0
-        self._unconfirmed_quiet = 0.0
-        self.link_error = ""
-
-    def _quiet(self, now: float) -> float:
-        return now - max(self.last_in, self.last_out, self._since)
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        try:
-            data: bytes = super()._sock_recv(bufsize)
-        except ConnectionError as exc:
-            self.link_error = "reset by the peer" if isinstance(exc, ConnectionResetError) else str(exc)
-            raise
-        if data:
-            now = time.monotonic()
-            # Only silences of a second or more are evidence for the idle-limit estimate; skipping the
-            # bookkeeping for the many short gaps of a busy link keeps every read cheap.
-            if self._unconfirmed_quiet or now - self.last_in >= QUIET_RESOLUTION:
-                self.longest_quiet = max(self.longest_quiet, self._unconfirmed_quiet, self._quiet(now))
-                self._unconfirmed_quiet = 0.0
-            self.last_in = now
-        else:
-            self.link_error = "closed by the peer"
-        return data
-
-    def _sock_send(self, buf: bytes | bytearray) -> int:
-        sent: int = super()._sock_send(buf)
-        now = time.monotonic()
-        if now - self.last_out >= QUIET_RESOLUTION:
-            self._unconfirmed_quiet = max(self._unconfirmed_quiet, self._quiet(now))
-        self.last_out = now
-        return sent
-
-    def ping_outstanding_since(self) -> float | None:
-        """When the unanswered PINGREQ was sent (time.monotonic), or None."""
-        return self._ping_t or None
-
-
-def new_client(mqtt_cfg: MqttConfig, client_id: str, ssl_context: ssl.SSLContext | None) -> _TrackedClient:
-    """A configured paho client (used by the session and by `mqtt-agent send`)."""
-    protocol = mqtt.MQTTv5 if mqtt_cfg.is_v5 else mqtt.MQTTv311
-    kwargs: dict[str, Any] = {}
-    if not mqtt_cfg.is_v5:
-        kwargs["clean_session"] = mqtt_cfg.clean_session
-    client = _TrackedClient(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol, **kwargs)
-    client.connect_timeout = mqtt_cfg.connect_timeout
-    client.max_inflight_messages_set(mqtt_cfg.max_inflight)
-    if mqtt_cfg.username:
-        password = mqtt_cfg.password
-        if mqtt_cfg.password_file:
-            password = read_secret(mqtt_cfg.password_file)
-        client.username_pw_set(mqtt_cfg.username, password)
-    if ssl_context is not None:
-        client.tls_set_context(ssl_context)
-    # With a register-write callback set, paho never writes to the socket from the publishing thread
-    # by itself: the Session decides (under its I/O lock) who writes; loop_start() users (send, doctor)
-    # have paho's own thread do it.
-    client.on_socket_register_write = lambda *_: None
-    client.on_socket_unregister_write = lambda *_: None
-    client.on_socket_open = _set_nodelay
-    return client
-
-
-@_guarded
-def _set_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
-    # paho leaves Nagle on: with it, a command round trip on loopback costs ~44-88 ms instead of ~0.5 ms.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def connect_properties(mqtt_cfg: MqttConfig) -> Properties | None:
-    if not mqtt_cfg.is_v5:
-        return None
-    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-    props.SessionExpiryInterval = 0 if mqtt_cfg.clean_session else mqtt_cfg.session_expiry
-    return props
-
-
-def publish_properties(
-    correlation_data: bytes | None, user_properties: Sequence[tuple[str, str]], content_type: str | None
-) -> Properties | None:
-    if correlation_data is None and not user_properties and content_type is None:
-        return None
-    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    if correlation_data is not None:
-        props.CorrelationData = correlation_data
-    if user_properties:
-        props.UserProperty = list(user_properties)
-    if content_type is not None:
-        props.ContentType = content_type
-    return props
-
-
-def inbound_from(msg: mqtt.MQTTMessage, wall: float, mono: float) -> Inbound:
-    props = getattr(msg, "properties", None)
-    user = getattr(props, "UserProperty", None) or []
-    return Inbound(
-        topic=msg.topic,
-        payload=bytes(msg.payload),
-        qos=msg.qos,
-        dup=bool(msg.dup),
-        received_wall=wall,
-        received_mono=mono,
-        response_topic=getattr(props, "ResponseTopic", None),
-        correlation_data=getattr(props, "CorrelationData", None),
-        user_properties=tuple((str(k), str(v)) for k, v in user),
-        message_expiry=getattr(props, "MessageExpiryInterval", None),
-        content_type=getattr(props, "ContentType", None),
-    )
 
 
 @dataclass
@@ -826,7 +692,7 @@ class Session:
 
     # --- paho callbacks (network thread) ---------------------------------------------------------
 
-    @_guarded
+    @guarded
     def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                         properties: Any) -> None:
         conn = self._conn
@@ -871,7 +737,7 @@ class Session:
                 log.info("retrying the subscription to %s", topic)
                 self._subscribe(topic)
 
-    @_guarded
+    @guarded
     def _handle_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode],
                           properties: Any) -> None:
         for topic, state in self._sub.items():
@@ -897,7 +763,7 @@ class Session:
                       extra={"MQTT_REASON": "subscribe_failed"})
             self._notify("subscribed", topic, False, str(code))
 
-    @_guarded
+    @guarded
     def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                            properties: Any) -> None:
         conn = self._conn
@@ -906,7 +772,7 @@ class Session:
         from_server = bool(getattr(flags, "is_disconnect_packet_from_server", False))
         self._end(conn, from_server, int(reason.value), str(reason))
 
-    @_guarded
+    @guarded
     def _handle_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,
                         properties: Any) -> None:
         if reason is not None and getattr(reason, "is_failure", False):
@@ -915,7 +781,7 @@ class Session:
         if self.outbox is not None:
             self.outbox.acked(mid)
 
-    @_guarded
+    @guarded
     def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         conn = self._conn
         now = self._clock()
@@ -958,3 +824,4 @@ class Ack:
 def no_ack() -> Ack:
     """An Ack that sends nothing (a message taken from the journal, a test)."""
     return Ack(None, None, 0, 0)
+

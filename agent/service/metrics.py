@@ -22,7 +22,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from agent import __version__
+from agent import __version__, paho_version
 from agent.commands.dispatch import DispatchObserver
 from agent.config import HostPort, TlsConfig
 from agent.connection.events import ConnectionEnded, SessionListener
@@ -46,12 +46,6 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 def _bounded(value: str, allowed: Iterable[str]) -> str:
     return value if value in allowed else OTHER
 
-
-def _paho_version() -> str:
-    # paho's own attribute: importlib.metadata would cost the agent its import for one string.
-    from paho.mqtt import __version__ as paho_version
-
-    return str(paho_version)
 
 
 class ConnectionMetrics(SessionListener):
@@ -407,7 +401,7 @@ class AgentMetrics:
         self.renewal = RenewalMetrics(self.registry)
         build = Gauge("mqtt_agent_build_info", "Versions of the agent, Python and paho-mqtt: 1",
                       ["version", "python", "paho"], registry=self.registry)
-        build.labels(__version__, platform.python_version(), _paho_version()).set(1)
+        build.labels(__version__, platform.python_version(), paho_version()).set(1)
         if shared_group:
             # Each member counts only the commands it served (mqtt_agent_commands_total); this label lets a
             # query add up or compare the members of one group: `* on(instance) group_left(group)`.

@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from agent.config import Config
+from agent.connection.adapter import new_client
 from agent.connection.classify import PROTOCOL_HINT, UNSUPPORTED_HINT, UNSUPPORTED_VERSION, keepalive_hint
-from agent.connection.session import new_client
 from agent.errors import AgentError
 from agent.tls.context import build_context
 from agent.tls.explain import explain_handshake_error, fetch_peer_certificate

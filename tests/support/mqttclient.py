@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import load_config
-from agent.connection.session import new_client
+from agent.connection.adapter import new_client
 from agent.tls.context import build_context
 
 

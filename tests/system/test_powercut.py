@@ -24,7 +24,7 @@ from typing import Any, Callable
 import pytest
 
 from agent.config import load_config
-from agent.connection.session import new_client
+from agent.connection.adapter import new_client
 from agent.tls.context import build_context
 from tests.support.agentproc import AgentProcess
 from tests.support.mosquitto import Mosquitto

@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from agent import __version__
+from agent import __version__, paho_version
 from agent.protocol import BadRequest, Request, Response
 
 
@@ -35,12 +35,6 @@ class PingHandler:
         return Response.ok(body)
 
 
-def _paho_version() -> str:
-    # paho's own attribute: importlib.metadata would cost the agent its import for one string.
-    from paho.mqtt import __version__ as paho_version
-
-    return str(paho_version)
-
 
 class InfoHandler:
     """Versions, platform, connection and counters; `status()` supplies the live part."""
@@ -53,7 +47,7 @@ class InfoHandler:
         self._static = {
             "agent_version": __version__,
             "python": platform.python_version(),
-            "paho_mqtt": _paho_version(),
+            "paho_mqtt": paho_version(),
             "platform": platform.platform(),
             "machine": platform.machine(),
             "executable": sys.executable,
