@@ -21,6 +21,7 @@ from agent.connection.classify import (
     SHUTDOWN,
     TLS_ERROR,
 )
+from agent.connection.events import KeepaliveChanged, SessionTakeover
 from agent.connection.monitor import ConnectionMonitor
 from agent.connection.session import ConnectionEnded
 from agent.connection.tuner import STATE_FILE, KeepaliveTuner, StateFile, format_duration, safe_keepalive
@@ -201,7 +202,7 @@ def test_monitor_persists_the_learned_keepalive_and_disconnects(tmp_path):
         ended = m.classify(end(clock, CONNECTION_LOST, 4.0, 4.0, m.keepalive()))
         assert ended.kind == IDLE_TIMEOUT
         events += m.account(ended)
-    assert events == [("keepalive_changed", (60, 2, "down", "keepalive 60 s -> 2 s: 3 drops in 12 s after 4.0 s idle"))]
+    assert events == [KeepaliveChanged(60, 2, "down", "keepalive 60 s -> 2 s: 3 drops in 12 s after 4.0 s idle")]
     data = json.loads((tmp_path / STATE_FILE).read_text())
     assert data["version"] == 1 and data["duplicate_client_id"] is None
     assert {k: data["keepalive"][k] for k in ("current", "configured", "learned")} == {
@@ -219,7 +220,7 @@ def test_monitor_records_a_takeover_and_the_duplicate_id(tmp_path):
     m = ConnectionMonitor(MQTT, ReconnectConfig(), KeepaliveTuningConfig(), state_dir=tmp_path, clock=clock,
                           wall=clock)
     events = m.account(m.classify(end(clock, SESSION_TAKEN_OVER, 3.0, 1.0, 60)))
-    assert events == [("session_takeover", ("dev-1",))]
+    assert events == [SessionTakeover("dev-1")]
     data = json.loads((tmp_path / STATE_FILE).read_text())
     assert data["duplicate_client_id"] == {"client_id": "dev-1", "suspected_at": clock.t, "takeovers": 1}
     assert m.backoff.damped

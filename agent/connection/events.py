@@ -5,6 +5,7 @@ systemd status, health) do not depend on the network layer."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Union
 
 from agent.config import HostPort
 
@@ -75,6 +76,104 @@ class SessionListener:
     def message_set_aside(self, reason: str) -> None:
         """A message was not sent as it was: "too_large" (over the size limit; a response is answered
         500 instead) or "poison" (the broker dropped the connection each time it was sent)."""
+
+
+# --- what the session reports, as values ------------------------------------------------------------------
+# The session and the connection monitor produce these; each knows which SessionListener method receives it,
+# so there is no method name in a string and mypy checks every argument.
+
+
+@dataclass(frozen=True)
+class Connecting:
+    host: HostPort
+    attempt: int
+
+    def deliver(self, to: SessionListener) -> None:
+        to.connecting(self.host, self.attempt)
+
+
+@dataclass(frozen=True)
+class Connected:
+    host: HostPort
+    keepalive: int
+    session_present: bool
+
+    def deliver(self, to: SessionListener) -> None:
+        to.connected(self.host, self.keepalive, self.session_present)
+
+
+@dataclass(frozen=True)
+class Ended:
+    ended: ConnectionEnded
+
+    def deliver(self, to: SessionListener) -> None:
+        to.connection_ended(self.ended)
+
+
+@dataclass(frozen=True)
+class ReconnectScheduled:
+    delay: float
+    ended: ConnectionEnded
+
+    def deliver(self, to: SessionListener) -> None:
+        to.reconnect_scheduled(self.delay, self.ended)
+
+
+@dataclass(frozen=True)
+class Subscribed:
+    topic: str
+    granted: bool
+    reason: str
+
+    def deliver(self, to: SessionListener) -> None:
+        to.subscribed(self.topic, self.granted, self.reason)
+
+
+@dataclass(frozen=True)
+class KeepaliveChanged:
+    old: int
+    new: int
+    direction: str
+    evidence: str
+
+    def deliver(self, to: SessionListener) -> None:
+        to.keepalive_changed(self.old, self.new, self.direction, self.evidence)
+
+
+@dataclass(frozen=True)
+class SessionTakeover:
+    client_id: str
+
+    def deliver(self, to: SessionListener) -> None:
+        to.session_takeover(self.client_id)
+
+
+@dataclass(frozen=True)
+class OutboxChanged:
+    size: int
+
+    def deliver(self, to: SessionListener) -> None:
+        to.outbox_changed(self.size)
+
+
+@dataclass(frozen=True)
+class OutboxDropped:
+    count: int
+
+    def deliver(self, to: SessionListener) -> None:
+        to.outbox_dropped(self.count)
+
+
+@dataclass(frozen=True)
+class MessageSetAside:
+    reason: str
+
+    def deliver(self, to: SessionListener) -> None:
+        to.message_set_aside(self.reason)
+
+
+SessionEvent = Union[Connecting, Connected, Ended, ReconnectScheduled, Subscribed, KeepaliveChanged,
+                     SessionTakeover, OutboxChanged, OutboxDropped, MessageSetAside]
 
 
 @dataclass(frozen=True)

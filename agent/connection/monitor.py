@@ -28,12 +28,12 @@ from agent.connection.classify import (
     EndEvidence,
     connect_hint,
 )
+from agent.connection.events import KeepaliveChanged, SessionEvent, SessionTakeover
 from agent.connection.tuner import STATE_FILE, Change, KeepaliveTuner, StateFile
 
 log = logging.getLogger(__name__)
 
 MAX_DISCONNECTS = 50
-Event = tuple[str, tuple[Any, ...]]  # (SessionListener method, arguments)
 
 
 class ConnectionMonitor:
@@ -111,10 +111,10 @@ class ConnectionMonitor:
         hint = connect_hint(end, self.v5, raw.error, refused)
         return replace(raw, kind=verdict.kind, reason=verdict.reason + hint)
 
-    def account(self, ended: Any) -> list[Event]:
+    def account(self, ended: Any) -> list[SessionEvent]:
         """Account for a classified end in the backoff, the tuner and the state file; returns the
         events for the session's listeners."""
-        events: list[Event] = []
+        events: list[SessionEvent] = []
         if self.classifier.revised_restart:
             self.classifier.revised_restart = False
             self.tuner.retract_drop()
@@ -128,7 +128,7 @@ class ConnectionMonitor:
             self.backoff.connection_ended(ended.uptime)
         if ended.kind == SESSION_TAKEN_OVER:
             self.backoff.takeover()
-            events.append(("session_takeover", (self.client_id,)))
+            events.append(SessionTakeover(self.client_id))
             self._takeover(self._declared)
         elif ended.kind == IDLE_TIMEOUT and ended.idle_for is not None:
             change = self.tuner.idle_drop(ended.idle_for, ended.keepalive)
@@ -151,7 +151,7 @@ class ConnectionMonitor:
             self.duplicate = None
             self.save()
 
-    def probe(self) -> list[Event] | None:
+    def probe(self) -> list[SessionEvent] | None:
         """If a longer keepalive is due for a probe, switch to it; the session then reconnects to apply it."""
         if not self.tuner.probe_due():
             return None
@@ -164,9 +164,9 @@ class ConnectionMonitor:
 
     # --- internals -----------------------------------------------------------------------------
 
-    def _changed(self, change: Change) -> Event:
+    def _changed(self, change: Change) -> SessionEvent:
         log.warning("%s", change.evidence, extra={"KEEPALIVE": change.new, "KEEPALIVE_DIRECTION": change.direction})
-        return ("keepalive_changed", (change.old, change.new, change.direction, change.evidence))
+        return KeepaliveChanged(change.old, change.new, change.direction, change.evidence)
 
     def _takeover(self, declared: bool) -> None:
         now = self._wall()

@@ -57,7 +57,20 @@ from agent.connection.classify import (
     SHUTDOWN,
     TLS_ERROR,
 )
-from agent.connection.events import ConnectionEnded, SessionListener, SessionState
+from agent.connection.events import (
+    Connected,
+    Connecting,
+    ConnectionEnded,
+    Ended,
+    MessageSetAside,
+    OutboxChanged,
+    OutboxDropped,
+    ReconnectScheduled,
+    SessionEvent,
+    SessionListener,
+    SessionState,
+    Subscribed,
+)
 from agent.connection.monitor import ConnectionMonitor
 from agent.errors import TLSSetupError
 from agent.logtext import LogSummary, untrusted
@@ -166,10 +179,10 @@ class Session:
         self._withdrawn: list[int] = []  # message ids paho must not re-send (set aside), dropped before a connect
         self._broker_max_packet: int | None = None  # MQTT 5 CONNACK Maximum Packet Size of this connection
         if outbox is not None:
-            outbox.bind(self._send_now, lambda size: self._notify("outbox_changed", size),
-                        lambda count: self._notify("outbox_dropped", count),
+            outbox.bind(self._send_now, lambda size: self._notify(OutboxChanged(size)),
+                        lambda count: self._notify(OutboxDropped(count)),
                         withdraw=self._withdrawn.append,
-                        on_set_aside=lambda reason: self._notify("message_set_aside", reason))
+                        on_set_aside=lambda reason: self._notify(MessageSetAside(reason)))
         self._next_check = 0.0
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -263,7 +276,7 @@ class Session:
             self._send_now(msg)
         except poison.Unsendable as exc:
             log.warning("did not send a %d-byte message to '%s': %s", len(payload), untrusted(topic, 120), exc.detail)
-            self._notify("message_set_aside", exc.reason)
+            self._notify(MessageSetAside(exc.reason))
 
     def max_message_bytes(self) -> int | None:
         """The size limit in force for what the agent publishes (None: unlimited)."""
@@ -300,7 +313,7 @@ class Session:
                 log.warning("a response to '%s' is %d bytes as an MQTT packet, over the limit of %d bytes (%s): "
                             "answered 500 instead", untrusted(msg.topic, 120), size, limit, source,
                             extra={"MQTT_SET_ASIDE": poison.TOO_LARGE})
-                self._notify("message_set_aside", poison.TOO_LARGE)
+                self._notify(MessageSetAside(poison.TOO_LARGE))
                 return fitted, fitted_props
         raise poison.Unsendable(poison.TOO_LARGE, f"{size} bytes as an MQTT packet, over the limit of {limit} bytes "
                                                   f"({source}), and no shorter error response fits")
@@ -349,16 +362,16 @@ class Session:
 
     # --- network thread --------------------------------------------------------------------------
 
-    def _notify(self, method: str, *args: Any) -> None:
+    def _notify(self, event: SessionEvent) -> None:
         for listener in self.listeners:
             try:
-                getattr(listener, method)(*args)
+                event.deliver(listener)
             except Exception:
-                log.exception("session listener %r failed in %s", listener, method)
+                log.exception("session listener %r failed on %s", listener, type(event).__name__)
 
-    def _emit(self, events: Sequence[tuple[str, tuple[Any, ...]]]) -> None:
-        for method, args in events:
-            self._notify(method, *args)
+    def _emit(self, events: Sequence[SessionEvent]) -> None:
+        for event in events:
+            self._notify(event)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -378,7 +391,7 @@ class Session:
                 conn.close_reason = (NETWORK_ERROR, "internal error in the network loop")
                 ended = self._end(conn, False, None, "internal error")
                 self._last_end = ended
-                self._notify("connection_ended", ended)
+                self._notify(Ended(ended))
         except Exception:
             log.exception("could not reset the connection after an internal error")
 
@@ -403,7 +416,7 @@ class Session:
                 raw.kind, raw.kind))
         self._last_end = ended
         self._log_end(ended, raw.kind, raw.reason)
-        self._notify("connection_ended", ended)
+        self._notify(Ended(ended))
         try:
             self._emit(self.monitor.account(ended))
         except Exception:
@@ -427,7 +440,7 @@ class Session:
         # backoff built against the host that failed; the failure count stays, so if every host is down
         # the delays still grow.
         delay = self.backoff.failover_delay() if failed_over else self.backoff.next_delay()
-        self._notify("reconnect_scheduled", delay, ended)
+        self._notify(ReconnectScheduled(delay, ended))
         log.info("reconnecting in %.1f s (%s; random delay up to %g s%s)", delay, ended.kind,
                  self.backoff.ceiling(), ", damped: duplicate client id" if self.backoff.damped else "",
                  extra={"MQTT_REASON": ended.kind})
@@ -470,7 +483,7 @@ class Session:
         conn = self._conn = _Conn(host, self._clock(), keepalive)
         self._sub = {t: _SubscribeState() for t in self.topics}
         self._client.begin_connection()
-        self._notify("connecting", host, self._attempts)
+        self._notify(Connecting(host, self._attempts))
         log.debug("connecting to %s as %s (keepalive %d s)", host, self.client_id, keepalive)
         try:
             self._client.connect(
@@ -723,7 +736,7 @@ class Session:
                  limit, extra={"KEEPALIVE": conn.keepalive})
         for topic in self._sub:
             self._subscribe(topic)
-        self._notify("connected", conn.host, conn.keepalive, present)
+        self._notify(Connected(conn.host, conn.keepalive, present))
 
     def _subscribe(self, topic: str) -> None:
         rc, mid = self._client.subscribe(topic, qos=self.cfg.qos)
@@ -749,7 +762,7 @@ class Session:
                 state.granted = True
                 state.failures = 0
                 log.info("subscribed to %s (QoS %d)", topic, int(code.value))
-                self._notify("subscribed", topic, True, str(code))
+                self._notify(Subscribed(topic, True, str(code)))
                 continue
             state.granted = False
             state.failures += 1
@@ -761,7 +774,7 @@ class Session:
                       "retrying in %.0f s", topic,
                       f"0x{int(code.value):02X} {code}" if code is not None else "missing", fix, delay,
                       extra={"MQTT_REASON": "subscribe_failed"})
-            self._notify("subscribed", topic, False, str(code))
+            self._notify(Subscribed(topic, False, str(code)))
 
     @guarded
     def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,

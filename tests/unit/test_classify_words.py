@@ -19,7 +19,7 @@ from agent.connection.classify import (
     SESSION_TAKEN_OVER,
     Classifier,
 )
-from agent.connection.events import ConnectionEnded
+from agent.connection.events import ConnectionEnded, SessionTakeover
 from agent.connection.monitor import ConnectionMonitor
 from agent.connection.session import Session, _Conn
 
@@ -142,7 +142,7 @@ def test_disconnect_0x8e_from_the_broker_is_a_declared_takeover_at_the_first_dro
     ended = monitor.classify(conn.ended)
     assert ended.kind == SESSION_TAKEN_OVER and "Session taken over" in ended.reason
     events = monitor.account(ended)
-    assert ("session_takeover", ("dev-1",)) in events
+    assert SessionTakeover("dev-1") in events
     assert monitor.backoff.damped and monitor.duplicate is not None
     assert monitor.tuner.current == 60  # a takeover never shortens the keepalive
 
