@@ -120,3 +120,12 @@ def test_property_bags_round_trip(pairs: list[tuple[str, str]], command: str) ->
     assert parsed is not None
     assert parsed.command == command
     assert parsed.properties == tuple(pairs)
+
+
+def test_the_doctors_delivery_probe_is_recognised_and_nothing_else() -> None:
+    from agent.tools.doctor.runner import probe_client_id
+    from agent.topics import is_delivery_probe, response_topic
+
+    assert is_delivery_probe(f"command///req/x/{probe_client_id('gw-1', 'abc123')}")
+    assert not is_delivery_probe("command///req/7/ping") and not is_delivery_probe("command///req/-doctor-/ping")
+    assert response_topic("command///res/7", 200) == parse_request("command///req/7/ping").response_topic(200)

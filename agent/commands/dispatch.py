@@ -41,7 +41,7 @@ from agent.protocol import (
 )
 from agent.state.store import QUEUED, RUNNING, Added, OutMessage, Record, StateStore
 from agent.state.writer import Outcome
-from agent.topics import CommandTopic, parse_request
+from agent.topics import CommandTopic, is_delivery_probe, parse_request, response_topic
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 ENFORCED_TIMEOUT_GRACE = 2.0
 # The timeout monitor looks at the running commands at least this often (seconds).
 TIMEOUT_POLL = 1.0
-DOCTOR_PROBE_MARK = "-doctor-"  # in the last segment of the probe topic `mqtt-agent doctor` publishes
 
 
 class Responder(Protocol):
@@ -91,7 +90,7 @@ def response_messages(route: ReplyRoute, response: Response, kind: str = "respon
     Response Topic."""
     out: list[OutMessage] = []
     if route.topic_base is not None:
-        out.append(OutMessage(f"{route.topic_base}/{response.status}", response.body, 1,
+        out.append(OutMessage(response_topic(route.topic_base, response.status), response.body, 1,
                               content_type=response.content_type, kind=kind))
     if route.response_topic:
         out.append(OutMessage(route.response_topic, response.body, 1, correlation_data=route.correlation_data,
@@ -335,7 +334,7 @@ class Dispatcher:
         topic = parse_request(msg.topic)
         if topic is None:
             ack()
-            if DOCTOR_PROBE_MARK in msg.topic.rsplit("/", 1)[-1]:
+            if is_delivery_probe(msg.topic):
                 # `mqtt-agent doctor` proves delivery with a 5-segment probe message: expected, not a problem.
                 log.debug("ignored the delivery probe of mqtt-agent doctor on %s", untrusted(msg.topic))
                 return

@@ -39,13 +39,14 @@ from agent.tools.doctor.local import assess_clock, check_metrics_port, check_sta
 from agent.tools.doctor.network import check_dns, check_tcp
 from agent.tools.doctor.renewal_check import check_renewal
 from agent.tools.doctor.report import CheckResult, Report, fail, result, skipped, warn
+from agent.topics import PROBE_MARK
 
 DEFAULT_TIMEOUT = 5.0
 
 
 def probe_client_id(client_id: str, token: str | None = None) -> str:
     """The client id the doctor connects with: never the production one, which would take its session over."""
-    return f"{client_id}-doctor-{token or secrets.token_hex(3)}"
+    return f"{client_id}{PROBE_MARK}{token or secrets.token_hex(3)}"
 
 
 def _guarded(number: int, target: str, step: Callable[[], Sequence[CheckResult]]) -> list[CheckResult]:
