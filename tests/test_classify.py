@@ -28,19 +28,14 @@ from agent.connection.classify import (
 )
 from agent.connection.monitor import ConnectionMonitor
 from agent.connection.session import ConnectionEnded
+from tests.support.clock import FakeClock
 
 HOST = HostPort("broker", 8883)
 
 
-class Clock:
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
-def lost(clock: Clock, uptime: float, idle: float | None = None, *, keepalive: int = 30, present: bool = True,
+def lost(clock: FakeClock, uptime: float, idle: float | None = None, *, keepalive: int = 30, present: bool = True,
          quiet: float | None = None, kind: str = CONNECTION_LOST, code: int | None = 0x80,
          from_server: bool = False) -> ConnectionEnded:
     """A connection that was up `uptime` s and ended now, `idle` s after the last byte received."""
@@ -52,7 +47,7 @@ def lost(clock: Clock, uptime: float, idle: float | None = None, *, keepalive: i
                            keepalive=keepalive, session_present=present, longest_quiet=quiet)
 
 
-def failed(clock: Clock, kind: str = NETWORK_ERROR) -> ConnectionEnded:
+def failed(clock: FakeClock, kind: str = NETWORK_ERROR) -> ConnectionEnded:
     return ConnectionEnded(host=HOST, kind=kind, reason="cannot reach broker:8883: Connection refused",
                            attempt_started=clock.t - 0.01, ended_at=clock.t, error="ConnectionRefusedError()")
 
@@ -62,7 +57,7 @@ def failed(clock: Clock, kind: str = NETWORK_ERROR) -> ConnectionEnded:
     (TLS_ERROR, TLS_ERROR), (NETWORK_ERROR, NETWORK_ERROR), (CONNECTION_LOST, NETWORK_ERROR),
 ])
 def test_failed_attempts_and_shutdowns_keep_or_finish_their_kind(kind, final):
-    clock = Clock()
+    clock = FakeClock(1000.0)
     assert Classifier(clock=clock).classify(failed(clock, kind)).kind == final
 
 
@@ -73,7 +68,7 @@ def test_failed_attempts_and_shutdowns_keep_or_finish_their_kind(kind, final):
     (RECONNECT_REQUESTED, None, False, SHUTDOWN),
 ])
 def test_connected_ends_the_session_already_named(kind, code, from_server, final):
-    clock = Clock()
+    clock = FakeClock(1000.0)
     c = Classifier(clock=clock)
     verdict = c.classify(lost(clock, 20.0, 3.0, kind=kind, code=code, from_server=from_server))
     assert verdict.kind == final
@@ -81,7 +76,7 @@ def test_connected_ends_the_session_already_named(kind, code, from_server, final
 
 
 def test_nat_idle_limit_is_recognised_from_the_first_drop():
-    clock = Clock()
+    clock = FakeClock(1000.0)
     c = Classifier(clock=clock)
     kinds = []
     for _ in range(4):
@@ -92,7 +87,7 @@ def test_nat_idle_limit_is_recognised_from_the_first_drop():
 
 
 def test_one_outlier_does_not_turn_a_nat_pattern_into_a_takeover():
-    clock = Clock()
+    clock = FakeClock(1000.0)
     c = Classifier(clock=clock)
     kinds = []
     for idle in (4.0, 4.1, 5.3, 4.0, 4.05):
@@ -102,14 +97,14 @@ def test_one_outlier_does_not_turn_a_nat_pattern_into_a_takeover():
 
 
 def test_a_drop_with_recent_traffic_is_not_idle():
-    clock = Clock()
+    clock = FakeClock(1000.0)
     verdict = Classifier(clock=clock).classify(lost(clock, 300.0, 0.2))
     assert verdict.kind == NETWORK_ERROR
     assert "0.2 s after the last traffic" in verdict.reason
 
 
 def test_a_drop_shorter_than_the_quiet_the_path_carried_is_not_idle():
-    clock = Clock()
+    clock = FakeClock(1000.0)
     c = Classifier(clock=clock)
     verdict = c.classify(lost(clock, 300.0, 12.0, quiet=30.5))  # the link carried 30 s of silence before
     assert verdict.kind == NETWORK_ERROR
@@ -118,7 +113,7 @@ def test_a_drop_shorter_than_the_quiet_the_path_carried_is_not_idle():
 
 def test_takeover_signature_on_mqtt_311():
     """Drops after varying, short uptimes while the broker keeps our session: another client."""
-    clock = Clock()
+    clock = FakeClock(1000.0)
     c = Classifier(clock=clock)
     first = c.classify(lost(clock, 400.0, 2.3, keepalive=5, quiet=5.2))
     assert first.kind == NETWORK_ERROR
@@ -133,7 +128,7 @@ def test_takeover_signature_on_mqtt_311():
 
 
 def test_broker_restarts_that_lose_the_session_are_not_takeovers():
-    clock = Clock()
+    clock = FakeClock(1000.0)
     c = Classifier(clock=clock)
     kinds = []
     for uptime in (3.0, 7.5, 1.2, 5.0):
@@ -146,7 +141,7 @@ def test_broker_restarts_that_lose_the_session_are_not_takeovers():
 
 def test_drops_separated_by_failed_attempts_are_not_takeovers():
     """While the other client holds our session, our reconnects succeed at once; a broker that was down does not."""
-    clock = Clock()
+    clock = FakeClock(1000.0)
     c = Classifier(clock=clock)
     kinds = []
     for uptime in (3.0, 7.5, 1.2, 5.0):
@@ -158,7 +153,7 @@ def test_drops_separated_by_failed_attempts_are_not_takeovers():
 
 
 def test_accept_then_drop_after_a_fixed_time_is_not_a_takeover():
-    clock = Clock()
+    clock = FakeClock(1000.0)
     c = Classifier(clock=clock)
     kinds = []
     for jitter in (0.0, 0.02, 0.05, 0.01, 0.03, 0.04):
@@ -168,7 +163,7 @@ def test_accept_then_drop_after_a_fixed_time_is_not_a_takeover():
 
 
 def test_suspicion_ends_after_a_connection_outlives_twice_the_longest_delay():
-    clock = Clock()
+    clock = FakeClock(1000.0)
     c = Classifier(clock=clock, suspicion_uptime=240.0)
     c.classify(lost(clock, 1.0, 1.0, kind=SESSION_TAKEN_OVER, code=0x8E, from_server=True))
     assert c.suspecting_takeover
@@ -186,7 +181,7 @@ KINDS = (CONNECTION_LOST, KEEPALIVE_TIMEOUT, SERVER_DISCONNECT, SESSION_TAKEN_OV
 @given(st.lists(st.tuples(st.sampled_from(KINDS), st.booleans(), st.floats(0, 500), st.floats(0, 1),
                           st.booleans(), st.floats(0.01, 100)), max_size=40))
 def test_every_end_gets_a_final_kind(events):
-    clock = Clock()
+    clock = FakeClock(1000.0)
     c = Classifier(clock=clock)
     for kind, connected, uptime, idle_share, present, gap in events:
         clock.t += gap
@@ -210,7 +205,7 @@ class SimAgent:
     first_connection: bool = True
     delays: list[float] = field(default_factory=list)
 
-    def end(self, clock: Clock, keepalive: int) -> float:
+    def end(self, clock: FakeClock, keepalive: int) -> float:
         """The broker closed our connection now; returns the reconnect delay."""
         assert self.connected_at is not None
         uptime = clock.t - self.connected_at
@@ -231,7 +226,7 @@ class SimAgent:
 def simulate_duplicates(seed: int, rounds: int = 12) -> tuple[SimAgent, SimAgent]:
     """Agent A runs alone for a while; B (a clone with the same client id) starts; they take over each other."""
     rng = random.Random(seed)
-    clock = Clock()
+    clock = FakeClock(1000.0)
 
     def agent() -> SimAgent:
         from agent.connection.backoff import Backoff
@@ -286,7 +281,7 @@ def test_simulated_nat_is_tuned_and_never_mistaken_for_a_takeover(seed):
     rng = random.Random(seed)
     limit = rng.uniform(3.0, 300.0)
     mqtt = MqttConfig(hosts=(HOST,), client_id="dev-1", keepalive=600)
-    clock = Clock()
+    clock = FakeClock(1000.0)
     monitor = ConnectionMonitor(mqtt, ReconnectConfig(), KeepaliveTuningConfig(min=1), clock=clock, wall=clock)
     for drop in range(3):
         clock.t += limit + rng.uniform(0.0, 0.3)

@@ -9,17 +9,12 @@ from agent.config import HostPort, LimitsConfig
 from agent.connection.session import ConnectionEnded
 from agent.service.health import DNS_ALLOWANCE, DispatchEvidence, LoopEvidence, LoopPhases, Verdict, judge, longest_job
 from agent.service.notify import Notifier, ServiceWatchdog
+from tests.support.clock import FakeClock
 
 STALL = 3.0
 HOST = HostPort("broker", 8883)
 
 
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def idle_dispatch(last_progress: float = 0.0) -> DispatchEvidence:
@@ -84,7 +79,7 @@ def test_longest_job_covers_handler_timeouts_and_the_enforced_grace():
 
 
 def test_loop_phases_follow_the_session_events():
-    clock = Clock(100.0)
+    clock = FakeClock(100.0)
     phases = LoopPhases(connect_timeout=10.0, clock=clock)
     budget = 4 * 10.0 + DNS_ALLOWANCE
     assert phases.busy_until == 100.0 + budget  # the thread is only starting
@@ -113,7 +108,7 @@ class Recorder:
 
 def make_watchdog(verdicts: list[Verdict], interval: float | None = 2.0):
     sent = Recorder()
-    clock = Clock(0.0)
+    clock = FakeClock(0.0)
     status = ["connected to broker:8883 (MQTT 3.1.1, keepalive 60 s)"]
     wd = ServiceWatchdog(Notifier(sent), lambda: status[0], lambda: verdicts[0], interval=interval, clock=clock)
     return wd, sent, clock, status

@@ -20,6 +20,7 @@ from agent.config import HostPort, TlsConfig, load_config
 from agent.connection.session import ConnectionEnded
 from agent.service.metrics import DISCONNECT_REASONS, UNKNOWN_COMMAND, AgentMetrics, MetricsServer
 from agent.tools.send import send_command
+from tests.support.clock import FakeClock
 from tests.support.mosquitto import free_port
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -157,12 +158,6 @@ def ended(kind: str, connected_at: float | None = 0.0) -> ConnectionEnded:
                            connected_at=connected_at)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_resilience_events_are_counted():
@@ -188,7 +183,7 @@ def test_resilience_events_are_counted():
 
 
 def test_disconnect_reasons_stay_bounded_and_offline_time_is_accounted():
-    clock = Clock()
+    clock = FakeClock(100.0)
     registry = CollectorRegistry()
     m = AgentMetrics(protocol="3.1.1", configured_keepalive=60, tls=TlsConfig(enabled=False), registry=registry,
                      clock=clock, wall=lambda: 1.7e9)

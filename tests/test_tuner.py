@@ -25,24 +25,19 @@ from agent.connection.events import KeepaliveChanged, SessionTakeover
 from agent.connection.monitor import ConnectionMonitor
 from agent.connection.session import ConnectionEnded
 from agent.connection.tuner import STATE_FILE, KeepaliveTuner, StateFile, format_duration, safe_keepalive
+from tests.support.clock import FakeClock
 
 HOST = HostPort("broker", 8883)
 
 
-class Clock:
-    def __init__(self, t: float = 10_000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
-def tuner(clock: Clock, configured: int = 60, **cfg: float) -> KeepaliveTuner:
+def tuner(clock: FakeClock, configured: int = 60, **cfg: float) -> KeepaliveTuner:
     return KeepaliveTuner(KeepaliveTuningConfig(**cfg), configured, clock=clock, wall=clock)  # type: ignore[arg-type]
 
 
 def test_three_idle_drops_converge_in_one_step_with_evidence():
-    clock = Clock()
+    clock = FakeClock(10000.0)
     t = tuner(clock)
     assert t.idle_drop(25.4, 60) is None
     clock.t += 240
@@ -61,7 +56,7 @@ def test_safe_keepalive_stays_clearly_below_the_limit(limit, keepalive):
 
 
 def test_drops_outside_the_window_do_not_count():
-    clock = Clock()
+    clock = FakeClock(10000.0)
     t = tuner(clock, window=900.0)
     t.idle_drop(25.0, 60)
     clock.t += 500
@@ -73,7 +68,7 @@ def test_drops_outside_the_window_do_not_count():
 
 
 def test_drops_provoked_by_our_own_ping_only_bound_the_limit_so_it_halves():
-    clock = Clock()
+    clock = FakeClock(10000.0)
     t = tuner(clock)
     for _ in range(3):
         clock.t += 70
@@ -83,7 +78,7 @@ def test_drops_provoked_by_our_own_ping_only_bound_the_limit_so_it_halves():
 
 
 def test_never_below_min_and_warns_once_there(caplog):
-    clock = Clock()
+    clock = FakeClock(10000.0)
     t = tuner(clock, min=10)
     changes = []
     for _ in range(9):
@@ -95,7 +90,7 @@ def test_never_below_min_and_warns_once_there(caplog):
 
 
 def test_disabled_tuning_never_changes_anything():
-    clock = Clock()
+    clock = FakeClock(10000.0)
     t = tuner(clock, enabled=False)
     for _ in range(10):
         clock.t += 10
@@ -104,7 +99,7 @@ def test_disabled_tuning_never_changes_anything():
 
 
 def test_probe_after_a_quiet_day_goes_halfway_up_and_steps_back_on_a_drop():
-    clock = Clock()
+    clock = FakeClock(10000.0)
     t = tuner(clock, probe_after=86400.0)
     for _ in range(3):
         clock.t += 30
@@ -125,7 +120,7 @@ def test_probe_after_a_quiet_day_goes_halfway_up_and_steps_back_on_a_drop():
 
 
 def test_a_probe_that_survives_becomes_the_good_value_and_the_next_goes_further():
-    clock = Clock()
+    clock = FakeClock(10000.0)
     t = tuner(clock, probe_after=100.0, window=900.0, min=1)
     for _ in range(3):
         clock.t += 10
@@ -140,7 +135,7 @@ def test_a_probe_that_survives_becomes_the_good_value_and_the_next_goes_further(
 
 
 def test_restore_clamps_to_the_current_config(tmp_path):
-    clock = Clock()
+    clock = FakeClock(10000.0)
     t = tuner(clock, configured=60)
     for _ in range(3):
         clock.t += 10
@@ -183,7 +178,8 @@ def test_format_duration():
 MQTT = MqttConfig(hosts=(HOST,), client_id="dev-1", keepalive=60)
 
 
-def end(clock: Clock, kind: str, uptime: float, idle: float, keepalive: int, present: bool = True) -> ConnectionEnded:
+def end(clock: FakeClock, kind: str, uptime: float, idle: float, keepalive: int,
+        present: bool = True) -> ConnectionEnded:
     start = clock.t - uptime
     code = {KEEPALIVE_TIMEOUT: 0x8D, SESSION_TAKEN_OVER: 0x8E, SERVER_DISCONNECT: 0x8B}.get(kind, 0x80)
     return ConnectionEnded(host=HOST, kind=kind, reason="test", attempt_started=start, ended_at=clock.t,
@@ -193,7 +189,7 @@ def end(clock: Clock, kind: str, uptime: float, idle: float, keepalive: int, pre
 
 
 def test_monitor_persists_the_learned_keepalive_and_disconnects(tmp_path):
-    clock = Clock()
+    clock = FakeClock(10000.0)
     tuning = KeepaliveTuningConfig(min=1)
     m = ConnectionMonitor(MQTT, ReconnectConfig(), tuning, state_dir=tmp_path, clock=clock, wall=clock)
     events = []
@@ -216,7 +212,7 @@ def test_monitor_persists_the_learned_keepalive_and_disconnects(tmp_path):
 
 
 def test_monitor_records_a_takeover_and_the_duplicate_id(tmp_path):
-    clock = Clock()
+    clock = FakeClock(10000.0)
     m = ConnectionMonitor(MQTT, ReconnectConfig(), KeepaliveTuningConfig(), state_dir=tmp_path, clock=clock,
                           wall=clock)
     events = m.account(m.classify(end(clock, SESSION_TAKEN_OVER, 3.0, 1.0, 60)))
@@ -243,7 +239,7 @@ def test_keepalive_stays_within_bounds_and_moves_only_on_idle_drops(drops, confi
     end classified idle_timeout changes it (downward)."""
     minimum = min(minimum, configured)
     mqtt = MqttConfig(hosts=(HOST,), client_id="dev-1", keepalive=configured)
-    clock = Clock()
+    clock = FakeClock(10000.0)
     m = ConnectionMonitor(mqtt, ReconnectConfig(), KeepaliveTuningConfig(min=minimum, drops=2, window=3600.0),
                           clock=clock, wall=clock)
     for kind, uptime, idle_share, present, gap in drops:
@@ -260,7 +256,7 @@ def test_keepalive_stays_within_bounds_and_moves_only_on_idle_drops(drops, confi
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(NON_IDLE), st.floats(0.0, 700.0), st.floats(0.1, 3000.0)), max_size=60))
 def test_non_idle_causes_never_tune(drops):
-    clock = Clock()
+    clock = FakeClock(10000.0)
     m = ConnectionMonitor(MQTT, ReconnectConfig(), KeepaliveTuningConfig(min=1, drops=1), clock=clock, wall=clock)
     for kind, uptime, gap in drops:
         clock.t += gap
@@ -282,7 +278,7 @@ def test_tuning_min_defaults_below_a_short_keepalive_but_an_explicit_one_is_chec
 
 
 def test_a_saved_duplicate_id_is_cleared_only_by_a_long_stable_connection(tmp_path):
-    clock = Clock()
+    clock = FakeClock(10000.0)
     reconnect = ReconnectConfig(max_delay=120.0)
     m = ConnectionMonitor(MQTT, reconnect, KeepaliveTuningConfig(), state_dir=tmp_path, clock=clock, wall=clock)
     m.account(m.classify(end(clock, SESSION_TAKEN_OVER, 3.0, 1.0, 60)))
