@@ -19,7 +19,7 @@ from agent.service.metrics import AgentMetrics, PublishMetrics
 from agent.state.outbox import Outbox
 from agent.state.store import StateStore
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "mqtt-agent.json"
 METRIC_RE = re.compile(r"\bmqtt_agent_[a-z_]+\b")

@@ -17,7 +17,7 @@ else:
 from agent.config import load_config, parse_config, parse_host_port, render_config
 from agent.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def minimal(tmp_path: Path, **sections: dict) -> dict:

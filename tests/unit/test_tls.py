@@ -112,13 +112,3 @@ def test_der_expiry_reader_agrees_with_cryptography(pki, tmp_path: Path) -> None
     assert certificate_expiries(garbage) == []
     assert certificate_expiries(tmp_path / "missing.pem") == []
 
-
-def test_a_healthy_agent_does_not_load_cryptography() -> None:
-    """`cryptography` costs ~8 MiB of resident memory; only TLS failures, doctor and enroll need it."""
-    import subprocess
-    import sys
-
-    code = ("import sys, agent.service.app, agent.cli, agent.service.metrics, agent.connection.session; "
-            "print('cryptography' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False"

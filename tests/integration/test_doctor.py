@@ -21,50 +21,17 @@ import pytest
 
 from agent.cli import main
 from agent.config import load_config
-from agent.tools.doctor import Report, render_text, run_doctor
-from agent.tools.doctor.report import CheckResult, Finding
+from agent.tools.doctor import Report, render_text
 from agent.tools.send import send_command
 from tests.conftest import PKI
 from tests.support.agentproc import REPO
+from tests.support.doctor import TIMEOUT, UTC, _schema, _validate, doctor, finding, one
 from tests.support.mosquitto import free_port, make_password_file
 from tests.support.pki import TestCA
-
-UTC = datetime.timezone.utc
-TIMEOUT = 5.0
-
-
-def doctor(config: Path, timeout: float = TIMEOUT) -> Report:
-    return run_doctor(config, timeout=timeout, service_user=None)
 
 
 def render(report: Report) -> str:
     return render_text(report)
-
-
-def checks(report: Report, number: int) -> list[CheckResult]:
-    return [c for c in report.checks if c.number == number]
-
-
-def one(report: Report, number: int, target: str = "") -> CheckResult:
-    found = [c for c in checks(report, number) if c.target.startswith(target)]
-    assert len(found) == 1, f"check {number} {target!r}: {found}"
-    return found[0]
-
-
-def finding(check: CheckResult, code: str) -> Finding:
-    match = [f for f in check.findings if f.code == code]
-    assert match, f"no finding {code!r} in check {check.number} {check.target}: {check}"
-    return match[0]
-
-
-def statuses(report: Report) -> dict[int, set[str]]:
-    out: dict[int, set[str]] = {}
-    for c in report.checks:
-        out.setdefault(c.number, set()).add(c.status)
-    return out
-
-
-# --- everything fine --------------------------------------------------------------------------
 
 
 def test_all_fine_exits_0_and_never_uses_the_production_client_id(broker, make_config, tmp_path, capsys):
@@ -118,9 +85,6 @@ def test_plain_mqtt_without_tls(make_broker, make_config):
     assert one(report, 3).summary == "not run: tls.enabled = false"
     assert one(report, 6).summary == "not run: tls.enabled = false (plain MQTT)"
     assert one(report, 7).status == "ok" and one(report, 8).status == "ok"
-
-
-# --- certificates -----------------------------------------------------------------------------
 
 
 def test_sha1_signed_client_certificate(broker, make_config, pki: PKI):
@@ -206,18 +170,6 @@ def test_expired_client_certificate(broker, make_config, pki: PKI):
     assert one(report, 7).status == "skip"
 
 
-def test_clock_in_1970_is_named_as_the_cause(make_config):
-    """A board without RTC before NTP: injected wall clock, real files; the handshake is not needed."""
-    wall = datetime.datetime(1970, 1, 1, 0, 5, tzinfo=UTC).timestamp()
-    report = run_doctor(make_config(None, {"mqtt": {"hosts": [f"127.0.0.1:{free_port()}"]}}), timeout=2,
-                        service_user=None, wall=lambda: wall)
-    early = finding(one(report, 3, "client certificate"), "cert_not_yet_valid")
-    assert "local clock 1970-01-01 00:05 UTC" in early.cause
-    assert "a board without RTC boots in 1970 until NTP syncs" in early.remedy
-    clock = finding(one(report, 10, "clock"), "clock_wrong")
-    assert "the system clock says 1970-01-01" in clock.cause
-
-
 def test_broker_certificate_from_untrusted_ca(make_broker, make_config, tmp_path):
     other = TestCA(tmp_path / "other-ca", name="Other Untrusted CA")
     server = other.issue("localhost", sans=["localhost", "127.0.0.1"], server=True, filename="broker")
@@ -273,9 +225,6 @@ def test_world_readable_key_warns_and_exits_0(broker, make_config, pki: PKI, tmp
     assert loose.remedy.startswith(f"chmod 600 {key}")
     assert report.exit_code == 0
     assert one(report, 8).status == "ok"
-
-
-# --- credentials and authorisation ------------------------------------------------------------
 
 
 def user_broker_config(make_broker: Any, make_config: Any, tmp_path: Path, *, sent_password: str,
@@ -364,42 +313,6 @@ def test_subscription_refused_by_the_broker(make_broker, make_config, tmp_path, 
                                      "command///req/# in the broker's ACL")
 
 
-# --- network ----------------------------------------------------------------------------------
-
-
-def test_nothing_listening_on_the_port(make_config):
-    port = free_port()
-    report = doctor(make_config(None, {"mqtt": {"hosts": [f"127.0.0.1:{port}"]}}))
-    assert report.exit_code == 1
-    assert one(report, 4).status == "ok"
-    refused = finding(one(report, 5), "connection_refused")
-    assert refused.cause == (f"connection refused by 127.0.0.1 port {port}: nothing listens on that port "
-                             "(or a firewall rejects it)")
-    assert f"check the port in mqtt.hosts (127.0.0.1:{port})" in refused.remedy
-    assert "8883 for MQTT over TLS" in refused.remedy
-    for number in (6, 7, 8):
-        assert one(report, number).summary == "not run: the TCP connection failed"
-    assert one(report, 3, "broker").status == "skip"
-    assert one(report, 9).status == "ok" and checks(report, 10), "local checks still run"
-
-
-def test_tcp_timeout_is_told_apart_from_refused(make_config):
-    # A listener with a full accept queue: Linux drops further SYNs, which looks like a firewall.
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    port = listener.getsockname()[1]
-    filler = socket.create_connection(("127.0.0.1", port))
-    try:
-        report = doctor(make_config(None, {"mqtt": {"hosts": [f"127.0.0.1:{port}"]}}), timeout=1)
-    finally:
-        filler.close()
-        listener.close()
-    timed_out = finding(one(report, 5), "timed_out")
-    assert timed_out.cause.startswith(f"no answer from 127.0.0.1 port {port} within 1 s: a firewall drops")
-    assert "nc -vz 127.0.0.1" in timed_out.remedy
-
-
 def test_dns_failure_and_unreachable_network_in_a_network_namespace(make_config):
     """In a fresh network namespace nothing is reachable and no DNS server answers, and no packet
     leaves this machine: the doctor runs there as a subprocess."""
@@ -430,23 +343,6 @@ def test_tls_configured_but_the_port_speaks_plain_mqtt(make_broker, make_config)
     assert "during the TLS handshake" in plain.cause or "did not complete a TLS handshake" in plain.cause
     assert "confirmed: with plain MQTT without TLS it connects" in plain.cause
     assert plain.remedy.startswith("this port serves plain MQTT")
-
-
-# --- config, history, local -------------------------------------------------------------------
-
-
-def test_invalid_config_fails_check_1_and_skips_the_rest(tmp_path, capsys):
-    cfg = tmp_path / "bad.toml"
-    cfg.write_text('[agent]\ndevice_id = "dev-1"\n[mqtt]\nhosts = ["127.0.0.1:1"]\nkeepalive = 0\n'
-                   '[tls]\nsecurity_levle = 1\n')
-    rc = main(["doctor", "--config", str(cfg)])
-    out = capsys.readouterr().out
-    assert rc == 1
-    assert "FAIL  1  config" in out
-    assert "cause:  mqtt.keepalive: must be 1..65535, got 0" in out
-    assert f"remedy: fix mqtt.keepalive in {cfg}" in out
-    assert "did you mean 'tls.security_level'?" in out
-    assert out.count("not run: the configuration is invalid") == 10
 
 
 def test_history_names_disconnects_learned_keepalive_and_duplicate_client_id(broker, make_config, tmp_path):
@@ -496,58 +392,6 @@ def test_metrics_port_used_by_another_program_fails(broker, make_config):
     assert report.exit_code == 1
 
 
-# --- --json -----------------------------------------------------------------------------------
-
-
-def _schema() -> dict[str, Any]:
-    text = (REPO / "docs" / "doctor.md").read_text()
-    block = re.search(r"<!-- schema -->\s*```json\n(.*?)```", text, re.S)
-    assert block, "docs/doctor.md must hold the JSON schema after <!-- schema -->"
-    schema: dict[str, Any] = json.loads(block.group(1))
-    return schema
-
-
-def _validate(value: Any, schema: dict[str, Any], path: str = "$") -> list[str]:
-    """The subset of JSON Schema the documented schema uses."""
-    errors: list[str] = []
-    kinds = {"object": dict, "array": list, "string": str, "integer": int, "number": (int, float),
-             "boolean": bool, "null": type(None)}
-    wanted = schema.get("type")
-    if wanted is not None:
-        names = wanted if isinstance(wanted, list) else [wanted]
-        ok = any(isinstance(value, kinds[n]) and not (n in ("integer", "number") and isinstance(value, bool))
-                 for n in names)
-        if not ok:
-            return [f"{path}: expected {wanted}, got {type(value).__name__}"]
-    if "enum" in schema and value not in schema["enum"]:
-        errors.append(f"{path}: {value!r} not in {schema['enum']}")
-    if "minimum" in schema and value < schema["minimum"]:
-        errors.append(f"{path}: {value} < {schema['minimum']}")
-    if "maximum" in schema and value > schema["maximum"]:
-        errors.append(f"{path}: {value} > {schema['maximum']}")
-    if isinstance(value, dict):
-        for key in schema.get("required", []):
-            if key not in value:
-                errors.append(f"{path}: missing {key!r}")
-        props = schema.get("properties", {})
-        for key, item in value.items():
-            if key in props:
-                errors += _validate(item, props[key], f"{path}.{key}")
-            elif schema.get("additionalProperties") is False:
-                errors.append(f"{path}: unexpected key {key!r}")
-    if isinstance(value, list) and "items" in schema:
-        for i, item in enumerate(value):
-            errors += _validate(item, schema["items"], f"{path}[{i}]")
-    return errors
-
-
-def test_validator_rejects_what_the_schema_forbids():
-    schema = _schema()
-    assert _validate({"schema_version": 1}, schema), "missing keys must be reported"
-    good = {"number": 6, "id": "tls", "target": "", "status": "bad", "summary": "", "findings": [], "details": {}}
-    assert any("not in" in e for e in _validate(good, schema["properties"]["checks"]["items"]))
-
-
 def test_json_report_follows_the_documented_schema(make_broker, make_config, pki: PKI):
     server = pki.ca.issue("broker.example.test", sans=["broker.example.test"], server=True,
                           filename="broker-json")
@@ -568,20 +412,4 @@ def test_json_report_follows_the_documented_schema(make_broker, make_config, pki
     tls = next(c for c in data["checks"] if c["id"] == "tls" and c["target"] == broker.address)
     assert tls["details"]["chain"][0]["names"] == ["DNS:broker.example.test"]
     assert tls["details"]["chain"][0]["signature_algorithm"] == "sha256WithRSAEncryption"
-
-
-def test_timeout_must_be_positive(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["doctor", "--timeout", "0"])
-    assert exc.value.code == 2
-    assert "must be more than 0" in capsys.readouterr().err
-
-
-def test_help_names_every_check(capsys):
-    with pytest.raises(SystemExit):
-        main(["doctor", "--help"])
-    text = capsys.readouterr().out
-    for words in ("--json", "--timeout", "CLIENT_ID-doctor-RANDOM", "never changes config or files",
-                  "0  nothing failed", "1  at least one check failed"):
-        assert words in text
 

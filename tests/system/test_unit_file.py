@@ -15,7 +15,7 @@ import pytest
 from agent.config import CREDENTIAL_KEYS, CREDENTIAL_UNSET, AgentConfig
 from agent.errors import EX_CONFIG
 
-UNIT = Path(__file__).resolve().parents[1] / "systemd" / "mqtt-agent.service"
+UNIT = Path(__file__).resolve().parents[2] / "systemd" / "mqtt-agent.service"
 MAX_EXPOSURE = 1.5
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-RULES = Path(__file__).resolve().parents[1] / "deploy" / "polkit" / "50-mqtt-agent.rules"
+RULES = Path(__file__).resolve().parents[2] / "deploy" / "polkit" / "50-mqtt-agent.rules"
 POLKITD = Path("/usr/lib/polkit-1/polkitd")
 MANAGE_UNITS = "org.freedesktop.systemd1.manage-units"
 

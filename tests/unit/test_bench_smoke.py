@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,11 +22,6 @@ from bench.loadgen import parse_response, request_topic
 from bench.procs import NotifySocket, cpu_seconds, rss_kib
 from bench.scenarios import Params
 from bench.wire import PUBACK, PUBLISH, WireError, connect_packet, packet, parse_packets, publish_packet
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-# --- statistics -------------------------------------------------------------------------------------
 
 
 def test_percentile_is_nearest_rank() -> None:
@@ -64,9 +56,6 @@ def test_peak_rate_counts_events_in_any_one_second_window(times: list[float], pe
 def test_per_second_bins_start_at_the_origin() -> None:
     assert report.per_second([10.2, 10.9, 11.0, 13.5, 9.0], 10.0) == [2, 1, 0, 1]
     assert report.per_second([1.0], 5.0) == []
-
-
-# --- figures and targets ------------------------------------------------------------------------------
 
 
 def _results(agent_p50: float) -> dict[str, Any]:
@@ -148,9 +137,6 @@ def test_write_puts_json_and_markdown_side_by_side(tmp_path: Path) -> None:
     assert md_path.read_text().startswith("# mqtt-agent benchmark results")
 
 
-# --- the wire client's packets --------------------------------------------------------------------------
-
-
 def test_packets_parse_back_and_a_partial_packet_waits() -> None:
     buf = bytearray(publish_packet("command///req/1/ping", b"{}", 7) + packet(PUBACK, 0, b"\x00\x07") + b"\x30")
     out = parse_packets(buf)
@@ -176,9 +162,6 @@ def test_malformed_remaining_length_is_an_error() -> None:
         parse_packets(bytearray(b"\x30\xff\xff\xff\xff\x01"))
 
 
-# --- topics and the baseline's answers -----------------------------------------------------------------
-
-
 def test_response_topics_parse() -> None:
     assert request_topic("abc", "ping") == "command///req/abc/ping"
     assert parse_response("command///res/abc/200") == ("abc", 200)
@@ -198,9 +181,6 @@ def test_baseline_answers_like_the_agent() -> None:
     assert response_for("command///req/abc/ping", b"{", started) == ("command///res/abc/400",
                                                                      b'{"error":"payload is not valid JSON"}')
     assert response_for("command///req//ping", b"", started) is None  # one-way: no answer
-
-
-# --- processes ----------------------------------------------------------------------------------------
 
 
 def test_notify_socket_records_when_ready_arrived(tmp_path: Path) -> None:
@@ -227,9 +207,6 @@ def test_proc_readings_of_this_process() -> None:
     assert cpu_seconds(os.getpid()) >= used > 0
 
 
-# --- fleet ------------------------------------------------------------------------------------------------
-
-
 def test_fleet_patterns_match_mosquitto_2_log_lines() -> None:
     sub = SUBSCRIBED.match("21:17:29: fleet-jitter-000 1 command///req/#")
     assert sub is not None and sub.group(1) == "fleet-jitter-000"
@@ -246,72 +223,3 @@ def test_fleet_is_scaled_to_memory_with_a_note() -> None:
     assert 2 <= n < 10**7
     assert "scaled down from 10000000" in note
 
-
-# --- the real thing, tiny ------------------------------------------------------------------------------
-
-FIGURES_WITH_BOTH = ("ping_p50_ms", "ping_p99_ms", "throughput_per_s", "exec_p50_ms", "exec_p99_ms", "idle_rss_mib",
-                     "idle_cpu_percent", "start_subscribed_s", "start_first_answer_s", "reconnect_after_up_s",
-                     "reconnect_after_down_s")
-FIGURES_AGENT_ONLY = ("rss_after_mib", "rss_growth_mib", "rss_growth_second_half_mib", "start_ready_s")
-
-
-@pytest.mark.integration
-@pytest.mark.timeout(300)
-def test_quick_run_measures_every_figure_and_writes_markdown_and_json(tmp_path: Path) -> None:
-    if shutil.which("mosquitto") is None:
-        pytest.fail("mosquitto is not installed; run ./scripts/test.sh, which installs it")
-    out = tmp_path / "results"
-    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=280)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    data = json.loads((out / "latest.json").read_text())
-    md = (out / "latest.md").read_text()
-
-    assert data["judged"] is False
-    figures = {f["key"]: f for f in data["figures"]}
-    for key in FIGURES_WITH_BOTH:
-        assert isinstance(figures[key]["agent"], (int, float)), key
-        assert isinstance(figures[key]["baseline"], (int, float)), key
-    for key in FIGURES_AGENT_ONLY:
-        assert isinstance(figures[key]["agent"], (int, float)), key
-    assert all(f["met"] is None for f in data["figures"])
-
-    commands = data["results"]["commands"]
-    assert commands["agent"]["errors"] == 0 and commands["baseline"]["errors"] == 0  # every command answered 2xx
-    assert commands["agent"]["ready_source"] in ("sd_notify", "log")
-    assert data["results"]["memory"]["agent"]["errors"] == 0
-    fleet = data["results"]["fleet"]
-    assert [f["jitter"] for f in fleet] == [True, False]
-    for storm in fleet:
-        assert storm["back"] == storm["agents"] == 3
-        assert storm["connects"] >= 3 and storm["peak_connects_per_s"] >= 1
-    assert data["machine"]["cores"] and data["machine"]["mosquitto"].startswith("mosquitto ")
-
-    assert "| `ping` round trip, sequential, p50 | ms |" in md
-    assert "## Fleet storm: one broker restarted under 3 agents" in md
-    assert "smoke run: tiny counts, targets not judged" in md
-    assert md in proc.stdout  # the table is printed as well
-
-
-@pytest.mark.integration
-@pytest.mark.timeout(200)
-def test_publish_bench_quick_run_measures_both_paths_and_the_baseline(tmp_path: Path) -> None:
-    out = tmp_path / "publish"
-    proc = subprocess.run([sys.executable, "-m", "bench.publish", "--quick", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    data = json.loads((out / "publish.json").read_text())
-    assert data["judged"] is False
-    assert data["bare"]["messages"] == data["batch"]["messages"] == 400 and data["single"]["messages"] == 200
-    for path in ("single", "batch"):
-        for key in ("msg_per_s", "latency_p50_ms", "latency_p99_ms", "state_bytes_written_per_msg"):
-            assert isinstance(data[path][key], (int, float)) and data[path][key] > 0, (path, key)
-    md = (out / "publish.md").read_text()
-    assert "| bare paho publisher | 400 |" in md and "Smoke run" in md
-
-
-def test_run_script_passes_shellcheck() -> None:
-    if shutil.which("shellcheck") is None:
-        pytest.fail("shellcheck is not installed; run ./scripts/test.sh, which installs it")
-    proc = subprocess.run(["shellcheck", "-x", "bench/run.sh"], capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout
