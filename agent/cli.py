@@ -17,7 +17,7 @@ from typing import Any
 from agent import __version__
 from agent.config import DEFAULT_CONFIG_PATH, Config, load_config, render_config
 from agent.errors import EX_CONFIG, EX_FAILURE, EX_OK, AgentError
-from agent.logs import setup_logging
+from agent.service.logs import setup_logging
 
 log = logging.getLogger("agent")
 
@@ -275,7 +275,7 @@ def _cmd_renew(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    from agent.tls import build_context
+    from agent.tls.context import build_context
 
     cfg = load_config(args.config)
     if cfg.tls.enabled:
@@ -307,7 +307,7 @@ def _pair_in_use(cfg: Config) -> str:
 
 
 def _cmd_send(args: argparse.Namespace) -> int:
-    from agent.sender import send_command
+    from agent.tools.send import send_command
 
     cfg = load_config(args.config)
     payload_arg: str = args.payload
@@ -348,7 +348,7 @@ def _positive_seconds(text: str) -> float:
 def _cmd_doctor(args: argparse.Namespace) -> int:
     import json
 
-    from agent.doctor import render_text, run_doctor
+    from agent.tools.doctor import render_text, run_doctor
 
     report = run_doctor(args.config, timeout=args.timeout)
     if args.json:
@@ -399,7 +399,7 @@ def _cmd_reload(args: argparse.Namespace) -> int:
 
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
-    from agent import provision
+    from agent.tools import enroll as provision
 
     paths = provision.read_enroll_paths(args.config)
     if args.install_cert is not None:
@@ -418,7 +418,7 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from agent.app import Agent
+    from agent.service.app import Agent
 
     cfg = load_config(args.config)
     setup_logging(args.log_level or cfg.agent.log_level)

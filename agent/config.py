@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from agent.commands.environment import RESERVED_PREFIX, is_removed
+from agent.environment import RESERVED_PREFIX, is_removed
 from agent.errors import ConfigError
 from agent.topics import check_shared_group, shared_filter
 
@@ -124,7 +124,7 @@ class CommandSpec:
     """An exec command: argv run directly (never through a shell), payload on stdin.
 
     `env`: the `[commands.NAME.env]` table, added to the command's clean environment (see
-    agent.commands.environment); values are not printed anywhere (they may be tokens)."""
+    agent.environment); values are not printed anywhere (they may be tokens)."""
 
     name: str
     argv: tuple[str, ...]

@@ -50,7 +50,7 @@ class CommandTopic:
         return "/".join((self.prefix, self.tenant, self.device, _RESPONSE_ACTION[self.action], self.req_id))
 
     def response_topic(self, status: int) -> str:
-        return f"{self.response_base}/{status}"
+        return response_topic(self.response_base, status)
 
     @property
     def dedupe_key(self) -> str:
@@ -198,3 +198,18 @@ def shared_filter(group: str, topic_filter: str) -> str:
     """`$share/GROUP/FILTER`: the broker hands each matching message to one member of GROUP.
     Messages still arrive on their own topic, so nothing downstream of the subscription changes."""
     return f"{SHARE_PREFIX}{group}/{topic_filter}"
+
+
+def response_topic(base: str, status: int) -> str:
+    """The Hono response topic for a request answered with `status` (`base`: CommandTopic.response_base)."""
+    return f"{base}/{status}"
+
+
+# `mqtt-agent doctor` proves delivery by publishing a message on a topic under the command subscription whose
+# last segment carries this mark (its probe client id, CLIENT_ID-doctor-RANDOM). The agent ignores it quietly.
+PROBE_MARK = "-doctor-"
+
+
+def is_delivery_probe(topic: str) -> bool:
+    """True for the doctor's delivery probe (not a command, not worth a warning)."""
+    return PROBE_MARK in topic.rsplit("/", 1)[-1]

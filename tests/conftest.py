@@ -149,3 +149,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     rep = yield
     setattr(item, f"rep_{rep.when}", rep)
     return rep
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The folder is the tier: tests/integration -> `integration`, tests/system -> `system` (select with -m)."""
+    for item in items:
+        tier = Path(str(item.fspath)).parent.name
+        if tier in ("integration", "system"):
+            item.add_marker(getattr(pytest.mark, tier))

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from agent.logs import untrusted
+from agent.logtext import untrusted
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import ForwardLocalConfig, ForwardRule, read_secret
-from agent.logs import untrusted
-from agent.service.publish import ApiError, PublishContext, _Options, build_message
+from agent.logtext import untrusted
 from agent.state.outbox import Outbox, QueueFull
+from agent.state.publish import ApiError, PublishContext, _Options, build_message
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Client certificate renewal: a new key made on the device, its CSR signed by the configured signer,
-the certificate checked (agent/certcheck.py) and proven with a probe CONNECT before the session
+the certificate checked (agent/tls/check.py) and proven with a probe CONNECT before the session
 switches to it, with the previous pair kept as the fallback.
 
     policy.py    pure: when to renew (lifetime share, before-expiry, per-device offset), retry backoff

@@ -23,11 +23,10 @@ from typing import Any, Callable
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from agent.certcheck import CertCheckError, CheckedChain, check_chain, openssl_accepts
-from agent.classify import RECONNECT_REQUESTED, SHUTDOWN
 from agent.config import Config, HostPort, TlsConfig
+from agent.connection.classify import RECONNECT_REQUESTED, SHUTDOWN
+from agent.connection.events import ConnectionEnded, SessionListener
 from agent.errors import AgentError
-from agent.link import ConnectionEnded, SessionListener
 from agent.renewal import policy
 from agent.renewal.signer import ExecSigner, SignerError
 from agent.renewal.store import (
@@ -42,7 +41,9 @@ from agent.renewal.store import (
     load_key,
     select_pair,
 )
-from agent.tls import build_context, load_certificates
+from agent.tls.certs import load_certificates
+from agent.tls.check import CertCheckError, CheckedChain, check_chain, openssl_accepts
+from agent.tls.context import build_context
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +253,7 @@ class Renewer(SessionListener):
 
     def _pending_csr(self, new_key: bool) -> bytes:
         """The CSR for the pending key, made (and stored 0600) if there is none or `new_key`."""
-        from agent.provision import build_csr, generate_key
+        from agent.tls.keys import build_csr, generate_key
 
         tls = self.cfg.tls
         path = self.store.path(PENDING_KEY)
@@ -430,7 +431,7 @@ class Renewer(SessionListener):
     def probe_brokers(self, tls: TlsConfig) -> tuple[str, str]:
         """("ok" | "refused" | "unreachable", detail): a real mutual-TLS CONNECT to each configured broker
         under a probe client id (the running session is not taken over)."""
-        from agent.doctor import probe
+        from agent.connection import probe
 
         try:
             ctx = build_context(tls)

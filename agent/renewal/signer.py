@@ -1,8 +1,8 @@
 """The exec signer: `[renewal] command` gets the CSR (PEM) on stdin and prints the chain (PEM) on stdout.
 
-It runs exactly like an exec command (agent/handlers/exec.py): argv directly (no shell), its own session,
+It runs exactly like an exec command (agent/commands/handlers/exec.py): argv directly (no shell), its own session,
 killed with everything it started at the timeout, and the same clean environment (the agent's minus its
-systemd and credential variables, agent/commands/environment.py), with MQTT_AGENT_DEVICE_ID set.
+systemd and credential variables, agent/environment.py), with MQTT_AGENT_DEVICE_ID set.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from agent.commands.environment import clean_environment
+from agent.commands.handlers.exec import _communicate
 from agent.commands.processes import REAPER, new_exec_id
+from agent.environment import clean_environment
 from agent.errors import AgentError
-from agent.handlers.exec import _communicate
 
 MAX_CHAIN_BYTES = 1 << 20
 SIGNER_NAME = "renewal.command"

@@ -2,7 +2,7 @@
 
 A pair is ONE file holding the certificate chain followed by its private key (0600): OpenSSL loads
 both from it, and a single rename replaces both at once, so a power cut can never leave a certificate
-next to the wrong key. The files, each written with agent/durable.py (temp, fsync, rename, fsync dir):
+next to the wrong key. The files, each written with agent/state/files.py (temp, fsync, rename, fsync dir):
 
     pending.key    a new key whose CSR is out for signing (cert.csr, or the exec signer)
     pending.pem    a signed, checked pair waiting for its probe CONNECT
@@ -27,10 +27,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
-from agent.certcheck import CertCheckError, CheckedChain, PrivateKey, check_chain
 from agent.config import TlsConfig, read_secret
-from agent.durable import fsync_dir, remove_stale_temps, write_atomic
-from agent.tls import load_certificates
+from agent.state.files import fsync_dir, remove_stale_temps, write_atomic
+from agent.tls.certs import load_certificates
+from agent.tls.check import CertCheckError, CheckedChain, PrivateKey, check_chain
 
 log = logging.getLogger(__name__)
 

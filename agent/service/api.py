@@ -16,9 +16,9 @@ import logging
 import sqlite3
 from typing import Any, Callable
 
-from agent.service.publish import ApiError, PublishContext, batch, single
 from agent.service.server import Reply, Request
 from agent.state.outbox import Outbox, QueueFull
+from agent.state.publish import ApiError, PublishContext, batch, single
 from agent.state.store import OutMessage
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from agent.durable import write_atomic
+from agent.state.files import write_atomic
 
 REQUEST_FILE = "reload-request"
 VERDICT_FILE = "reload-verdict"

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from agent.config import ApiConfig
-from agent.logs import untrusted
-from agent.service.publish import ApiError
+from agent.logtext import untrusted
+from agent.state.publish import ApiError
 
 log = logging.getLogger(__name__)
 

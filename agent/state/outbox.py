@@ -9,7 +9,7 @@ second time); they wait and go out oldest first after the next CONNACK, at most 
 Messages without an id were not stored (the disk failed: a 503 is answered without it); they live in
 memory only. The window is bounded: on overflow the oldest waiting messages are dropped, with a log line.
 
-Poison messages (agent/connection/poison.py): a message the session cannot send at all (over the
+Poison messages (agent/state/poison.py): a message the session cannot send at all (over the
 size limit, no 500 fits in its place) is set aside at hand-off; one after which the broker drops
 the connection each time is set aside after a few tries (`poison_check`, at each connection's end).
 A response is answered with a 500 in its place (its stored row is replaced); anything else is marked
@@ -39,8 +39,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from agent.connection import poison
-from agent.logs import untrusted
+from agent.logtext import untrusted
+from agent.state import poison
 from agent.state.store import OutMessage, StateStore
 
 log = logging.getLogger(__name__)

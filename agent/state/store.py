@@ -52,8 +52,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from agent.durable import fsync_dir, remove_stale_temps
 from agent.protocol import Inbound, Response
+from agent.state.files import fsync_dir, remove_stale_temps
 from agent.state.writer import GroupWriter, Outcome
 from agent.topics import parse_request
 

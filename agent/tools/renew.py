@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from agent.config import Config
-from agent.durable import write_atomic
 from agent.errors import AgentError
 from agent.renewal.store import REQUEST, PairStore
+from agent.state.files import write_atomic
 
 SUCCESS_RESULTS = frozenset({"success", "not_due", "waiting"})
 

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import load_config
-from agent.sender import send_command
+from agent.tools.send import send_command
 from tests.support.mosquitto import free_port
 
 LIMIT = 16384

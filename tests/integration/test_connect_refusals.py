@@ -14,7 +14,7 @@ import pytest
 
 from agent.config import load_config
 from agent.errors import AgentError
-from agent.sender import send_command
+from agent.tools.send import send_command
 
 FIX = 'set mqtt.protocol = "3.1.1"'
 

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import pytest
 
 from agent.config import load_config
-from agent.sender import send_command
+from agent.tools.send import send_command
 from tests.support.agentproc import REPO
 from tests.support.mosquitto import free_port
 from tests.support.mqttclient import TestClient

@@ -4,9 +4,9 @@ a topic, so the doctor adds nothing; RabbitMQ (which maps it to '/') is in the i
 from __future__ import annotations
 
 from agent.config import load_config
-from agent.doctor import run_doctor
-from agent.doctor import topic_mapping as tm
-from agent.tls import build_context
+from agent.tls.context import build_context
+from agent.tools.doctor import run_doctor
+from agent.tools.doctor import topic_mapping as tm
 
 
 def test_mosquitto_keeps_dots_and_the_doctor_reports_no_mapping(broker, make_config):

@@ -7,7 +7,7 @@ import time
 
 from agent.config import load_config
 from agent.errors import AgentError
-from agent.sender import send_command
+from agent.tools.send import send_command
 
 # The target is 5 s from a node's loss to serving again on loopback with default settings (typically
 # about 2 s here: the reconnect delay of up to 2 s, one refused connect, a failover delay of <= 1 s).

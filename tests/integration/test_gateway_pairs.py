@@ -271,7 +271,7 @@ def test_mqtt_311_with_shared_group_is_a_config_error_naming_the_key(make_config
 
 def test_doctor_checks_the_shared_subscription_without_joining_the_agents_group(
         make_broker, make_config, run_agent, tmp_path):
-    from agent.doctor import run_doctor
+    from agent.tools.doctor import run_doctor
 
     broker, ledger, members, client = start_pair(make_broker, make_config, run_agent, tmp_path)
     report = run_doctor(members["gw-a"][0], timeout=5.0, service_user=None)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import pytest
 
 from agent.config import load_config
-from agent.session import new_client
+from agent.connection.adapter import new_client
 from tests.support.agentproc import AgentProcess
 
 pytestmark = pytest.mark.integration

@@ -227,7 +227,7 @@ def test_a_full_queue_refuses_events_drops_oldest_telemetry_and_commands_are_sti
     agent.wait_for(r"subscribed to ", timeout=30)
     watcher = TestClient(cfg, client_id="watcher", clean=False, subscribe="event")
     try:
-        from agent.sender import send_command
+        from agent.tools.send import send_command
 
         result = send_command(load_config(cfg), "ping", b"", timeout=20)
         assert result.status == 200  # commands still served

@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from agent.config import load_config
-from agent.sender import send_command
+from agent.tools.send import send_command
 from tests.conftest import DEVICE_ID
 from tests.support.mosquitto import free_port
 from tests.support.mqttclient import TestClient

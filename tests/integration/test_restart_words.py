@@ -6,7 +6,7 @@ import json
 import time
 
 from agent.config import load_config
-from agent.sender import send_command
+from agent.tools.send import send_command
 
 
 def test_a_broker_restart_after_idle_is_not_called_a_nat(broker, make_config, run_agent):

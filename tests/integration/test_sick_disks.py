@@ -15,7 +15,7 @@ from typing import Any, Callable
 import pytest
 
 from agent.config import load_config
-from agent.sender import send_command
+from agent.tools.send import send_command
 from tests.support.agentproc import AgentProcess
 from tests.support.mosquitto import Mosquitto, free_port
 

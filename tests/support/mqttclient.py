@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import load_config
-from agent.session import new_client
-from agent.tls import build_context
+from agent.connection.adapter import new_client
+from agent.tls.context import build_context
 
 
 class TestClient:

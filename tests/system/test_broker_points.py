@@ -19,9 +19,9 @@ import paho.mqtt.client as paho
 import pytest
 
 from agent.config import load_config
-from agent.doctor import render_text, run_doctor
 from agent.errors import AgentError
-from agent.sender import send_command
+from agent.tools.doctor import render_text, run_doctor
+from agent.tools.send import send_command
 from tests.conftest import PKI
 from tests.support.agentproc import AgentProcess
 from tests.support.brokers import Broker

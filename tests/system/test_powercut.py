@@ -24,8 +24,8 @@ from typing import Any, Callable
 import pytest
 
 from agent.config import load_config
-from agent.session import new_client
-from agent.tls import build_context
+from agent.connection.adapter import new_client
+from agent.tls.context import build_context
 from tests.support.agentproc import AgentProcess
 from tests.support.mosquitto import Mosquitto
 

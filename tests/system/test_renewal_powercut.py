@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import load_config
-from agent.sender import send_command
+from agent.tools.send import send_command
 from tests.support.pki import TestCA
 from tests.support.renewal import DEVICE_ID, broker_subjects, openssl_signer, script, short_lived
 

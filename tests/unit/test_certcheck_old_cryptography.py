@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
-from agent.certcheck import _signature_parameters
+from agent.tls.check import _signature_parameters
 
 
 def _cert(issuer_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, pss: bool = False) -> x509.Certificate:

@@ -8,7 +8,8 @@ from paho.mqtt.client import DisconnectFlags
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.classify import (
+from agent.config import HostPort, KeepaliveTuningConfig, MqttConfig, ReconnectConfig, TlsConfig
+from agent.connection.classify import (
     CONNECTION_LOST,
     IDLE_TIMEOUT,
     MESSAGE_REJECTED,
@@ -18,24 +19,18 @@ from agent.classify import (
     SESSION_TAKEN_OVER,
     Classifier,
 )
-from agent.config import HostPort, KeepaliveTuningConfig, MqttConfig, ReconnectConfig, TlsConfig
-from agent.link import ConnectionEnded
-from agent.resilience import ConnectionMonitor
-from agent.session import Session, _Conn
+from agent.connection.events import ConnectionEnded, SessionTakeover
+from agent.connection.monitor import ConnectionMonitor
+from agent.connection.session import Session, _Conn
+from tests.support.clock import FakeClock
 
 HOST = HostPort("broker", 8883)
 NAT_LIKELY = "a NAT or firewall idle limit is likely"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
-def lost(clock: Clock, uptime: float, idle: float, **kw: object) -> ConnectionEnded:
+def lost(clock: FakeClock, uptime: float, idle: float, **kw: object) -> ConnectionEnded:
     start = clock.t - uptime
     fields: dict[str, object] = {"kind": CONNECTION_LOST, "reason": "connection lost (closed by the peer)",
                                  "reason_code": 0x80, "keepalive": 60, "session_present": True}
@@ -44,7 +39,7 @@ def lost(clock: Clock, uptime: float, idle: float, **kw: object) -> ConnectionEn
                            last_in=clock.t - idle, last_out=clock.t - idle, **fields)  # type: ignore[arg-type]
 
 
-def refused(clock: Clock) -> ConnectionEnded:
+def refused(clock: FakeClock) -> ConnectionEnded:
     return ConnectionEnded(host=HOST, kind=REFUSED, reason="connection refused by broker:8883: nothing listens on "
                            "that port", attempt_started=clock.t - 0.01, ended_at=clock.t,
                            error="ConnectionRefusedError()")
@@ -53,7 +48,7 @@ def refused(clock: Clock) -> ConnectionEnded:
 # --- point 4: honest words ----------------------------------------------------------------------
 
 def test_nat_is_named_likely_only_once_the_drops_make_the_pattern_the_tuner_acts_on():
-    clock = Clock()
+    clock = FakeClock(1000.0)
     c = Classifier(nat_drops=3, clock=clock)
     reasons = []
     for _ in range(3):
@@ -68,12 +63,12 @@ def test_nat_is_named_likely_only_once_the_drops_make_the_pattern_the_tuner_acts
 
 
 def test_with_a_one_drop_tuner_the_first_drop_already_is_the_pattern():
-    clock = Clock()
+    clock = FakeClock(1000.0)
     assert Classifier(nat_drops=1, clock=clock).classify(lost(clock, 31.0, 30.0)).reason.endswith(NAT_LIKELY)
 
 
 def test_a_broker_that_refuses_the_next_connect_was_restarting_and_teaches_the_tuner_nothing():
-    clock = Clock()
+    clock = FakeClock(1000.0)
     tuning = KeepaliveTuningConfig(drops=2, min=5)
     monitor = ConnectionMonitor(MqttConfig(hosts=(HOST,), client_id="dev-1"), ReconnectConfig(), tuning,
                                 clock=clock, wall=clock)
@@ -95,7 +90,7 @@ def test_a_broker_that_refuses_the_next_connect_was_restarting_and_teaches_the_t
 
 def test_the_first_drop_of_a_takeover_is_not_called_a_nat():
     """MQTT 3.1.1 takeover: drops at varying uptimes, reconnects at once; the first one is idle-like."""
-    clock = Clock()
+    clock = FakeClock(1000.0)
     c = Classifier(clock=clock)
     clock.t += 20
     first = c.classify(lost(clock, 12.0, 6.0))
@@ -105,7 +100,7 @@ def test_the_first_drop_of_a_takeover_is_not_called_a_nat():
 # --- point 1: a poison message is not a takeover ---------------------------------------------------
 
 def test_drops_right_after_an_unacknowledged_message_are_message_rejected_never_a_takeover():
-    clock = Clock()
+    clock = FakeClock(1000.0)
     c = Classifier(clock=clock)
     suspect = "a 49152-byte message to 'command///res/r1/200', sent 0.0 s before and not acknowledged"
     for uptime in (0.1, 0.4, 0.05, 0.9, 0.2):  # short-lived, reconnect at once, session kept: the takeover shape
@@ -123,14 +118,14 @@ def test_drops_right_after_an_unacknowledged_message_are_message_rejected_never_
 
 # --- point 7: a real MQTT 5 takeover -----------------------------------------------------------------
 
-def _session(clock: Clock) -> Session:
+def _session(clock: FakeClock) -> Session:
     cfg = MqttConfig(hosts=(HOST,), client_id="dev-1", protocol="5")
     return Session(cfg, TlsConfig(enabled=False), ReconnectConfig(), ssl_context=None, on_message=lambda m: None,
                    clock=clock, wall=clock)
 
 
 def test_disconnect_0x8e_from_the_broker_is_a_declared_takeover_at_the_first_drop():
-    clock = Clock()
+    clock = FakeClock(1000.0)
     session = _session(clock)
     conn = session._conn = _Conn(HOST, clock.t - 5, 60, connected_at=clock.t - 4.5, session_present=True)
     reason = ReasonCode(PacketTypes.DISCONNECT, identifier=0x8E)
@@ -142,13 +137,13 @@ def test_disconnect_0x8e_from_the_broker_is_a_declared_takeover_at_the_first_dro
     ended = monitor.classify(conn.ended)
     assert ended.kind == SESSION_TAKEN_OVER and "Session taken over" in ended.reason
     events = monitor.account(ended)
-    assert ("session_takeover", ("dev-1",)) in events
+    assert SessionTakeover("dev-1") in events
     assert monitor.backoff.damped and monitor.duplicate is not None
     assert monitor.tuner.current == 60  # a takeover never shortens the keepalive
 
 
 def test_a_0x8e_takeover_with_an_unacknowledged_message_stays_a_takeover():
-    clock = Clock()
+    clock = FakeClock(1000.0)
     c = Classifier(clock=clock)
     clock.t += 5
     verdict = c.classify(lost(clock, 3.0, 0.0, kind=SESSION_TAKEN_OVER, reason_code=0x8E, from_server=True,
@@ -157,7 +152,7 @@ def test_a_0x8e_takeover_with_an_unacknowledged_message_stays_a_takeover():
 
 
 def test_other_server_disconnects_are_not_takeovers():
-    clock = Clock()
+    clock = FakeClock(1000.0)
     session = _session(clock)
     conn = session._conn = _Conn(HOST, clock.t - 5, 60, connected_at=clock.t - 4.5)
     session._handle_disconnect(session._client, None, DisconnectFlags(True),

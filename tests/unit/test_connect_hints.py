@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from agent.classify import CONNECTION_LOST, NETWORK_ERROR, REFUSED
 from agent.config import Config, HostPort, KeepaliveTuningConfig, MqttConfig, ReconnectConfig, parse_config
-from agent.doctor import probe
-from agent.doctor.mqtt_check import connack_finding, connect_result
-from agent.link import ConnectionEnded
-from agent.resilience import ConnectionMonitor
+from agent.connection import probe
+from agent.connection.classify import CONNECTION_LOST, NETWORK_ERROR, REFUSED
+from agent.connection.events import ConnectionEnded
+from agent.connection.monitor import ConnectionMonitor
+from agent.tools.doctor.mqtt_check import connack_finding, connect_result
 
 HOST = HostPort("broker", 8883)
 FIX = 'set mqtt.protocol = "3.1.1"'

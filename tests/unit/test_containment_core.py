@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.commands.environment import clean_environment, is_removed
 from agent.commands.processes import ProcInfo, _stat, descendants
 from agent.config import parse_config
+from agent.environment import clean_environment, is_removed
 from agent.errors import ConfigError
-from agent.logs import LogSummary, untrusted
+from agent.logtext import LogSummary, untrusted
 
 
 def test_untrusted_cuts_escapes_and_says_how_much_was_cut() -> None:

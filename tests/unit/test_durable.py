@@ -1,4 +1,4 @@
-"""agent.durable: atomic, durable small-file writes and stale temporary files."""
+"""agent.state.files: atomic, durable small-file writes and stale temporary files."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.durable import is_temp_name, remove_stale_temps, write_atomic
+from agent.state.files import is_temp_name, remove_stale_temps, write_atomic
 
 
 def test_write_atomic_replaces_content_with_mode(tmp_path: Path) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import random
 
-from agent.backoff import Backoff, HostRotation
 from agent.config import ReconnectConfig
+from agent.connection.backoff import Backoff, HostRotation
 
 
 def test_a_refused_host_is_left_after_one_try_an_ambiguous_failure_after_two():

@@ -11,9 +11,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.connection import poison
+from agent.state import poison
 from agent.state.outbox import Outbox
 from agent.state.store import OutMessage, StateStore
+from tests.support.clock import FakeClock
 
 # --- sizes ------------------------------------------------------------------------------------------
 
@@ -85,12 +86,6 @@ def test_never_set_aside_before_the_last_try(drops):
 
 # --- the outbox applying them -----------------------------------------------------------------------
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 class Link:
@@ -109,15 +104,15 @@ class Link:
         return next(self._ids)
 
 
-def make(tmp_path: Path) -> tuple[Outbox, Link, Clock]:
-    clock = Clock()
+def make(tmp_path: Path) -> tuple[Outbox, Link, FakeClock]:
+    clock = FakeClock(100.0)
     box = Outbox(StateStore(tmp_path / "state"), 100, clock=clock, report_interval=0)
     link = Link()
     box.bind(link, withdraw=link.withdrawn.append, on_set_aside=link.set_aside.append)
     return box, link, clock
 
 
-def reconnect(box: Outbox, clock: Clock) -> None:
+def reconnect(box: Outbox, clock: FakeClock) -> None:
     box.link_down()
     clock.t += 1.0
     box.link_up()

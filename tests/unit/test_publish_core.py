@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.service.publish import ApiError, PublishContext, batch, packet_size, single
 from agent.state.outbox import Outbox, PublishLimits, QueueFull
+from agent.state.publish import ApiError, PublishContext, batch, packet_size, single
 from agent.state.store import OutMessage, StateStore
 from agent.topics import error_filter, parse_error, publish_topic
 
@@ -203,7 +203,7 @@ def test_the_queue_survives_a_restart_in_order_with_its_age(tmp_path):
 
 
 def test_an_unsendable_telemetry_message_is_set_aside_and_leaves_the_bounds(tmp_path):
-    from agent.connection import poison
+    from agent.state import poison
 
     class Picky(Link):
         def __call__(self, msg: OutMessage) -> int | None:

@@ -11,11 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.config import HostPort, parse_config
-from agent.link import ConnectionEnded
-from agent.metrics import RenewalMetrics
+from agent.connection.events import ConnectionEnded
 from agent.renewal import policy
 from agent.renewal.rollover import WATCH_FAILURES, Renewer
 from agent.renewal.store import ACTIVE, PENDING, PENDING_KEY, PREVIOUS, REJECTED, PairStore, select_pair
+from agent.service.metrics import RenewalMetrics
 from tests.support.pki import TestCA, sign_csr
 
 UTC = datetime.timezone.utc
@@ -191,7 +191,7 @@ def test_a_crash_at_any_step_of_a_switch_leaves_a_usable_pair(tmp_path: Path, ca
     now = datetime.datetime.now(UTC)
     pair = select_pair(store, renewer.cfg.tls, "dev-1", now)
     assert pair is not None
-    from agent.tls import build_context
+    from agent.tls.context import build_context
 
     build_context(pair.tls(renewer.cfg.tls))  # OpenSSL loads it: certificate and key belong together
 

@@ -14,10 +14,10 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from agent.config import Config, TlsConfig, parse_config, render_config
-from agent.doctor.mqtt_check import probe_subscription, subscribe_refused
+from agent.connection.session import SHARED_UNSUPPORTED_FIX
 from agent.errors import ConfigError
-from agent.metrics import AgentMetrics
-from agent.session import SHARED_UNSUPPORTED_FIX
+from agent.service.metrics import AgentMetrics
+from agent.tools.doctor.mqtt_check import probe_subscription, subscribe_refused
 from agent.topics import MAX_SHARED_GROUP, check_shared_group, parse_request, shared_filter
 
 
@@ -126,7 +126,7 @@ def test_the_agent_log_names_the_setting_for_0x9e() -> None:
 
 
 def test_joining_or_leaving_a_group_takes_a_restart(tmp_path: Path) -> None:
-    from agent.reload import plan_reload
+    from agent.service.reload import plan_reload
 
     plan = plan_reload(parsed(tmp_path), parsed(tmp_path, shared_group="site-a"))
     assert plan.restart_needed == ("mqtt.shared_group",)

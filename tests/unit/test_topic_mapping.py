@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.doctor import topic_mapping as tm
+from agent.tools.doctor import topic_mapping as tm
 
 
 def test_the_topic_a_probe_comes_back_on_tells_the_mapping():

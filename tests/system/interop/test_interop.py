@@ -14,9 +14,9 @@ from typing import Any, Callable
 import pytest
 
 from agent.config import load_config
-from agent.doctor import render_text, run_doctor
 from agent.errors import AgentError
-from agent.sender import send_command
+from agent.tools.doctor import render_text, run_doctor
+from agent.tools.send import send_command
 from tests.conftest import PKI
 from tests.support.agentproc import AgentProcess
 from tests.support.brokers import Broker

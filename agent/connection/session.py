@@ -1,0 +1,840 @@
+"""The MQTT session: one connection at a time, driven on the agent's own network thread (the paho client
+itself comes from adapter.py).
+
+The agent owns the network thread (`client.loop()` in a loop of its own) instead of paho's
+loop_start(), so that the reconnect policy, failover and keepalive are the agent's decisions.
+Every paho callback only translates into the agent's own types and hands off; each is guarded,
+because an exception in a paho callback kills the network thread.
+
+Commands are acknowledged by hand (paho's manual_ack): `on_message` gets the message and an `Ack`, and
+the PUBACK is sent only when the owner calls it, once the command is on disk (the state store's writer
+calls it after its fsync). paho's `ack()` only queues a packet and is safe from another thread, but a
+message id belongs to one connection: the Ack hands (connection, mid) to the network thread, which
+sends it only if that connection is still the current one (after a reconnect the broker redelivers,
+and the journal answers the redelivery).
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent.config import HostPort, KeepaliveTuningConfig, MqttConfig, ReconnectConfig, TlsConfig, read_secret
+from agent.connection.adapter import (
+    AUTH_FAILURE_CODES,
+    RC_KEEPALIVE_TIMEOUT,
+    RC_SESSION_TAKEN_OVER,
+    RC_SHARED_UNSUPPORTED,
+    connect_properties,
+    guarded,
+    inbound_from,
+    new_client,
+    publish_properties,
+)
+from agent.connection.backoff import Backoff, HostRotation
+from agent.connection.classify import (
+    AUTH_FAILED,
+    CONNECTION_LOST,
+    KEEPALIVE_TIMEOUT,
+    NETWORK_ERROR,
+    RECONNECT_REQUESTED,
+    REFUSED,
+    SERVER_DISCONNECT,
+    SESSION_TAKEN_OVER,
+    SHUTDOWN,
+    TLS_ERROR,
+)
+from agent.connection.events import (
+    Connected,
+    Connecting,
+    ConnectionEnded,
+    Ended,
+    MessageSetAside,
+    OutboxChanged,
+    OutboxDropped,
+    ReconnectScheduled,
+    SessionEvent,
+    SessionListener,
+    SessionState,
+    Subscribed,
+)
+from agent.connection.monitor import ConnectionMonitor
+from agent.errors import TLSSetupError
+from agent.logtext import LogSummary, untrusted
+from agent.protocol import Inbound
+from agent.state import poison
+from agent.state.outbox import Outbox
+from agent.state.store import OutMessage
+from agent.tls.explain import explain_handshake_error, fetch_peer_certificate
+
+# A publisher that retains commands would otherwise cost one warning per message.
+log = logging.getLogger(__name__)
+_RETAINED_LOG = LogSummary(log)
+
+
+SHARED_UNSUPPORTED_FIX = ("this broker does not serve shared subscriptions (mqtt.shared_group): remove "
+                          "mqtt.shared_group, or use a broker that supports them (mosquitto 2, EMQX, HiveMQ)")
+
+
+# paho needs about 2 x keepalive to notice a link that stopped carrying traffic (PINGREQ after one
+# keepalive, gives up one keepalive later). The session closes the link itself once a PINGREQ has
+# waited this share of the keepalive (at least PING_GRACE_MIN s, for slow cellular round trips).
+PING_GRACE = 0.5
+
+
+PING_GRACE_MIN = 2.0
+
+
+# A host counts as working once a connection to it has lasted this long (not at CONNACK: a broker
+# that accepts and drops at once must be left for the next host too).
+HOST_PROVEN_AFTER = 5.0
+
+
+# After an unexpected internal error in the network loop, wait this long before connecting again.
+INTERNAL_ERROR_RETRY = 5.0
+
+
+@dataclass
+class _Conn:
+    host: HostPort
+    attempt_started: float
+    keepalive: int
+    connected_at: float | None = None
+    session_present: bool | None = None
+    ended: ConnectionEnded | None = None
+    refused: tuple[int, str] | None = None
+    asked_keepalive: int | None = None  # set when the broker's Server Keep Alive replaced it
+    close_reason: tuple[str, str] | None = None  # set when the agent closes the socket itself
+
+
+@dataclass
+class _SubscribeState:
+    pending_mid: int | None = None
+    granted: bool = False
+    failures: int = 0
+    retry_at: float | None = None
+
+
+class Session:
+    """Keeps one MQTT session up, subscribed to the command topic, and hands messages to `on_message`."""
+
+    def __init__(
+        self,
+        mqtt_cfg: MqttConfig,
+        tls_cfg: TlsConfig,
+        reconnect_cfg: ReconnectConfig,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        on_message: Callable[[Inbound, Ack], None],
+        keepalive: Callable[[], int] | None = None,
+        backoff: Backoff | None = None,
+        listeners: Sequence[SessionListener] = (),
+        client_id: str | None = None,
+        topics: Sequence[str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        monitor: ConnectionMonitor | None = None,
+        outbox: Outbox | None = None,
+        on_ack_delay: Callable[[float], None] | None = None,
+    ) -> None:
+        self.cfg = mqtt_cfg
+        self._on_ack_delay = on_ack_delay  # seconds from a command's receipt to its PUBACK (a metric)
+        self.tls_cfg = tls_cfg
+        self._ssl_context = ssl_context
+        self._on_message = on_message
+        self.client_id = client_id or mqtt_cfg.client_id
+        # Without a monitor (tests, tools) ends are still classified, with tuning off and nothing persisted.
+        self.monitor = monitor or ConnectionMonitor(
+            mqtt_cfg, reconnect_cfg, KeepaliveTuningConfig(enabled=False, min=1), client_id=self.client_id,
+            backoff=backoff, clock=clock, wall=wall)
+        self._keepalive = keepalive or self.monitor.keepalive
+        self.backoff = self.monitor.backoff
+        self.listeners = list(listeners)
+        self.outbox = outbox
+        self.topics = list(topics if topics is not None else [mqtt_cfg.subscription])
+        self._clock = clock
+        self._wall = wall
+        self._hosts = HostRotation(mqtt_cfg.hosts)
+        self._client = new_client(mqtt_cfg, self.client_id, ssl_context)
+        self._client.on_connect = self._handle_connect
+        self._client.on_disconnect = self._handle_disconnect
+        self._client.on_message = self._handle_message
+        self._client.on_subscribe = self._handle_subscribe
+        self._client.on_publish = self._handle_publish
+        self._client.manual_ack_set(True)
+        self._acks: deque[tuple[_Conn, int, int, float]] = deque()  # (connection, mid, qos, received) to ack
+        self._withdrawn: list[int] = []  # message ids paho must not re-send (set aside), dropped before a connect
+        self._broker_max_packet: int | None = None  # MQTT 5 CONNACK Maximum Packet Size of this connection
+        if outbox is not None:
+            outbox.bind(self._send_now, lambda size: self._notify(OutboxChanged(size)),
+                        lambda count: self._notify(OutboxDropped(count)),
+                        withdraw=self._withdrawn.append,
+                        on_set_aside=lambda reason: self._notify(MessageSetAside(reason)))
+        self._next_check = 0.0
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        # One thread at a time touches the TLS socket (an SSL object is not safe for concurrent use).
+        # The network thread holds this lock while paho reads, writes and keeps time; a worker that
+        # publishes while the network thread sleeps in select() writes the packet itself, which saves
+        # waking that thread (a cross-CPU wake-up) for every response.
+        self._io_lock = threading.Lock()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._client.on_socket_register_write = self._write_now
+        self._reconnect_reason: str | None = None
+        self._thread: threading.Thread | None = None
+        self._conn: _Conn | None = None
+        self._sub: dict[str, _SubscribeState] = {}
+        self._connects = 0
+        self._attempts = 0
+        self._last_end: ConnectionEnded | None = None
+        self._tls_explained: dict[tuple[str, str], str] = {}
+        self._pending_config: tuple[MqttConfig, TlsConfig, ssl.SSLContext | None] | None = None
+        self.heartbeat = clock()  # updated by every turn of the network loop (watchdog evidence)
+
+    # --- public API (any thread) -----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="mqtt-network", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Disconnect cleanly (DISCONNECT sent) and end the network thread."""
+        self._stop.set()
+        self._wake.set()
+        self._wake_loop()
+        if self._thread:
+            self._thread.join(timeout)
+
+    def request_reconnect(self, reason: str) -> None:
+        """Close the current connection cleanly and connect again now (e.g. after a config reload)."""
+        self._reconnect_reason = reason
+        self._wake.set()
+        self._wake_loop()
+
+    def reconfigure(self, mqtt_cfg: MqttConfig, tls_cfg: TlsConfig, ssl_context: ssl.SSLContext | None,
+                    reason: str) -> None:
+        """Use new hosts, credentials and TLS context (config reload): the current connection is closed
+        cleanly and the next one uses them. Client id, protocol and session settings stay as they are."""
+        self._pending_config = (mqtt_cfg, tls_cfg, ssl_context)
+        self.request_reconnect(reason)
+
+    def _apply_pending_config(self) -> None:
+        """On the network thread, between connections: swap in what `reconfigure` left."""
+        pending, self._pending_config = self._pending_config, None
+        if pending is None:
+            return
+        mqtt_cfg, tls_cfg, ssl_context = pending
+        if mqtt_cfg.hosts != self.cfg.hosts:
+            self._hosts = HostRotation(mqtt_cfg.hosts)
+        self.cfg, self.tls_cfg = mqtt_cfg, tls_cfg
+        password = read_secret(mqtt_cfg.password_file) if mqtt_cfg.password_file else mqtt_cfg.password
+        self._client.username_pw_set(mqtt_cfg.username, password)
+        # paho refuses a second tls_set_context(); the socket is closed here, so replacing it is safe.
+        self._client._ssl_context = None
+        self._client._ssl = False
+        if ssl_context is not None:
+            self._client.tls_set_context(ssl_context)
+        self._ssl_context = ssl_context
+        self._tls_explained.clear()
+
+    @property
+    def thread_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        *,
+        correlation_data: bytes | None = None,
+        user_properties: tuple[tuple[str, str], ...] = (),
+        content_type: str | None = None,
+    ) -> None:
+        """Queue a message. With an outbox it is stored first and survives a disconnect or a crash;
+        without one, QoS 1 messages published while offline are sent after the next CONNACK."""
+        msg = OutMessage(topic, payload, qos, correlation_data, user_properties, content_type)
+        if self.outbox is not None:
+            self.outbox.put(msg)
+            return
+        try:
+            self._send_now(msg)
+        except poison.Unsendable as exc:
+            log.warning("did not send a %d-byte message to '%s': %s", len(payload), untrusted(topic, 120), exc.detail)
+            self._notify(MessageSetAside(exc.reason))
+
+    def max_message_bytes(self) -> int | None:
+        """The size limit in force for what the agent publishes (None: unlimited)."""
+        return poison.effective_limit(self.cfg.max_message_bytes, self._broker_max_packet)
+
+    def _packet_size(self, msg: OutMessage, props: Properties | None) -> int:
+        props_len = len(props.pack()) if props is not None else (1 if self.cfg.is_v5 else None)  # type: ignore[no-untyped-call]
+        return poison.publish_packet_size(msg.topic, len(msg.payload), msg.qos, props_len)
+
+    def _fit(self, msg: OutMessage) -> tuple[OutMessage, Properties | None]:
+        """`msg` as it may go out under the size limit: itself, or the 500 that replaces an oversized
+        response. Raises poison.Unsendable if neither fits."""
+        props = (publish_properties(msg.correlation_data, msg.user_properties, msg.content_type)
+                 if self.cfg.is_v5 else None)
+        if self.cfg.is_v5 and msg.expires is not None and msg.kind in ("telemetry", "event"):
+            # The time left of the message's ttl, as MQTT 5 Message Expiry Interval (Hono: hono-ttl).
+            if props is None:
+                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.MessageExpiryInterval = max(1, int(msg.expires - self._wall() + 0.999))
+        limit = self.max_message_bytes()
+        if limit is None:
+            return msg, props
+        size = self._packet_size(msg, props)
+        if size <= limit:
+            return msg, props
+        source = poison.limit_source(self.cfg.max_message_bytes, self._broker_max_packet)
+        sub = poison.too_large_response(msg.topic, msg.user_properties, size, limit, source)
+        if sub is not None:
+            fitted = replace(msg, topic=sub.topic, payload=sub.payload, user_properties=sub.user_properties,
+                             content_type="application/json")
+            fitted_props = (publish_properties(fitted.correlation_data, fitted.user_properties, fitted.content_type)
+                            if self.cfg.is_v5 else None)
+            if self._packet_size(fitted, fitted_props) <= limit:
+                log.warning("a response to '%s' is %d bytes as an MQTT packet, over the limit of %d bytes (%s): "
+                            "answered 500 instead", untrusted(msg.topic, 120), size, limit, source,
+                            extra={"MQTT_SET_ASIDE": poison.TOO_LARGE})
+                self._notify(MessageSetAside(poison.TOO_LARGE))
+                return fitted, fitted_props
+        raise poison.Unsendable(poison.TOO_LARGE, f"{size} bytes as an MQTT packet, over the limit of {limit} bytes "
+                                                  f"({source}), and no shorter error response fits")
+
+    def _send_now(self, msg: OutMessage) -> int | None:
+        """Hand `msg` to paho; its message id, or None if paho did not take it. Raises
+        poison.Unsendable for a message over the size limit that has no replacement."""
+        msg, props = self._fit(msg)
+        info = self._client.publish(msg.topic, msg.payload, msg.qos, properties=props)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            log.error("could not queue a message for %s: %s", untrusted(msg.topic), mqtt.error_string(info.rc))
+            return None
+        return int(info.mid)
+
+    def unacknowledged(self) -> int:
+        """Messages not yet acknowledged by the broker (in the outbox, or held by paho)."""
+        if self.outbox is not None:
+            return self.outbox.size
+        return len(self._client._out_messages)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every queued QoS 1 message is acknowledged, or `timeout` passes."""
+        end = self._clock() + timeout
+        while self.unacknowledged():
+            if self._clock() >= end or not self.state().connected:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def state(self) -> SessionState:
+        conn = self._conn
+        connected = bool(conn and conn.connected_at is not None and conn.ended is None)
+        return SessionState(
+            connected=connected,
+            host=conn.host if conn else None,
+            protocol="5" if self.cfg.is_v5 else "3.1.1",
+            keepalive=conn.keepalive if conn else None,
+            connected_since=conn.connected_at if connected and conn else None,
+            connects=self._connects,
+            attempts=self._attempts,
+            last_end=self._last_end,
+            subscribed=connected and all(s.granted for s in self._sub.values()),
+            keepalive_set_by_broker=bool(conn and conn.asked_keepalive is not None),
+            max_message_bytes=self.max_message_bytes(),
+        )
+
+    # --- network thread --------------------------------------------------------------------------
+
+    def _notify(self, event: SessionEvent) -> None:
+        for listener in self.listeners:
+            try:
+                event.deliver(listener)
+            except Exception:
+                log.exception("session listener %r failed on %s", listener, type(event).__name__)
+
+    def _emit(self, events: Sequence[SessionEvent]) -> None:
+        for event in events:
+            self._notify(event)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._cycle()
+            except Exception:
+                log.exception("internal error in the MQTT network loop; the connection is reset and retried in "
+                              "%g s", INTERNAL_ERROR_RETRY)
+                self._recover_from_internal_error()
+                self._wake.wait(INTERNAL_ERROR_RETRY)
+
+    def _recover_from_internal_error(self) -> None:
+        conn = self._conn
+        try:
+            self._client._sock_close()
+            if conn is not None and conn.ended is None:
+                conn.close_reason = (NETWORK_ERROR, "internal error in the network loop")
+                ended = self._end(conn, False, None, "internal error")
+                self._last_end = ended
+                self._notify(Ended(ended))
+        except Exception:
+            log.exception("could not reset the connection after an internal error")
+
+    def _cycle(self) -> None:
+        """One connection: connect, serve until it ends, account for the end, wait before the next."""
+        self._wake.clear()
+        self._reconnect_reason = None
+        self._apply_pending_config()
+        raw = self._connect_and_serve()
+        if self.outbox is not None and raw.connected_at is not None:
+            # Here, not in _end: _end may run inside a paho callback, and the outbox lock must never be
+            # taken under paho's locks (a worker holding it may be waiting for them in publish()).
+            # Ends with a known cause (ours, a takeover the broker named, a dead link) count against no message.
+            explained = raw.kind in (SHUTDOWN, RECONNECT_REQUESTED, SESSION_TAKEN_OVER, KEEPALIVE_TIMEOUT)
+            suspect = self.outbox.poison_check(expected_end=explained)
+            raw = replace(raw, message_suspect=suspect)
+        try:
+            ended = self.monitor.classify(raw)
+        except Exception:
+            log.exception("internal error while classifying a disconnect")
+            ended = replace(raw, kind={CONNECTION_LOST: NETWORK_ERROR, RECONNECT_REQUESTED: SHUTDOWN}.get(
+                raw.kind, raw.kind))
+        self._last_end = ended
+        self._log_end(ended, raw.kind, raw.reason)
+        self._notify(Ended(ended))
+        try:
+            self._emit(self.monitor.account(ended))
+        except Exception:
+            log.exception("internal error while accounting for a disconnect")
+        if self._stop.is_set():
+            return
+        if raw.kind == RECONNECT_REQUESTED:
+            return
+        # A host that fails to connect, or accepts and drops at once, is skipped after a few tries.
+        flapping = ended.uptime is not None and ended.uptime < HOST_PROVEN_AFTER and ended.kind in (
+            NETWORK_ERROR, SERVER_DISCONNECT)
+        failed_over = False
+        if ended.connected_at is None or flapping:
+            # A refused TCP connect means nothing listens there (a stopped cluster node): no point in a second try.
+            refused = ended.kind == REFUSED and ended.error != ""
+            failed_over = self._hosts.failed(definite=refused)
+            if failed_over:
+                log.warning("%s %s; failing over to %s", ended.host, "refused the connection" if refused
+                            else "failed repeatedly", self._hosts.current)
+        # After a failover the next host is tried at once (reconnect.min_delay, jittered), not after the
+        # backoff built against the host that failed; the failure count stays, so if every host is down
+        # the delays still grow.
+        delay = self.backoff.failover_delay() if failed_over else self.backoff.next_delay()
+        self._notify(ReconnectScheduled(delay, ended))
+        log.info("reconnecting in %.1f s (%s; random delay up to %g s%s)", delay, ended.kind,
+                 self.backoff.ceiling(), ", damped: duplicate client id" if self.backoff.damped else "",
+                 extra={"MQTT_REASON": ended.kind})
+        self._wake.wait(delay)
+
+    def _log_end(self, ended: ConnectionEnded, raw_kind: str, raw_reason: str = "") -> None:
+        if ended.error:
+            # A failed connect attempt: _connect_failed has logged it, unless the history adds to it
+            # (e.g. the broker that dropped us refuses the next CONNECT: it was restarting).
+            if ended.reason != raw_reason:
+                log.warning("%s", ended.reason, extra={"MQTT_REASON": ended.kind})
+            return
+        if raw_kind == RECONNECT_REQUESTED:
+            log.info("disconnected from %s to reconnect: %s", ended.host, ended.reason)
+            return
+        if ended.kind == SHUTDOWN:
+            log.info("disconnected from %s (%s)", ended.host, ended.reason or "agent request")
+            return
+        up = f" after {ended.uptime:.1f} s" if ended.uptime is not None else ""
+        idle = f", {ended.idle_for:.1f} s after the last byte received" if ended.idle_for is not None else ""
+        level = logging.ERROR if ended.kind in (AUTH_FAILED, REFUSED, SESSION_TAKEN_OVER) else logging.WARNING
+        log.log(level, "connection to %s ended%s%s: %s: %s", ended.host, up, idle, ended.kind, ended.reason,
+                extra={"MQTT_REASON": ended.kind, "MQTT_RC": ended.reason_code})
+
+    def _drop_withdrawn(self) -> None:
+        """Make paho forget set-aside messages before it re-sends what it holds at the next CONNACK."""
+        if not self._withdrawn:
+            return
+        with self._client._out_message_mutex:
+            for mid in self._withdrawn:
+                self._client._out_messages.pop(mid, None)
+        self._withdrawn.clear()
+
+    def _connect_and_serve(self) -> ConnectionEnded:
+        self._drop_withdrawn()
+        self._broker_max_packet = None
+        host = self._hosts.current
+        keepalive = self._keepalive()
+        self._attempts += 1
+        conn = self._conn = _Conn(host, self._clock(), keepalive)
+        self._sub = {t: _SubscribeState() for t in self.topics}
+        self._client.begin_connection()
+        self._notify(Connecting(host, self._attempts))
+        log.debug("connecting to %s as %s (keepalive %d s)", host, self.client_id, keepalive)
+        try:
+            self._client.connect(
+                host.host,
+                host.port,
+                keepalive=keepalive,
+                clean_start=self.cfg.clean_session if self.cfg.is_v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                properties=connect_properties(self.cfg),
+            )
+        except Exception as exc:  # noqa: BLE001 - every failure to connect is classified, none is fatal
+            return self._connect_failed(conn, exc)
+        self._serve(conn)
+        assert conn.ended is not None
+        return conn.ended
+
+    def _serve(self, conn: _Conn) -> None:
+        disconnect_deadline: float | None = None
+        while conn.ended is None:
+            now = self._clock()
+            self.heartbeat = now
+            if disconnect_deadline is None and (self._stop.is_set() or self._reconnect_reason):
+                conn.close_reason = (
+                    (SHUTDOWN, "agent stopping") if self._stop.is_set()
+                    else (RECONNECT_REQUESTED, self._reconnect_reason or "")
+                )
+                disconnect_deadline = now + 2.0
+                if conn.connected_at is None:
+                    self._close(conn)
+                    break
+                self._client.disconnect()
+            elif disconnect_deadline is not None and now > disconnect_deadline:
+                self._close(conn)
+                break
+            if conn.connected_at is None and now - conn.attempt_started > self.cfg.connect_timeout:
+                conn.close_reason = (NETWORK_ERROR, f"no CONNACK within {self.cfg.connect_timeout:g} s")
+                self._close(conn)
+                break
+            self._retry_subscriptions(now)
+            if disconnect_deadline is None and conn.connected_at is not None and self._check_link(conn, now):
+                break
+            self._send_acks(conn)
+            rc = self._loop_once(0.5)
+            self._send_acks(conn)
+            if rc != mqtt.MQTT_ERR_SUCCESS and conn.ended is None and self._client.socket() is None:
+                self._end(conn, False, None, mqtt.error_string(rc))
+            if self.outbox is not None:
+                self.outbox.pump()
+
+    def _loop_once(self, timeout: float) -> int:
+        """One turn of the network loop: wait for the socket (or a wake-up), then let paho read, write
+        and keep time, under the I/O lock. The same steps as paho's loop(), on paho's external-loop API."""
+        client = self._client
+        sock = client.socket()
+        if sock is None:
+            return int(mqtt.MQTT_ERR_NO_CONN)
+        pending = sock.pending() if isinstance(sock, ssl.SSLSocket) else 0  # decrypted bytes select() cannot see
+        try:
+            readable, _, _ = select.select([sock, self._wake_r], [sock] if client.want_write() else [], [],
+                                           0.0 if pending else timeout)
+        except (OSError, ValueError):
+            readable = [sock]  # closed under us: the read below reports it
+        if self._wake_r in readable:
+            try:
+                self._wake_r.recv(4096)
+            except BlockingIOError:
+                pass
+        with self._io_lock:
+            if sock in readable or pending:
+                rc = client.loop_read()
+                if rc or client.socket() is None:
+                    return int(rc)
+            if client.want_write():
+                rc = client.loop_write()
+                if rc or client.socket() is None:
+                    return int(rc)
+            return int(client.loop_misc())
+
+    def _send_acks(self, conn: _Conn) -> None:
+        """PUBACK the commands that are durable now (network thread), in the order they became so."""
+        observe = self._on_ack_delay
+        while self._acks:
+            owner, mid, qos, received = self._acks.popleft()
+            if owner is conn and conn.ended is None:
+                self._client.ack(mid, qos)
+                if observe is not None:
+                    observe(self._clock() - received)
+
+    def _queue_ack(self, conn: _Conn, mid: int, qos: int, received: float) -> None:
+        """Any thread: acknowledge `mid` of `conn` from the network thread, soon."""
+        self._acks.append((conn, mid, qos, received))
+        self._wake_loop()
+
+    def _write_now(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        """paho has a packet to write (called in the publishing thread): write it now if the network
+        thread is not using the socket; otherwise that thread writes it before it sleeps again."""
+        if self._io_lock.acquire(blocking=False):
+            try:
+                client.loop_write()
+            except Exception:
+                log.debug("writing from the publishing thread failed", exc_info=True)
+            finally:
+                self._io_lock.release()
+
+    def _wake_loop(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is pending already (or the session is closing)
+
+    def _check_link(self, conn: _Conn, now: float) -> bool:
+        """Close a link that stopped answering (True if it did); once a second, note the uptime and
+        whether a longer keepalive is due for a probe."""
+        since = self._client.ping_outstanding_since()
+        if since is not None:
+            waited = time.monotonic() - since  # paho stamps its PINGREQ with time.monotonic()
+            limit = max(PING_GRACE * conn.keepalive, PING_GRACE_MIN)
+            if waited >= limit:
+                conn.close_reason = (KEEPALIVE_TIMEOUT, f"no PINGRESP {waited:.1f} s after our PINGREQ (keepalive "
+                                                        f"{conn.keepalive} s): the link stopped carrying traffic")
+                self._close(conn, RC_KEEPALIVE_TIMEOUT)
+                return True
+        if now < self._next_check or conn.connected_at is None:
+            return False
+        self._next_check = now + 1.0
+        if now - conn.connected_at >= HOST_PROVEN_AFTER:
+            self._hosts.succeeded()
+        self.monitor.connection_up_for(now - conn.connected_at, conn.keepalive)
+        events = self.monitor.probe()
+        if events:
+            self._emit(events)
+            self.request_reconnect("applying a longer keepalive (probe)")
+        return False
+
+    def _close(self, conn: _Conn, code: int | None = None) -> None:
+        """Close the socket ourselves; paho calls no on_disconnect for that, so end the record here."""
+        self._client._sock_close()
+        if conn.ended is None:
+            self._end(conn, False, code, "closed by the agent")
+
+    def _connect_failed(self, conn: _Conn, exc: Exception) -> ConnectionEnded:
+        host = conn.host
+        if isinstance(exc, (ssl.SSLError, ssl.CertificateError)):
+            kind, reason = TLS_ERROR, self._explain_tls(host, exc)
+        elif isinstance(exc, ConnectionRefusedError):
+            kind, reason = REFUSED, f"connection refused by {host}: nothing listens on that port"
+        elif isinstance(exc, socket.gaierror):
+            kind, reason = NETWORK_ERROR, f"cannot resolve {host.host}: {exc.strerror or exc}"
+        elif isinstance(exc, (socket.timeout, TimeoutError)):
+            kind, reason = NETWORK_ERROR, f"{host} did not answer within {self.cfg.connect_timeout:g} s"
+        elif isinstance(exc, OSError):
+            kind, reason = NETWORK_ERROR, f"cannot reach {host}: {exc.strerror or exc}"
+        else:
+            kind, reason = NETWORK_ERROR, f"connecting to {host} failed: {exc}"
+        try:
+            self._client._sock_close()
+        except Exception:  # noqa: BLE001 - best effort cleanup of a half-open socket
+            pass
+        ended = ConnectionEnded(host=host, kind=kind, reason=reason, attempt_started=conn.attempt_started,
+                                ended_at=self._clock(), keepalive=conn.keepalive, error=repr(exc))
+        conn.ended = ended
+        if kind != TLS_ERROR:
+            log.warning("%s", reason, extra={"MQTT_REASON": kind})
+        return ended
+
+    def _explain_tls(self, host: HostPort, exc: Exception) -> str:
+        key = (str(host), f"{type(exc).__name__}:{getattr(exc, 'verify_code', '')}:{getattr(exc, 'reason', '')}")
+        known = self._tls_explained.get(key)
+        if known:
+            log.error("TLS handshake with %s failed again: %s", host, known, extra={"MQTT_REASON": TLS_ERROR})
+            return known
+        peer = None
+        if getattr(exc, "verify_code", None) is not None:
+            peer = fetch_peer_certificate(host, self.tls_cfg, timeout=self.cfg.connect_timeout)
+        err: TLSSetupError = explain_handshake_error(exc, host, self.tls_cfg, peer)
+        text = str(err)
+        self._tls_explained[key] = text
+        log.error("TLS handshake with %s failed: %s", host, text, extra={"MQTT_REASON": TLS_ERROR})
+        return text
+
+    def _end(self, conn: _Conn, from_server: bool, code: int | None, text: str) -> ConnectionEnded:
+        """Record the end of `conn` once (paho may report one disconnect twice)."""
+        if conn.ended is not None:
+            return conn.ended
+        if self.outbox is not None:
+            self.outbox.link_down()
+        link_error = self._client.link_error
+        if conn.close_reason is not None:
+            kind, reason = conn.close_reason
+        elif conn.refused is not None:
+            refused_code, refused_text = conn.refused
+            kind = AUTH_FAILED if refused_code in AUTH_FAILURE_CODES else REFUSED
+            reason = f"the broker refused the connection: {refused_text} (CONNACK 0x{refused_code:02X})"
+            code = refused_code
+        elif from_server:
+            kind = SESSION_TAKEN_OVER if code == RC_SESSION_TAKEN_OVER else SERVER_DISCONNECT
+            reason = f"the broker sent DISCONNECT: {text}"
+        elif code == RC_KEEPALIVE_TIMEOUT:
+            kind, reason = KEEPALIVE_TIMEOUT, f"no answer to our PINGREQ within the keepalive ({conn.keepalive} s)"
+        else:
+            kind, reason = CONNECTION_LOST, f"connection lost ({link_error or text})"
+        last_in, last_out = self._client.last_in, self._client.last_out
+        conn.ended = ConnectionEnded(
+            host=conn.host,
+            kind=kind,
+            reason=reason,
+            attempt_started=conn.attempt_started,
+            ended_at=self._clock(),
+            connected_at=conn.connected_at,
+            last_in=last_in if last_in >= conn.attempt_started else None,
+            last_out=last_out if last_out >= conn.attempt_started else None,
+            reason_code=code,
+            from_server=from_server,
+            keepalive=conn.keepalive,
+            session_present=conn.session_present,
+            longest_quiet=self._client.longest_quiet if conn.connected_at is not None else None,
+            link_error=link_error,
+        )
+        return conn.ended
+
+    # --- paho callbacks (network thread) ---------------------------------------------------------
+
+    @guarded
+    def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                        properties: Any) -> None:
+        conn = self._conn
+        if conn is None or conn.ended is not None:
+            return
+        if reason.is_failure:
+            conn.refused = (int(reason.value), str(reason))
+            return
+        if conn.connected_at is not None:
+            return  # tolerate a repeated callback
+        conn.connected_at = self._clock()
+        server_keepalive = getattr(properties, "ServerKeepAlive", None)
+        if server_keepalive is not None and int(server_keepalive) != conn.keepalive:
+            # MQTT 5: the broker's Server Keep Alive is the one in force (paho pings by it too).
+            conn.asked_keepalive, conn.keepalive = conn.keepalive, int(server_keepalive)
+        max_packet = getattr(properties, "MaximumPacketSize", None)
+        self._broker_max_packet = int(max_packet) if max_packet else None
+        self._connects += 1
+        present = bool(getattr(flags, "session_present", False))
+        conn.session_present = present
+        if self.outbox is not None:
+            self.outbox.link_up()
+        by_broker = (f" set by the broker's Server Keep Alive (we asked for {conn.asked_keepalive} s)"
+                     if conn.asked_keepalive is not None else "")
+        limit = f", messages up to {self._broker_max_packet} bytes" if self._broker_max_packet else ""
+        log.info("connected to %s as %s (MQTT %s, keepalive %d s%s, session %s%s)", conn.host, self.client_id,
+                 "5" if self.cfg.is_v5 else "3.1.1", conn.keepalive, by_broker, "resumed" if present else "new",
+                 limit, extra={"KEEPALIVE": conn.keepalive})
+        for topic in self._sub:
+            self._subscribe(topic)
+        self._notify(Connected(conn.host, conn.keepalive, present))
+
+    def _subscribe(self, topic: str) -> None:
+        rc, mid = self._client.subscribe(topic, qos=self.cfg.qos)
+        state = self._sub[topic]
+        state.pending_mid = mid if rc == mqtt.MQTT_ERR_SUCCESS else None
+        state.retry_at = None
+
+    def _retry_subscriptions(self, now: float) -> None:
+        for topic, state in self._sub.items():
+            if state.retry_at is not None and now >= state.retry_at:
+                log.info("retrying the subscription to %s", topic)
+                self._subscribe(topic)
+
+    @guarded
+    def _handle_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode],
+                          properties: Any) -> None:
+        for topic, state in self._sub.items():
+            if state.pending_mid != mid:
+                continue
+            state.pending_mid = None
+            code = reason_codes[0] if reason_codes else None
+            if code is not None and not code.is_failure:
+                state.granted = True
+                state.failures = 0
+                log.info("subscribed to %s (QoS %d)", topic, int(code.value))
+                self._notify(Subscribed(topic, True, str(code)))
+                continue
+            state.granted = False
+            state.failures += 1
+            delay = min(60.0, 2.0 ** state.failures)
+            state.retry_at = self._clock() + delay
+            fix = (SHARED_UNSUPPORTED_FIX if code is not None and int(code.value) == RC_SHARED_UNSUPPORTED
+                   else f"check the broker ACL for client {self.client_id}")
+            log.error("the broker refused the subscription to %s (SUBACK %s): commands cannot arrive; %s; "
+                      "retrying in %.0f s", topic,
+                      f"0x{int(code.value):02X} {code}" if code is not None else "missing", fix, delay,
+                      extra={"MQTT_REASON": "subscribe_failed"})
+            self._notify(Subscribed(topic, False, str(code)))
+
+    @guarded
+    def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                           properties: Any) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        from_server = bool(getattr(flags, "is_disconnect_packet_from_server", False))
+        self._end(conn, from_server, int(reason.value), str(reason))
+
+    @guarded
+    def _handle_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,
+                        properties: Any) -> None:
+        if reason is not None and getattr(reason, "is_failure", False):
+            log.warning("the broker refused a response (PUBACK %s); it is not sent again: check the broker ACL "
+                        "for client %s", reason, self.client_id)
+        if self.outbox is not None:
+            self.outbox.acked(mid)
+
+    @guarded
+    def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        conn = self._conn
+        now = self._clock()
+        ack = Ack(self, conn, msg.mid, msg.qos, now) if conn is not None and msg.qos > 0 else Ack(None, None, 0, 0)
+        if msg.retain:
+            _RETAINED_LOG.log("retained", logging.WARNING, "ignored a retained message on %s: a retained command "
+                              "would run again at every reconnect; publish commands without the retain flag",
+                              untrusted(msg.topic))
+            ack()
+            return
+        try:
+            self._on_message(inbound_from(msg, self._wall(), now), ack)
+        except BaseException:
+            ack()  # never leave a message unacknowledged: the broker would stop sending (receive maximum)
+            raise
+
+
+class Ack:
+    """The PUBACK of one received message, sent at most once, from the network thread, on its connection."""
+
+    __slots__ = ("_conn", "_session", "done", "mid", "qos", "received")
+
+    def __init__(self, session: Session | None, conn: _Conn | None, mid: int, qos: int,
+                 received: float = 0.0) -> None:
+        self._session = session
+        self._conn = conn
+        self.mid = mid
+        self.qos = qos
+        self.received = received
+        self.done = False
+
+    def __call__(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self._session is not None and self._conn is not None:
+            self._session._queue_ack(self._conn, self.mid, self.qos, self.received)
+
+
+def no_ack() -> Ack:
+    """An Ack that sends nothing (a message taken from the journal, a test)."""
+    return Ack(None, None, 0, 0)
+
