@@ -36,7 +36,8 @@ SET_ASIDE_REASONS = (TOO_LARGE, POISON)
 MQTT_MAX_PACKET = 268_435_460  # the largest packet MQTT's 4-byte remaining length can describe
 
 
-def _varint_len(value: int) -> int:
+def varint_len(value: int) -> int:
+    """Bytes of MQTT's variable-byte integer for `value` (remaining length, property length)."""
     n = 1
     while value >= 128:
         value //= 128
@@ -48,7 +49,7 @@ def publish_packet_size(topic: str, payload_len: int, qos: int, properties_len: 
     """Bytes of the PUBLISH packet: fixed header, topic, packet id (QoS > 0), MQTT 5 properties
     (`properties_len`: their encoded length including its own length field; None on MQTT 3.1.1), payload."""
     remaining = 2 + len(topic.encode("utf-8")) + (2 if qos > 0 else 0) + (properties_len or 0) + payload_len
-    return 1 + _varint_len(remaining) + remaining
+    return 1 + varint_len(remaining) + remaining
 
 
 def effective_limit(configured: int | None, announced: int | None) -> int | None:

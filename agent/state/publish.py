@@ -55,13 +55,6 @@ class PublishContext:
     wall: Callable[[], float]
 
 
-def _varint_len(value: int) -> int:
-    n = 1
-    while value >= 128:
-        value //= 128
-        n += 1
-    return n
-
 
 def packet_size(topic: str, payload_len: int, qos: int, properties_len: int | None) -> int:
     """Bytes of the MQTT PUBLISH packet a message becomes (the session measures responses the same way)."""
@@ -74,7 +67,7 @@ def _v5_properties_len(content_type: str | None, ttl: float | None) -> int:
         body += 1 + 2 + len(content_type.encode("utf-8"))
     if ttl is not None:
         body += 1 + 4
-    return _varint_len(body) + body
+    return poison.varint_len(body) + body
 
 
 def parse_query(query: str) -> dict[str, str]:
