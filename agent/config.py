@@ -15,7 +15,7 @@ import shutil
 import stat
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -246,6 +246,26 @@ class Config:
 # --- parsing helpers -------------------------------------------------------------------------
 
 _MISSING: Any = object()
+
+
+class _Default:
+    """`DEFAULT` as a parser's default: the value is the dataclass field's default (defaults live once)."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT: Any = _Default()
+
+
+def schema_default(schema: type, name: str) -> Any:
+    """The default of field `name` of dataclass `schema`, as TOML would spell it (a path as a string)."""
+    for f in fields(schema):
+        if f.name == name:
+            if f.default is MISSING:
+                raise KeyError(f"{schema.__name__}.{name} has no default")
+            return str(f.default) if isinstance(f.default, Path) else f.default
+    raise KeyError(f"{schema.__name__} has no field {name!r}")
 T = TypeVar("T")
 
 
@@ -351,11 +371,13 @@ def _describe_unreadable(path: Path) -> str | None:
 class _Table:
     """Reads one TOML table, remembering which keys were consumed and collecting problems."""
 
-    def __init__(self, data: Mapping[str, Any], path: str, problems: list[str], base_dir: Path) -> None:
+    def __init__(self, data: Mapping[str, Any], path: str, problems: list[str], base_dir: Path,
+                 schema: type | None = None) -> None:
         self.data = data
         self.path = path
         self.problems = problems
         self.base_dir = base_dir
+        self.schema = schema  # the dataclass this table becomes: where DEFAULT looks its defaults up
         self.known: list[str] = []
 
     def key(self, name: str) -> str:
@@ -366,6 +388,9 @@ class _Table:
 
     def _get(self, name: str, default: Any, kinds: tuple[type, ...], expected: str) -> Any:
         self.known.append(name)
+        if default is DEFAULT:
+            assert self.schema is not None, f"{self.key(name)}: DEFAULT needs the table's schema"
+            default = schema_default(self.schema, name)
         if name not in self.data:
             if default is _MISSING:
                 self.error(name, "is required")
@@ -434,13 +459,13 @@ class _Table:
             return None
         return path
 
-    def table(self, name: str) -> _Table:
+    def table(self, name: str, schema: type | None = None) -> _Table:
         self.known.append(name)
         value = self.data.get(name, {})
         if not isinstance(value, dict):
             self.error(name, f"must be a table ([{self.key(name)}]), got {_type_name(value)}")
             value = {}
-        return _Table(value, self.key(name), self.problems, self.base_dir)
+        return _Table(value, self.key(name), self.problems, self.base_dir, schema)
 
     def finish(self) -> None:
         for name in self.data:
@@ -499,7 +524,7 @@ def check_command_topic(value: str) -> str | None:
 
 def _agent(t: _Table) -> AgentConfig | None:
     device_id = _valid(t.string("device_id"), check_device_id, t, "device_id")
-    state_dir_text = t.string("state_dir", "/var/lib/mqtt-agent")
+    state_dir_text = t.string("state_dir", DEFAULT)
     state_dir = None
     if isinstance(state_dir_text, str):
         if not state_dir_text:
@@ -515,8 +540,8 @@ def _agent(t: _Table) -> AgentConfig | None:
             except OSError as exc:  # e.g. a parent directory the agent's user cannot enter
                 t.error("state_dir", f"{state_dir} cannot be reached: {exc.strerror or exc}")
                 state_dir = None
-    log_level = t.string("log_level", "info", choices=("debug", "info", "warning", "error"))
-    grace = t.number("shutdown_grace", 10.0, 0.0, 3600.0)
+    log_level = t.string("log_level", DEFAULT, choices=("debug", "info", "warning", "error"))
+    grace = t.number("shutdown_grace", DEFAULT, 0.0, 3600.0)
     t.finish()
     if device_id is None or state_dir is None or log_level is None or grace is None:
         return None
@@ -541,10 +566,10 @@ def _mqtt(t: _Table, device_id: str | None, tls_enabled: bool) -> MqttConfig | N
         client_id = None
     elif "client_id" in t.data:  # the default is agent.device_id, checked there
         client_id = _valid(client_id, check_device_id, t, "client_id")
-    protocol = t.string("protocol", "3.1.1", choices=("3.1.1", "5"))
-    keepalive = t.integer("keepalive", 60, 1, 65535)
-    clean_session = t.boolean("clean_session", False)
-    session_expiry = t.integer("session_expiry", 86400, 0, 0xFFFFFFFF)
+    protocol = t.string("protocol", DEFAULT, choices=("3.1.1", "5"))
+    keepalive = t.integer("keepalive", DEFAULT, 1, 65535)
+    clean_session = t.boolean("clean_session", DEFAULT)
+    session_expiry = t.integer("session_expiry", DEFAULT, 0, 0xFFFFFFFF)
     username = _valid(t.string("username", ""), check_mqtt_string, t, "username")
     password = _valid(t.string("password", ""), lambda v: check_mqtt_string(v, secret=True), t, "password")
     password_file = t.file("password_file")
@@ -552,10 +577,10 @@ def _mqtt(t: _Table, device_id: str | None, tls_enabled: bool) -> MqttConfig | N
         t.error("password", "set either mqtt.password or mqtt.password_file, not both")
     if (password or password_file) and not username:
         t.error("username", "is required when a password is configured")
-    qos = t.integer("qos", 1, 0, 1)
-    command_topic = _valid(t.string("command_topic", "command///req/#"), check_command_topic, t, "command_topic")
-    connect_timeout = t.number("connect_timeout", 10.0, 0.5, 300.0)
-    max_inflight = t.integer("max_inflight", 100, 1, 65535)
+    qos = t.integer("qos", DEFAULT, 0, 1)
+    command_topic = _valid(t.string("command_topic", DEFAULT), check_command_topic, t, "command_topic")
+    connect_timeout = t.number("connect_timeout", DEFAULT, 0.5, 300.0)
+    max_inflight = t.integer("max_inflight", DEFAULT, 1, 65535)
     # "" means no group, as for the other optional strings (username = "" in etc/mqtt-agent.toml).
     shared_group = _valid(t.string("shared_group", "") or None, check_shared_group, t, "shared_group")
     if shared_group and protocol == "3.1.1":
@@ -595,14 +620,14 @@ def _mqtt(t: _Table, device_id: str | None, tls_enabled: bool) -> MqttConfig | N
 
 
 def _tls(t: _Table) -> TlsConfig | None:
-    enabled = t.boolean("enabled", True)
+    enabled = t.boolean("enabled", DEFAULT)
     ca_file = t.file("ca_file")
     cert_file = t.file("cert_file")
     key_file = t.file("key_file")
     key_password_file = t.file("key_password_file")
-    security_level = t.integer("security_level", 2, 0, 5)
-    server_name = t.string("server_name", "")
-    insecure = t.boolean("insecure", False)
+    security_level = t.integer("security_level", DEFAULT, 0, 5)
+    server_name = t.string("server_name", DEFAULT)
+    insecure = t.boolean("insecure", DEFAULT)
     raw = t.data
     if bool(raw.get("cert_file")) != bool(raw.get("key_file")):
         missing = "key_file" if raw.get("cert_file") else "cert_file"
@@ -633,14 +658,14 @@ def _tls(t: _Table) -> TlsConfig | None:
 
 def _limits(t: _Table) -> LimitsConfig | None:
     values = dict(
-        max_concurrent_commands=t.integer("max_concurrent_commands", 4, 1, 256),
-        max_queued_commands=t.integer("max_queued_commands", 64, 0, 100000),
-        max_payload_bytes=t.integer("max_payload_bytes", 65536, 1, 268435455),
-        command_timeout=t.number("command_timeout", 30.0, 0.1, 86400.0),
-        max_command_age=t.number("max_command_age", 300.0, 0.0, 31536000.0),
-        dedupe_retention=t.number("dedupe_retention", 86400.0, 60.0, 31536000.0),
-        max_outbox_messages=t.integer("max_outbox_messages", 10000, 1, 10000000),
-        max_state_bytes=t.integer("max_state_bytes", 64 * 1024 * 1024, 1024 * 1024, 1 << 40),
+        max_concurrent_commands=t.integer("max_concurrent_commands", DEFAULT, 1, 256),
+        max_queued_commands=t.integer("max_queued_commands", DEFAULT, 0, 100000),
+        max_payload_bytes=t.integer("max_payload_bytes", DEFAULT, 1, 268435455),
+        command_timeout=t.number("command_timeout", DEFAULT, 0.1, 86400.0),
+        max_command_age=t.number("max_command_age", DEFAULT, 0.0, 31536000.0),
+        dedupe_retention=t.number("dedupe_retention", DEFAULT, 60.0, 31536000.0),
+        max_outbox_messages=t.integer("max_outbox_messages", DEFAULT, 1, 10000000),
+        max_state_bytes=t.integer("max_state_bytes", DEFAULT, 1024 * 1024, 1 << 40),
     )
     t.finish()
     if None in values.values():
@@ -652,7 +677,7 @@ def _commands(t: _Table, default_timeout: float) -> dict[str, CommandSpec] | Non
     specs: dict[str, CommandSpec] = {}
     ok = True
     for name in list(t.data):
-        sub = t.table(name)
+        sub = t.table(name, CommandSpec)
         if not COMMAND_NAME_RE.match(name):
             t.error(name, "command names may use letters, digits, '_', '.', '-' (1-64 characters)")
             ok = False
@@ -661,7 +686,7 @@ def _commands(t: _Table, default_timeout: float) -> dict[str, CommandSpec] | Non
             ok = False
         argv = sub.string_list("argv")
         timeout = sub.number("timeout", default_timeout, 0.1, 86400.0)
-        max_output = sub.integer("max_output_bytes", 65536, 1, 268435455)
+        max_output = sub.integer("max_output_bytes", DEFAULT, 1, 268435455)
         env = _command_env(sub)
         sub.finish()
         if isinstance(argv, list):
@@ -719,10 +744,10 @@ def _command_env(sub: _Table) -> tuple[tuple[str, str], ...] | None:
 
 
 def _reconnect(t: _Table) -> ReconnectConfig | None:
-    min_delay = t.number("min_delay", 1.0, 0.01, 3600.0)
-    max_delay = t.number("max_delay", 120.0, 0.01, 86400.0)
-    stable_after = t.number("stable_after", 60.0, 0.0, 86400.0)
-    jitter = t.boolean("jitter", True)
+    min_delay = t.number("min_delay", DEFAULT, 0.01, 3600.0)
+    max_delay = t.number("max_delay", DEFAULT, 0.01, 86400.0)
+    stable_after = t.number("stable_after", DEFAULT, 0.0, 86400.0)
+    jitter = t.boolean("jitter", DEFAULT)
     t.finish()
     if min_delay is not None and max_delay is not None and max_delay < min_delay:
         t.error("max_delay", f"must be >= reconnect.min_delay ({min_delay:g}), got {max_delay:g}")
@@ -733,13 +758,13 @@ def _reconnect(t: _Table) -> ReconnectConfig | None:
 
 
 def _tuning(t: _Table, keepalive: int | None) -> KeepaliveTuningConfig | None:
-    enabled = t.boolean("enabled", True)
-    drops = t.integer("drops", 3, 1, 100)
-    window = t.number("window", 900.0, 1.0, 604800.0)
+    enabled = t.boolean("enabled", DEFAULT)
+    drops = t.integer("drops", DEFAULT, 1, 100)
+    window = t.number("window", DEFAULT, 1.0, 604800.0)
     # The default floor follows a short mqtt.keepalive down; only an explicit min above it is an error.
     default_min = min(10, keepalive) if keepalive is not None else 10
     minimum = t.integer("min", default_min, 1, 65535)
-    probe_after = t.number("probe_after", 86400.0, 1.0, 31536000.0)
+    probe_after = t.number("probe_after", DEFAULT, 1.0, 31536000.0)
     t.finish()
     if minimum is not None and keepalive is not None and minimum > keepalive:
         t.error("min", f"must not exceed mqtt.keepalive ({keepalive}), got {minimum}")
@@ -750,7 +775,7 @@ def _tuning(t: _Table, keepalive: int | None) -> KeepaliveTuningConfig | None:
 
 
 def _metrics(t: _Table) -> MetricsConfig | None:
-    listen = t.string("listen", "127.0.0.1:9883")
+    listen = t.string("listen", DEFAULT)
     t.finish()
     if isinstance(listen, str) and listen:
         try:
@@ -762,11 +787,11 @@ def _metrics(t: _Table) -> MetricsConfig | None:
 
 
 def _api(t: _Table) -> ApiConfig | None:
-    text = t.string("socket", str(DEFAULT_API_SOCKET))
-    group = t.string("group", "mqtt-agent-apps")
-    max_body = t.integer("max_body_bytes", 1024 * 1024, 1024, 256 * 1024 * 1024)
-    max_conn = t.integer("max_connections", 64, 1, 4096)
-    timeout = t.number("timeout", 10.0, 0.1, 3600.0)
+    text = t.string("socket", DEFAULT)
+    group = t.string("group", DEFAULT)
+    max_body = t.integer("max_body_bytes", DEFAULT, 1024, 256 * 1024 * 1024)
+    max_conn = t.integer("max_connections", DEFAULT, 1, 4096)
+    timeout = t.number("timeout", DEFAULT, 0.1, 3600.0)
     t.finish()
     path: Path | None = None
     if isinstance(text, str) and text:
@@ -783,11 +808,11 @@ def _api(t: _Table) -> ApiConfig | None:
 
 def _publish(t: _Table) -> PublishConfig | None:
     values = dict(
-        max_messages=t.integer("max_messages", 100_000, 1, 100_000_000),
-        max_bytes=t.integer("max_bytes", 32 * 1024 * 1024, 1024, 1 << 40),
-        max_age=t.number("max_age", 7 * 86400.0, 1.0, 366 * 86400.0),
-        hono_errors=t.boolean("hono_errors", False),
-        max_batch=t.integer("max_batch", 1000, 1, 100_000),
+        max_messages=t.integer("max_messages", DEFAULT, 1, 100_000_000),
+        max_bytes=t.integer("max_bytes", DEFAULT, 1024, 1 << 40),
+        max_age=t.number("max_age", DEFAULT, 1.0, 366 * 86400.0),
+        hono_errors=t.boolean("hono_errors", DEFAULT),
+        max_batch=t.integer("max_batch", DEFAULT, 1, 100_000),
     )
     t.finish()
     if None in values.values():
@@ -808,13 +833,13 @@ def check_topic_filter(value: str) -> str | None:
 
 
 def _forward(t: _Table) -> ForwardLocalConfig | None:
-    local = t.table("local")
+    local = t.table("local", ForwardLocalConfig)
     t.finish()
     host_text = local.string("host", "")
-    client_id = local.string("client_id", "")
+    client_id = local.string("client_id", DEFAULT)
     username = local.string("username", "")
     password_file = local.file("password_file")
-    qos = local.integer("qos", 1, 0, 1)
+    qos = local.integer("qos", DEFAULT, 0, 1)
     topics = local.table("topics")
     rules: list[ForwardRule] = []
     for name, kind in topics.data.items():
@@ -863,19 +888,19 @@ def _program(t: _Table, name: str, argv: list[str] | None) -> list[str] | None:
 
 
 def _renewal(t: _Table, tls: TlsConfig | None) -> RenewalConfig | None:
-    signer = t.string("signer", "", choices=("", "exec", "command"))
+    signer = t.string("signer", DEFAULT, choices=("", "exec", "command"))
     enabled = t.boolean("enabled", bool(signer))
-    command = t.string_list("command", [])
+    command = t.string_list("command", DEFAULT)
     if signer == "exec" or (isinstance(command, list) and command):
         command = _program(t, "command", command)
-    timeout = t.number("timeout", 120.0, 1.0, 3600.0)
-    at = t.number("at", 0.66, 0.05, 0.99)
-    before = t.number("before", 30 * 86400.0, 0.0, 3650 * 86400.0)
-    keep_previous = t.number("keep_previous", 7 * 86400.0, 0.0, 3650 * 86400.0)
-    retry_min = t.number("retry_min", 300.0, 1.0, 86400.0)
-    retry_max = t.number("retry_max", 6 * 3600.0, 1.0, 7 * 86400.0)
-    check_interval = t.number("check_interval", 60.0, 0.2, 3600.0)
-    probe_timeout = t.number("probe_timeout", 10.0, 0.5, 300.0)
+    timeout = t.number("timeout", DEFAULT, 1.0, 3600.0)
+    at = t.number("at", DEFAULT, 0.05, 0.99)
+    before = t.number("before", DEFAULT, 0.0, 3650 * 86400.0)
+    keep_previous = t.number("keep_previous", DEFAULT, 0.0, 3650 * 86400.0)
+    retry_min = t.number("retry_min", DEFAULT, 1.0, 86400.0)
+    retry_max = t.number("retry_max", DEFAULT, 1.0, 7 * 86400.0)
+    check_interval = t.number("check_interval", DEFAULT, 0.2, 3600.0)
+    probe_timeout = t.number("probe_timeout", DEFAULT, 0.5, 300.0)
     t.finish()
     if enabled and not signer:
         t.error("enabled", "is true but renewal.signer is not set: set signer = \"exec\" (with renewal.command) "
@@ -902,20 +927,20 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
     problems: list[str] = []
     base_dir = source.parent if source else Path.cwd()
     root = _Table(data, "", problems, base_dir)
-    agent = _agent(root.table("agent"))
-    tls = _tls(root.table("tls"))
+    agent = _agent(root.table("agent", AgentConfig))
+    tls = _tls(root.table("tls", TlsConfig))
     raw_tls = data.get("tls")
     tls_enabled = tls.enabled if tls else not (isinstance(raw_tls, dict) and raw_tls.get("enabled") is False)
-    mqtt = _mqtt(root.table("mqtt"), agent.device_id if agent else None, tls_enabled)
-    limits = _limits(root.table("limits"))
+    mqtt = _mqtt(root.table("mqtt", MqttConfig), agent.device_id if agent else None, tls_enabled)
+    limits = _limits(root.table("limits", LimitsConfig))
     commands = _commands(root.table("commands"), limits.command_timeout if limits else 30.0)
-    reconnect = _reconnect(root.table("reconnect"))
-    tuning = _tuning(root.table("keepalive_tuning"), mqtt.keepalive if mqtt else None)
-    metrics = _metrics(root.table("metrics"))
-    api = _api(root.table("api"))
-    publish = _publish(root.table("publish"))
+    reconnect = _reconnect(root.table("reconnect", ReconnectConfig))
+    tuning = _tuning(root.table("keepalive_tuning", KeepaliveTuningConfig), mqtt.keepalive if mqtt else None)
+    metrics = _metrics(root.table("metrics", MetricsConfig))
+    api = _api(root.table("api", ApiConfig))
+    publish = _publish(root.table("publish", PublishConfig))
     forward = _forward(root.table("forward"))
-    renewal = _renewal(root.table("renewal"), tls)
+    renewal = _renewal(root.table("renewal", RenewalConfig), tls)
     root.finish()
     if mqtt and tls and mqtt.password and not tls.enabled:
         problems.append("mqtt.password: would be sent in clear text because tls.enabled = false")

@@ -222,3 +222,52 @@ def test_render_is_valid_toml_that_parses_back_to_the_same_config(tmp_path: Path
                         "fw.update": {"argv": ["/bin/true"]}}
     cfg = parse_config(data)
     assert parse_config(tomllib.loads(render_config(cfg))) == cfg
+
+
+# Keys etc/mqtt-agent.toml shows with an example value instead of the default.
+EXAMPLE_VALUES = {"agent.device_id", "mqtt.hosts", "mqtt.client_id", "tls.ca_file", "tls.cert_file", "tls.key_file"}
+
+
+def test_example_config_shows_the_defaults_of_the_dataclasses() -> None:
+    """Defaults live once, in the dataclasses: the parsers read them there (DEFAULT), and the example config
+    shows the same values (a key whose default is None shows as "" or 0, meaning none)."""
+    from agent.config import (
+        AgentConfig,
+        ApiConfig,
+        KeepaliveTuningConfig,
+        LimitsConfig,
+        MetricsConfig,
+        MqttConfig,
+        PublishConfig,
+        ReconnectConfig,
+        RenewalConfig,
+        TlsConfig,
+        schema_default,
+    )
+
+    sections = {"agent": AgentConfig, "mqtt": MqttConfig, "tls": TlsConfig, "limits": LimitsConfig,
+                "reconnect": ReconnectConfig, "keepalive_tuning": KeepaliveTuningConfig, "metrics": MetricsConfig,
+                "api": ApiConfig, "publish": PublishConfig, "renewal": RenewalConfig}
+    example = tomllib.loads((REPO / "etc" / "mqtt-agent.toml").read_text())
+    checked, wrong = 0, []
+    for section, schema in sections.items():
+        for key, value in example.get(section, {}).items():
+            if f"{section}.{key}" in EXAMPLE_VALUES or isinstance(value, dict):
+                continue
+            try:
+                want = schema_default(schema, key)
+            except KeyError:
+                continue  # a derived default (e.g. keepalive_tuning.min), explained in the comment
+            want = list(want) if isinstance(want, tuple) else want
+            checked += 1
+            if not (value == want or (want is None and value in ("", 0))):
+                wrong.append(f"{section}.{key} = {value!r}, default {want!r}")
+    assert checked > 40 and wrong == []
+
+
+def test_an_empty_section_parses_to_the_dataclass_defaults(tmp_path: Path) -> None:
+    from agent.config import LimitsConfig, MetricsConfig, PublishConfig, ReconnectConfig
+
+    cfg = parse_config(minimal(tmp_path, tls={"enabled": False}))
+    assert cfg.limits == LimitsConfig() and cfg.reconnect == ReconnectConfig()
+    assert cfg.metrics == MetricsConfig() and cfg.publish == PublishConfig()
