@@ -999,18 +999,27 @@ def load_config(path: str | Path, credentials_dir: str | Path | None = None) -> 
     if credentials_dir is None:
         credentials_dir = os.environ.get("CREDENTIALS_DIRECTORY")
     path = Path(path)
+    data = read_toml(path)
+    data = apply_credentials(data, credential_overrides(credentials_dir))
+    return parse_config(data, path.resolve())
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The TOML file at `path` as a dict; every way it can fail is a ConfigError naming the file.
+
+    The one reader of the config file: load_config validates what it returns, enroll reads only its paths
+    (the key and certificate need not exist yet)."""
     why = _describe_unreadable(path)
     if why:
         raise ConfigError([f"config file {why}"], str(path))
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            data: dict[str, Any] = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"not valid TOML: {exc}"], str(path)) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError([f"not valid UTF-8: {exc}"], str(path)) from exc
-    data = apply_credentials(data, credential_overrides(credentials_dir))
-    return parse_config(data, path.resolve())
+    return data
 
 
 def read_secret(path: Path) -> str:

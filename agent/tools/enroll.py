@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import os
 import pwd
-import sys
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,18 +23,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from agent.config import TlsConfig, check_device_id, read_secret
+from agent.config import TlsConfig, check_device_id, read_secret, read_toml
 from agent.errors import AgentError, ConfigError
 from agent.state.files import fsync_dir, write_atomic
 from agent.tls.certs import cert_info, load_certificates
 from agent.tls.check import NO_CA, UNTRUSTED, WRONG_KEY, CertCheckError, check_chain, public_der
 from agent.tls.keys import KEY_TYPES, PrivateKey, build_csr, describe_key, generate_key
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.9/3.10 only
-    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
-
 
 DEFAULT_OWNER = "mqtt-agent"
 
@@ -104,17 +97,7 @@ def read_enroll_paths(config: Path) -> EnrollPaths:
 
     Unlike load_config this does not require the certificate and key to exist: making them is the point.
     """
-    try:
-        with open(config, "rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError as exc:
-        raise ConfigError([f"config file {config} does not exist"], str(config)) from exc
-    except OSError as exc:
-        raise ConfigError([f"config file {config} cannot be read: {exc.strerror or exc}"], str(config)) from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"not valid TOML: {exc}"], str(config)) from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError([f"not valid UTF-8: {exc}"], str(config)) from exc
+    data = read_toml(config)
     base = config.resolve().parent
     problems: list[str] = []
 
