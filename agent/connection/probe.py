@@ -8,28 +8,38 @@ This module moves bytes and records what happened; broker.py turns the records i
 from __future__ import annotations
 
 import re
-import socket
 import ssl
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from cryptography import x509
 
-from agent.config import HostPort, MqttConfig, TlsConfig, read_secret
+from agent.config import HostPort, MqttConfig
 from agent.connection.adapter import connect_properties, new_client
-from agent.tls.explain import verify_name
 
 # How an attempt ended.
 TCP_FAILED = "tcp"  # the socket could not be opened
+
+
 TLS_FAILED = "tls"  # the handshake failed (our verification, or an alert from the broker)
+
+
 TLS_REJECTED = "tls_rejected"  # handshake done, then the broker sent an alert (TLS 1.3 client-cert rejection)
+
+
 CONNACK = "connack"  # the broker answered CONNECT (accepted or refused: see Attempt.connack)
+
+
 CLOSED = "closed"  # the broker closed the connection before CONNACK, without a TLS alert
+
+
 TIMEOUT = "timeout"  # no CONNACK within the timeout
 
+
 _SSL_REASON = re.compile(r"\[SSL: ([A-Z0-9_]+)\]")
+
+
 _LOOP_STEP = 0.05
 
 
@@ -229,9 +239,17 @@ def subscribe(attempt: Attempt, topic: str, qos: int, timeout: float) -> Subscri
 
 # Delivery probe outcomes.
 DELIVERED = "delivered"
+
+
 PUBLISH_REFUSED = "publish_refused"  # MQTT 5 PUBACK with a failure code: we may not publish there
+
+
 NO_SUBSCRIBERS = "no_subscribers"  # MQTT 5 PUBACK 0x10: not even our own subscription matched
+
+
 NOT_DELIVERED = "not_delivered"  # accepted, but never delivered back to us
+
+
 CLOSED_ON_PUBLISH = "closed"  # the broker dropped the connection on the publish (e.g. Hono)
 
 
@@ -270,57 +288,3 @@ def delivery_probe(attempt: Attempt, topic: str, timeout: float) -> DeliveryOutc
         return DeliveryOutcome(CLOSED_ON_PUBLISH, rec.disconnected[0], rec.disconnected[1], others)
     return DeliveryOutcome(NOT_DELIVERED, ack[0] if ack else None, ack[1] if ack else "", others)
 
-
-def unverified_context(tls: TlsConfig) -> ssl.SSLContext:
-    """A context that accepts any broker certificate: for diagnosis only, never for MQTT with credentials."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    if tls.cert_file and tls.key_file:
-        try:
-            password = read_secret(tls.key_password_file) if tls.key_password_file else None
-            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file), password=password)
-        except (ssl.SSLError, OSError, ValueError):
-            pass  # the broker still shows its certificate before it asks for ours
-    return ctx
-
-
-def _peer_chain(sock: ssl.SSLSocket) -> list[x509.Certificate]:
-    # Python 3.13 made get_unverified_chain public (DER bytes); 3.10-3.12 have it on the internal
-    # _sslobj (Certificate objects). It works even after a failed handshake, which is when we need it.
-    getter = getattr(sock, "get_unverified_chain", None) or getattr(
-        getattr(sock, "_sslobj", None), "get_unverified_chain", None)
-    chain: list[x509.Certificate] = []
-    if getter is not None:
-        for item in getter() or []:
-            der = item if isinstance(item, bytes) else item.public_bytes(2)  # 2 = _ssl.ENCODING_DER
-            chain.append(x509.load_der_x509_certificate(der))
-        return chain
-    try:  # Python 3.9: the leaf only, and only after a completed handshake
-        der = sock.getpeercert(binary_form=True)
-    except (ValueError, OSError):
-        return []
-    return [x509.load_der_x509_certificate(der)] if der else []
-
-
-def fetch_chain(host: HostPort, tls: TlsConfig, timeout: float) -> tuple[list[x509.Certificate], str]:
-    """The certificate chain the broker sends, without verifying it. Returns (chain, error text or "")."""
-    ctx = unverified_context(tls)
-    try:
-        raw = socket.create_connection((host.host, host.port), timeout=timeout)
-    except OSError as exc:
-        return [], exc.strerror or str(exc)
-    error = ""
-    with raw:
-        sock = ctx.wrap_socket(raw, server_hostname=verify_name(tls, host.host), do_handshake_on_connect=False)
-        try:
-            sock.do_handshake()
-        except (ssl.SSLError, OSError) as exc:
-            error = str(exc)
-        try:
-            chain = _peer_chain(sock)
-        except ValueError as exc:
-            chain, error = [], error or f"unreadable certificate: {exc}"
-        sock.close()
-    return chain, error

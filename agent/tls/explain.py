@@ -10,7 +10,7 @@ import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.config import HostPort, TlsConfig, is_ip_address
+from agent.config import HostPort, TlsConfig, is_ip_address, read_secret
 from agent.errors import EX_CONFIG, TLSSetupError
 
 # `cryptography` is imported only where certificates are inspected (a TLS failure to explain, the doctor,
@@ -130,26 +130,9 @@ def explain_chain_error(exc: BaseException, tls: TlsConfig) -> TLSSetupError:
 
 
 def fetch_peer_certificate(host: HostPort, tls: TlsConfig, timeout: float = 5.0) -> x509.Certificate | None:
-    """Handshake once without verification to see the broker's certificate (for diagnosis only)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    if tls.cert_file and tls.key_file and not tls.key_password_file:
-        try:
-            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-        except (ssl.SSLError, OSError):
-            pass  # the broker may still show its certificate without ours
-    try:
-        with socket.create_connection((host.host, host.port), timeout=timeout) as raw, ctx.wrap_socket(
-            raw, server_hostname=verify_name(tls, host.host)
-        ) as sock:
-            der = sock.getpeercert(binary_form=True)
-    except (OSError, ssl.SSLError, ValueError):
-        return None
-    from cryptography import x509
-
-    return x509.load_der_x509_certificate(der) if der else None
+    """The broker's certificate, from one handshake without verification (for diagnosis only)."""
+    chain, _ = fetch_chain(host, tls, timeout)
+    return chain[0] if chain else None
 
 
 def explain_handshake_error(
@@ -239,4 +222,64 @@ def explain_handshake_error(
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
+
+
+# --- the broker's certificates, seen without verifying them (diagnosis only) -----------------------------
+
+
+def unverified_context(tls: TlsConfig) -> ssl.SSLContext:
+    """A context that accepts any broker certificate: for diagnosis only, never for MQTT with credentials."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if tls.cert_file and tls.key_file:
+        try:
+            password = read_secret(tls.key_password_file) if tls.key_password_file else None
+            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file), password=password)
+        except (ssl.SSLError, OSError, ValueError):
+            pass  # the broker still shows its certificate before it asks for ours
+    return ctx
+
+
+def peer_chain(sock: ssl.SSLSocket) -> list[x509.Certificate]:
+    """The chain the peer sent, unverified (also after a failed handshake, when it is needed)."""
+    from cryptography import x509  # only when there is a failure to explain
+    # Python 3.13 made get_unverified_chain public (DER bytes); 3.10-3.12 have it on the internal
+    # _sslobj (Certificate objects). It works even after a failed handshake, which is when we need it.
+    getter = getattr(sock, "get_unverified_chain", None) or getattr(
+        getattr(sock, "_sslobj", None), "get_unverified_chain", None)
+    chain: list[x509.Certificate] = []
+    if getter is not None:
+        for item in getter() or []:
+            der = item if isinstance(item, bytes) else item.public_bytes(2)  # 2 = _ssl.ENCODING_DER
+            chain.append(x509.load_der_x509_certificate(der))
+        return chain
+    try:  # Python 3.9: the leaf only, and only after a completed handshake
+        der = sock.getpeercert(binary_form=True)
+    except (ValueError, OSError):
+        return []
+    return [x509.load_der_x509_certificate(der)] if der else []
+
+
+def fetch_chain(host: HostPort, tls: TlsConfig, timeout: float) -> tuple[list[x509.Certificate], str]:
+    """The certificate chain the broker sends, without verifying it. Returns (chain, error text or "")."""
+    ctx = unverified_context(tls)
+    try:
+        raw = socket.create_connection((host.host, host.port), timeout=timeout)
+    except OSError as exc:
+        return [], exc.strerror or str(exc)
+    error = ""
+    with raw:
+        sock = ctx.wrap_socket(raw, server_hostname=verify_name(tls, host.host), do_handshake_on_connect=False)
+        try:
+            sock.do_handshake()
+        except (ssl.SSLError, OSError) as exc:
+            error = str(exc)
+        try:
+            chain = peer_chain(sock)
+        except ValueError as exc:
+            chain, error = [], error or f"unreadable certificate: {exc}"
+        sock.close()
+    return chain, error
 

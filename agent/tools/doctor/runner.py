@@ -28,8 +28,8 @@ from cryptography import x509
 
 from agent import __version__
 from agent.config import Config, HostPort
-from agent.connection.probe import fetch_chain
 from agent.renewal.store import PairStore, select_pair
+from agent.tls.explain import fetch_chain
 from agent.tools.doctor.broker import check_broker
 from agent.tools.doctor.certs import check_broker_certificate, check_local_certificates
 from agent.tools.doctor.config_check import check_config
