@@ -24,7 +24,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
@@ -120,12 +120,16 @@ class _Conn:
     close_reason: tuple[str, str] | None = None  # set when the agent closes the socket itself
 
 
+# A refused SUBSCRIBE is retried after 2, 4, 8 ... 60 s (no jitter: one gateway, one broker ACL to fix).
+SUBSCRIBE_RETRY = ReconnectConfig(min_delay=1.0, max_delay=60.0, stable_after=0.0, jitter=False)
+
+
 @dataclass
 class _SubscribeState:
     pending_mid: int | None = None
     granted: bool = False
-    failures: int = 0
     retry_at: float | None = None
+    backoff: Backoff = field(default_factory=lambda: Backoff(SUBSCRIBE_RETRY))
 
 
 class Session:
@@ -760,13 +764,13 @@ class Session:
             code = reason_codes[0] if reason_codes else None
             if code is not None and not code.is_failure:
                 state.granted = True
-                state.failures = 0
+                state.backoff.reset()
                 log.info("subscribed to %s (QoS %d)", topic, int(code.value))
                 self._notify(Subscribed(topic, True, str(code)))
                 continue
             state.granted = False
-            state.failures += 1
-            delay = min(60.0, 2.0 ** state.failures)
+            state.backoff.connection_ended(None)
+            delay = state.backoff.next_delay()
             state.retry_at = self._clock() + delay
             fix = (SHARED_UNSUPPORTED_FIX if code is not None and int(code.value) == RC_SHARED_UNSUPPORTED
                    else f"check the broker ACL for client {self.client_id}")
