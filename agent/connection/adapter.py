@@ -115,6 +115,32 @@ class TrackedClient(mqtt.Client):
         """When the unanswered PINGREQ was sent (time.monotonic), or None."""
         return self._ping_t or None
 
+    # paho has no public way to do these; its private state is touched here only, in one place, with the
+    # reason each is safe.
+
+    def replace_tls_context(self, ctx: ssl.SSLContext | None) -> None:
+        """Use `ctx` from the next connection on. paho refuses a second tls_set_context(); the caller has
+        closed the socket, so clearing paho's record of the first one is safe."""
+        self._ssl_context = None
+        self._ssl = False
+        if ctx is not None:
+            self.tls_set_context(ctx)
+
+    def held_messages(self) -> int:
+        """QoS 1 messages paho holds until the broker acknowledges them."""
+        return len(self._out_messages)
+
+    def forget_messages(self, mids: list[int]) -> None:
+        """Make paho forget these messages (set aside) before it re-sends what it holds at the next CONNACK."""
+        with self._out_message_mutex:
+            for mid in mids:
+                self._out_messages.pop(mid, None)
+
+    def close_socket(self) -> None:
+        """Close the socket without a DISCONNECT (a dead link, or recovery after an internal error)."""
+        self._sock_close()
+
+
 
 def new_client(mqtt_cfg: MqttConfig, client_id: str, ssl_context: ssl.SSLContext | None) -> TrackedClient:
     """A configured paho client (used by the session and by `mqtt-agent send`)."""

@@ -16,7 +16,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from agent.config import HostPort, MqttConfig
-from agent.connection.adapter import connect_properties, new_client
+from agent.connection.adapter import TrackedClient, connect_properties, new_client
 
 # How an attempt ended.
 TCP_FAILED = "tcp"  # the socket could not be opened
@@ -111,7 +111,7 @@ class Attempt:
     tls_version: str | None = None
     cipher: str | None = None
     seconds: float = 0.0
-    client: mqtt.Client | None = None
+    client: TrackedClient | None = None
     recorder: _Recorder | None = None
 
     @property
@@ -190,7 +190,7 @@ def connect_attempt(mqtt_cfg: MqttConfig, ctx: ssl.SSLContext | None, host: Host
     return attempt
 
 
-def close(client: mqtt.Client) -> None:
+def close(client: TrackedClient) -> None:
     """Send DISCONNECT if connected, then close the socket. Bounded: a few loop turns at most."""
     try:
         if client.is_connected():
@@ -202,7 +202,7 @@ def close(client: mqtt.Client) -> None:
     except Exception:  # noqa: BLE001 - best effort; the socket is closed below either way
         pass
     if client.socket() is not None:
-        client._sock_close()
+        client.close_socket()  # a TrackedClient (new_client)
 
 
 def wait_for(client: mqtt.Client, rec: _Recorder, done: Any, timeout: float) -> bool:

@@ -248,11 +248,7 @@ class Session:
         self.cfg, self.tls_cfg = mqtt_cfg, tls_cfg
         password = read_secret(mqtt_cfg.password_file) if mqtt_cfg.password_file else mqtt_cfg.password
         self._client.username_pw_set(mqtt_cfg.username, password)
-        # paho refuses a second tls_set_context(); the socket is closed here, so replacing it is safe.
-        self._client._ssl_context = None
-        self._client._ssl = False
-        if ssl_context is not None:
-            self._client.tls_set_context(ssl_context)
+        self._client.replace_tls_context(ssl_context)  # the socket is closed here
         self._ssl_context = ssl_context
         self._tls_explained.clear()
 
@@ -336,7 +332,7 @@ class Session:
         """Messages not yet acknowledged by the broker (in the outbox, or held by paho)."""
         if self.outbox is not None:
             return self.outbox.size
-        return len(self._client._out_messages)
+        return self._client.held_messages()
 
     def flush(self, timeout: float) -> bool:
         """Wait until every queued QoS 1 message is acknowledged, or `timeout` passes."""
@@ -390,7 +386,7 @@ class Session:
     def _recover_from_internal_error(self) -> None:
         conn = self._conn
         try:
-            self._client._sock_close()
+            self._client.close_socket()
             if conn is not None and conn.ended is None:
                 conn.close_reason = (NETWORK_ERROR, "internal error in the network loop")
                 ended = self._end(conn, False, None, "internal error")
@@ -473,9 +469,7 @@ class Session:
         """Make paho forget set-aside messages before it re-sends what it holds at the next CONNACK."""
         if not self._withdrawn:
             return
-        with self._client._out_message_mutex:
-            for mid in self._withdrawn:
-                self._client._out_messages.pop(mid, None)
+        self._client.forget_messages(self._withdrawn)
         self._withdrawn.clear()
 
     def _connect_and_serve(self) -> ConnectionEnded:
@@ -623,7 +617,7 @@ class Session:
 
     def _close(self, conn: _Conn, code: int | None = None) -> None:
         """Close the socket ourselves; paho calls no on_disconnect for that, so end the record here."""
-        self._client._sock_close()
+        self._client.close_socket()
         if conn.ended is None:
             self._end(conn, False, code, "closed by the agent")
 
@@ -642,7 +636,7 @@ class Session:
         else:
             kind, reason = NETWORK_ERROR, f"connecting to {host} failed: {exc}"
         try:
-            self._client._sock_close()
+            self._client.close_socket()
         except Exception:  # noqa: BLE001 - best effort cleanup of a half-open socket
             pass
         ended = ConnectionEnded(host=host, kind=kind, reason=reason, attempt_started=conn.attempt_started,
