@@ -147,6 +147,18 @@ def ensure_private_dir(path: Path) -> None:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
+
+def _props_json(msg: OutMessage) -> str | None:
+    """The message's MQTT properties as the `props` column stores them (None when it has none)."""
+    props: dict[str, object] = {}
+    if msg.correlation_data is not None:
+        props["correlation_data"] = msg.correlation_data.hex()
+    if msg.user_properties:
+        props["user_properties"] = [list(p) for p in msg.user_properties]
+    if msg.content_type is not None:
+        props["content_type"] = msg.content_type
+    return json.dumps(props) if props else None
+
 class StateStore:
     """Owns state.sqlite3: one connection, written only by its GroupWriter thread, read under a lock."""
 
@@ -377,20 +389,13 @@ class StateStore:
     # --- writes ----------------------------------------------------------------------------------
 
     def _insert(self, db: sqlite3.Connection, msg: OutMessage) -> OutMessage:
-        props: dict[str, object] = {}
-        if msg.correlation_data is not None:
-            props["correlation_data"] = msg.correlation_data.hex()
-        if msg.user_properties:
-            props["user_properties"] = [list(p) for p in msg.user_properties]
-        if msg.content_type is not None:
-            props["content_type"] = msg.content_type
         if msg.kind not in KINDS:
             raise ValueError(f"unknown message kind {msg.kind!r}")
         msg_id = self._next_id
         db.execute("INSERT INTO outbox (id, kind, created, topic, payload, qos, props, expires)"
                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                    (msg_id, msg.kind, self._wall(), msg.topic, msg.payload, msg.qos,
-                    json.dumps(props) if props else None, msg.expires))
+                    _props_json(msg), msg.expires))
         self._next_id += 1
         return replace(msg, id=msg_id)
 
@@ -471,16 +476,9 @@ class StateStore:
 
     def replace_message(self, msg: OutMessage) -> None:
         """Send `msg` instead of what row `msg.id` held (a 500 in place of a response that cannot be sent)."""
-        props: dict[str, object] = {}
-        if msg.correlation_data is not None:
-            props["correlation_data"] = msg.correlation_data.hex()
-        if msg.user_properties:
-            props["user_properties"] = [list(p) for p in msg.user_properties]
-        if msg.content_type is not None:
-            props["content_type"] = msg.content_type
         self._writer.submit(lambda db: db.execute(
             "UPDATE outbox SET topic = ?, payload = ?, props = ? WHERE id = ?",
-            (msg.topic, msg.payload, json.dumps(props) if props else None, msg.id)))
+            (msg.topic, msg.payload, _props_json(msg), msg.id)))
 
     def set_aside(self, msg_id: int, reason: str, topic: str = "", *, quiet: bool = False) -> None:
         """Never send message `msg_id` again (a poison message); it stays in the store for an operator.
