@@ -4,6 +4,8 @@ Leaves the agent running until Ctrl-C. Everything lives in ./demo-run/ (removed 
 
 from __future__ import annotations
 
+import grp
+import os
 import shutil
 import signal
 import subprocess
@@ -36,6 +38,8 @@ def derived_config(run: Path, broker: Mosquitto, pki_dir: Path) -> Path:
     cfg["tls"].update(ca_file=str(pki_dir / "mqtt-agent-test-ca.pem"), cert_file=str(pki_dir / "device.pem"),
                       key_file=str(pki_dir / "device.key"))
     cfg["metrics"]["listen"] = f"127.0.0.1:{free_port()}"
+    # The local API socket in demo-run/ too (the default is /run/mqtt-agent), open to this user's own group.
+    cfg.setdefault("api", {}).update(socket=str(run / "api.sock"), group=grp.getgrgid(os.getgid()).gr_name)
     sections = {name: values for name, values in cfg.items()}
     for name, spec in commands.items():
         sections[f"commands.{name}"] = spec
