@@ -459,6 +459,14 @@ class _Table:
             return None
         return path
 
+    def new_file(self, name: str) -> Path | None:
+        """An optional path that need not exist yet (enroll makes it). Relative to the config file."""
+        value = self.string(name, "")
+        if not value:
+            return None
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else self.base_dir / path
+
     def table(self, name: str, schema: type | None = None) -> _Table:
         self.known.append(name)
         value = self.data.get(name, {})
@@ -1007,8 +1015,8 @@ def load_config(path: str | Path, credentials_dir: str | Path | None = None) -> 
 def read_toml(path: Path) -> dict[str, Any]:
     """The TOML file at `path` as a dict; every way it can fail is a ConfigError naming the file.
 
-    The one reader of the config file: load_config validates what it returns, enroll reads only its paths
-    (the key and certificate need not exist yet)."""
+    The one reader of the config file: load_config validates what it returns; read_identity reads only the
+    identity files for enroll (the key and certificate need not exist yet)."""
     why = _describe_unreadable(path)
     if why:
         raise ConfigError([f"config file {why}"], str(path))
@@ -1020,6 +1028,47 @@ def read_toml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ConfigError([f"not valid UTF-8: {exc}"], str(path)) from exc
     return data
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The device's identity files as the config names them, before they exist: what `enroll` makes."""
+
+    device_id: str | None
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None
+    key_password_file: Path | None
+    security_level: int
+
+
+def read_identity(path: Path) -> Identity:
+    """agent.device_id and the [tls] files of the config at `path`, with load_config's types, defaults and
+    path resolution, but without requiring the key and certificate to exist (making them is enroll's point).
+    Other sections are not validated here: `check-config` does that. Raises ConfigError listing every problem.
+    """
+    data = read_toml(path)
+    problems: list[str] = []
+    root = _Table(data, "", problems, path.resolve().parent)
+    agent, tls = root.table("agent", AgentConfig), root.table("tls", TlsConfig)
+    raw_id = agent.string("device_id", "")
+    device_id = _valid(raw_id, check_device_id, agent, "device_id") if raw_id else None  # --device-id may give it
+    if tls.boolean("enabled", DEFAULT) is False:
+        tls.error("enabled", "is false; a device certificate is only used with TLS")
+    level = tls.integer("security_level", DEFAULT, 0, 5)
+    files = {name: tls.new_file(name) for name in ("cert_file", "key_file", "ca_file", "key_password_file")}
+    for name in ("cert_file", "key_file"):
+        if files[name] is None and isinstance(tls.data.get(name, ""), str):
+            tls.error(name, "is not set; enroll writes the device key and CSR next to tls.cert_file and "
+                            "tls.key_file (e.g. /etc/mqtt-agent/device.pem and device.key)")
+    cert_file, key_file = files["cert_file"], files["key_file"]
+    if cert_file is not None and cert_file == key_file:
+        tls.error("key_file", "must differ from tls.cert_file")
+    if problems:
+        raise ConfigError(problems, str(path))
+    assert cert_file is not None and key_file is not None and isinstance(level, int)
+    return Identity(device_id=device_id, cert_file=cert_file, key_file=key_file, ca_file=files["ca_file"],
+                    key_password_file=files["key_password_file"], security_level=level)
 
 
 def read_secret(path: Path) -> str:

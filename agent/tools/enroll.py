@@ -13,17 +13,15 @@ import datetime
 import os
 import pwd
 import tempfile
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from agent.config import TlsConfig, check_device_id, read_secret, read_toml
+from agent.config import TlsConfig, check_device_id, read_identity, read_secret
 from agent.errors import AgentError, ConfigError
 from agent.state.files import fsync_dir, write_atomic
 from agent.tls.certs import cert_info, load_certificates
@@ -93,56 +91,14 @@ class InstallResult:
 
 
 def read_enroll_paths(config: Path) -> EnrollPaths:
-    """Read agent.device_id and the [tls] paths from the raw TOML. Raises ConfigError listing every problem.
-
-    Unlike load_config this does not require the certificate and key to exist: making them is the point.
+    """agent.device_id and the [tls] paths, read by config.read_identity (the config's one set of rules).
+    Raises ConfigError listing every problem. Unlike load_config this does not require the certificate and
+    key to exist: making them is the point.
     """
-    data = read_toml(config)
-    base = config.resolve().parent
-    problems: list[str] = []
-
-    def table(name: str) -> Mapping[str, Any]:
-        value = data.get(name, {})
-        if not isinstance(value, dict):
-            problems.append(f"{name}: must be a table ([{name}])")
-            return {}
-        return value
-
-    def path(section: Mapping[str, Any], key: str, required: bool) -> Path | None:
-        value = section.get(key, "")
-        if not isinstance(value, str):
-            problems.append(f"tls.{key}: must be a string (a file path), got {value!r}")
-            return None
-        if not value:
-            if required:
-                problems.append(f"tls.{key}: is not set; enroll writes the device key and CSR next to "
-                                "tls.cert_file and tls.key_file (e.g. /etc/mqtt-agent/device.pem and device.key)")
-            return None
-        p = Path(value).expanduser()
-        return p if p.is_absolute() else base / p
-
-    agent, tls = table("agent"), table("tls")
-    device_id = agent.get("device_id")
-    if device_id is not None and not isinstance(device_id, str):
-        problems.append(f"agent.device_id: must be a string, got {device_id!r}")
-        device_id = None
-    if tls.get("enabled", True) is False:
-        problems.append("tls.enabled: is false; a device certificate is only used with TLS")
-    level = tls.get("security_level", 2)
-    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 5:
-        problems.append(f"tls.security_level: must be 0..5, got {level!r}")
-        level = 2
-    cert_file = path(tls, "cert_file", required=True)
-    key_file = path(tls, "key_file", required=True)
-    ca_file = path(tls, "ca_file", required=False)
-    key_password_file = path(tls, "key_password_file", required=False)
-    if cert_file and key_file and cert_file == key_file:
-        problems.append("tls.key_file: must differ from tls.cert_file")
-    if problems:
-        raise ConfigError(problems, str(config))
-    assert cert_file is not None and key_file is not None
-    return EnrollPaths(config=config, device_id=device_id or None, cert_file=cert_file, key_file=key_file,
-                       ca_file=ca_file, key_password_file=key_password_file, security_level=level)
+    ident = read_identity(config)
+    return EnrollPaths(config=config, device_id=ident.device_id, cert_file=ident.cert_file,
+                       key_file=ident.key_file, ca_file=ident.ca_file, key_password_file=ident.key_password_file,
+                       security_level=ident.security_level)
 
 
 def resolve_owner(name: str | None, *, euid: int | None = None) -> Owner | None:

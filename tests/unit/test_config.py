@@ -14,7 +14,15 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-from agent.config import load_config, parse_config, parse_host_port, render_config
+from agent.config import (
+    TlsConfig,
+    load_config,
+    parse_config,
+    parse_host_port,
+    read_identity,
+    render_config,
+    schema_default,
+)
 from agent.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -271,3 +279,44 @@ def test_an_empty_section_parses_to_the_dataclass_defaults(tmp_path: Path) -> No
     cfg = parse_config(minimal(tmp_path, tls={"enabled": False}))
     assert cfg.limits == LimitsConfig() and cfg.reconnect == ReconnectConfig()
     assert cfg.metrics == MetricsConfig() and cfg.publish == PublishConfig()
+
+
+# --- read_identity: what enroll reads, before the key and certificate exist ---------------------------
+
+
+def _identity_problems(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        read_identity(path)
+    return info.value.problems
+
+
+def test_identity_uses_the_configs_rules_without_requiring_the_files(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('[agent]\ndevice_id = "gw-9"\n[tls]\ncert_file = "pki/d.pem"\nkey_file = "/abs/d.key"\n')
+    ident = read_identity(cfg)
+    assert ident.device_id == "gw-9"
+    assert ident.cert_file == tmp_path / "pki/d.pem"  # relative to the config's directory, like load_config
+    assert ident.key_file == Path("/abs/d.key")
+    assert ident.ca_file is None and ident.key_password_file is None
+    assert ident.security_level == schema_default(TlsConfig, "security_level")  # the one default
+
+
+def test_identity_problems_read_like_load_configs(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('[agent]\ndevice_id = "a/b"\n[tls]\nsecurity_level = true\ncert_file = 5\nkey_file = "k"\n')
+    found = _identity_problems(cfg)
+    full = problems({"agent": {"device_id": "a/b"}, "tls": {"security_level": True, "cert_file": 5}}, tmp_path)
+    for key in ("agent.device_id", "tls.security_level", "tls.cert_file"):
+        mine = [p for p in found if p.startswith(key + ":")]
+        theirs = [p for p in full if p.startswith(key + ":")]
+        assert mine and mine == theirs, key  # one set of rules: the same words for the same mistake
+
+
+def test_identity_needs_both_files_and_tls(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('[tls]\nenabled = false\ncert_file = "same.pem"\nkey_file = "same.pem"\n')
+    assert _identity_problems(cfg) == ["tls.enabled: is false; a device certificate is only used with TLS",
+                                       "tls.key_file: must differ from tls.cert_file"]
+    cfg.write_text("[agent]\n")
+    assert [p.split(";")[0] for p in _identity_problems(cfg)] == ["tls.cert_file: is not set",
+                                                                   "tls.key_file: is not set"]
