@@ -29,7 +29,8 @@ from agent.connection.classify import (
     connect_hint,
 )
 from agent.connection.events import KeepaliveChanged, SessionEvent, SessionTakeover
-from agent.connection.tuner import STATE_FILE, Change, KeepaliveTuner, StateFile
+from agent.connection.tuner import Change, KeepaliveTuner
+from agent.state.connection_file import STATE_FILE, StateFile
 
 log = logging.getLogger(__name__)
 

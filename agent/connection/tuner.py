@@ -7,28 +7,21 @@ measured at each drop and picks a keepalive safely below it in one step (never b
 never above the configured mqtt.keepalive). After `probe_after` without idle drops it probes a
 longer keepalive (cellular links pay for every PINGREQ) and steps back at once if drops return.
 
-Decisions are plain arithmetic over plain data with injected clocks; `StateFile` writes
-`{state_dir}/connection-state.json` atomically (temp file + rename, mode 0600), which
-`mqtt-agent doctor` reads too.
+Decisions are plain arithmetic over plain data with injected clocks; no file I/O here: what was learned
+is kept in `{state_dir}/connection-state.json` by agent/state/connection_file.py.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from agent.config import KeepaliveTuningConfig
-from agent.state.files import write_atomic
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "connection-state.json"
-STATE_VERSION = 1
 
 # A drop this close to the keepalive (or later) happened when our own PINGREQ went out into a flow
 # the path had already forgotten: it tells only that the limit is below the keepalive.
@@ -226,40 +219,3 @@ class KeepaliveTuner:
 
 def _float_or_none(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-class StateFile:
-    """`{state_dir}/connection-state.json`: read defensively, written atomically with mode 0600."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def load(self) -> dict[str, Any]:
-        """The saved state, or {} if there is none or it is unreadable (logged, never fatal)."""
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            return {}
-        except OSError as exc:
-            log.warning("cannot read %s (%s); starting without the learned connection state", self.path,
-                        exc.strerror or exc)
-            return {}
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except ValueError as exc:  # UnicodeDecodeError too: binary garbage after a bad SD card or a cut
-            log.warning("%s is not valid JSON (%s); starting without the learned connection state (it is "
-                        "written again at the next change)", self.path, str(exc)[:200])
-            return {}
-        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
-            log.warning("%s has an unknown format; starting without the learned connection state", self.path)
-            return {}
-        return data
-
-    def save(self, data: dict[str, Any]) -> None:
-        """Replace the file atomically; an I/O error is logged, not raised (the agent keeps running)."""
-        payload = json.dumps({"version": STATE_VERSION, **data}, indent=1, sort_keys=True) + "\n"
-        try:
-            write_atomic(self.path, payload.encode("utf-8"))
-        except OSError as exc:
-            log.warning("cannot write %s: %s", self.path, exc.strerror or exc)
-

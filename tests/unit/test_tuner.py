@@ -24,7 +24,8 @@ from agent.connection.classify import (
 from agent.connection.events import KeepaliveChanged, SessionTakeover
 from agent.connection.monitor import ConnectionMonitor
 from agent.connection.session import ConnectionEnded
-from agent.connection.tuner import STATE_FILE, KeepaliveTuner, StateFile, format_duration, safe_keepalive
+from agent.connection.tuner import KeepaliveTuner, format_duration, safe_keepalive
+from agent.state.connection_file import STATE_FILE, StateFile
 from tests.support.clock import FakeClock
 
 HOST = HostPort("broker", 8883)

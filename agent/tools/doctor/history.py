@@ -1,5 +1,5 @@
 """Check 9: what the running agent has learned about its connection, from
-`{state_dir}/connection-state.json` (written by the agent's resilience layer): recent disconnect
+`{state_dir}/connection-state.json` (written by agent/state/connection_file.py): recent disconnect
 reasons, the learned keepalive and a suspected duplicate client id.
 
 The file is read defensively: absent means "no history yet", and any field that is missing or of
@@ -14,10 +14,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from agent.state.connection_file import STATE_FILE
+from agent.state.connection_file import STATE_VERSION as SUPPORTED_VERSION
 from agent.tools.doctor.report import CheckResult, Finding, fail, result, warn
 
-STATE_FILE = "connection-state.json"
-SUPPORTED_VERSION = 1
 FLAP_WINDOW = 3600.0
 FLAP_COUNT = 5
 RECENT = 86400.0
