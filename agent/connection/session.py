@@ -1,28 +1,27 @@
 """The MQTT session: one connection at a time, driven on the agent's own network thread (the paho client
 itself comes from adapter.py).
 
-The agent owns the network thread (`client.loop()` in a loop of its own) instead of paho's
-loop_start(), so that the reconnect policy, failover and keepalive are the agent's decisions.
+The agent owns the network thread (a loop of its own, each turn through pump.py's select and I/O lock)
+instead of paho's loop_start(), so that the reconnect policy, failover and keepalive are the agent's
+decisions. This module is the connection's lifecycle: connect, serve, end, back off, reconnect.
 Every paho callback only translates into the agent's own types and hands off; each is guarded,
 because an exception in a paho callback kills the network thread.
 
 Commands are acknowledged by hand (paho's manual_ack): `on_message` gets the message and an `Ack`, and
 the PUBACK is sent only when the owner calls it, once the command is on disk (the state store's writer
 calls it after its fsync). paho's `ack()` only queues a packet and is safe from another thread, but a
-message id belongs to one connection: the Ack hands (connection, mid) to the network thread, which
-sends it only if that connection is still the current one (after a reconnect the broker redelivers,
+message id belongs to one connection: the Ack hands (connection, mid) to the pump on the network
+thread, which sends it only if that connection is still the current one (after a reconnect the broker redelivers,
 and the journal answers the redelivery).
 """
 
 from __future__ import annotations
 
 import logging
-import select
 import socket
 import ssl
 import threading
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -72,6 +71,7 @@ from agent.connection.events import (
     Subscribed,
 )
 from agent.connection.monitor import ConnectionMonitor
+from agent.connection.pump import Pump
 from agent.errors import TLSSetupError
 from agent.logtext import LogSummary, untrusted
 from agent.protocol import Inbound
@@ -155,7 +155,6 @@ class Session:
         on_ack_delay: Callable[[float], None] | None = None,
     ) -> None:
         self.cfg = mqtt_cfg
-        self._on_ack_delay = on_ack_delay  # seconds from a command's receipt to its PUBACK (a metric)
         self.tls_cfg = tls_cfg
         self._ssl_context = ssl_context
         self._on_message = on_message
@@ -179,7 +178,7 @@ class Session:
         self._client.on_subscribe = self._handle_subscribe
         self._client.on_publish = self._handle_publish
         self._client.manual_ack_set(True)
-        self._acks: deque[tuple[_Conn, int, int, float]] = deque()  # (connection, mid, qos, received) to ack
+        self._pump = Pump(self._client, self._is_live, clock=clock, on_ack_delay=on_ack_delay)
         self._withdrawn: list[int] = []  # message ids paho must not re-send (set aside), dropped before a connect
         self._broker_max_packet: int | None = None  # MQTT 5 CONNACK Maximum Packet Size of this connection
         if outbox is not None:
@@ -190,15 +189,6 @@ class Session:
         self._next_check = 0.0
         self._stop = threading.Event()
         self._wake = threading.Event()
-        # One thread at a time touches the TLS socket (an SSL object is not safe for concurrent use).
-        # The network thread holds this lock while paho reads, writes and keeps time; a worker that
-        # publishes while the network thread sleeps in select() writes the packet itself, which saves
-        # waking that thread (a cross-CPU wake-up) for every response.
-        self._io_lock = threading.Lock()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._client.on_socket_register_write = self._write_now
         self._reconnect_reason: str | None = None
         self._thread: threading.Thread | None = None
         self._conn: _Conn | None = None
@@ -220,7 +210,7 @@ class Session:
         """Disconnect cleanly (DISCONNECT sent) and end the network thread."""
         self._stop.set()
         self._wake.set()
-        self._wake_loop()
+        self._pump.wake()
         if self._thread:
             self._thread.join(timeout)
 
@@ -228,7 +218,7 @@ class Session:
         """Close the current connection cleanly and connect again now (e.g. after a config reload)."""
         self._reconnect_reason = reason
         self._wake.set()
-        self._wake_loop()
+        self._pump.wake()
 
     def reconfigure(self, mqtt_cfg: MqttConfig, tls_cfg: TlsConfig, ssl_context: ssl.SSLContext | None,
                     reason: str) -> None:
@@ -522,74 +512,20 @@ class Session:
             self._retry_subscriptions(now)
             if disconnect_deadline is None and conn.connected_at is not None and self._check_link(conn, now):
                 break
-            self._send_acks(conn)
-            rc = self._loop_once(0.5)
-            self._send_acks(conn)
+            rc = self._pump.turn(0.5)
             if rc != mqtt.MQTT_ERR_SUCCESS and conn.ended is None and self._client.socket() is None:
                 self._end(conn, False, None, mqtt.error_string(rc))
             if self.outbox is not None:
                 self.outbox.pump()
 
-    def _loop_once(self, timeout: float) -> int:
-        """One turn of the network loop: wait for the socket (or a wake-up), then let paho read, write
-        and keep time, under the I/O lock. The same steps as paho's loop(), on paho's external-loop API."""
-        client = self._client
-        sock = client.socket()
-        if sock is None:
-            return int(mqtt.MQTT_ERR_NO_CONN)
-        pending = sock.pending() if isinstance(sock, ssl.SSLSocket) else 0  # decrypted bytes select() cannot see
-        try:
-            readable, _, _ = select.select([sock, self._wake_r], [sock] if client.want_write() else [], [],
-                                           0.0 if pending else timeout)
-        except (OSError, ValueError):
-            readable = [sock]  # closed under us: the read below reports it
-        if self._wake_r in readable:
-            try:
-                self._wake_r.recv(4096)
-            except BlockingIOError:
-                pass
-        with self._io_lock:
-            if sock in readable or pending:
-                rc = client.loop_read()
-                if rc or client.socket() is None:
-                    return int(rc)
-            if client.want_write():
-                rc = client.loop_write()
-                if rc or client.socket() is None:
-                    return int(rc)
-            return int(client.loop_misc())
-
-    def _send_acks(self, conn: _Conn) -> None:
-        """PUBACK the commands that are durable now (network thread), in the order they became so."""
-        observe = self._on_ack_delay
-        while self._acks:
-            owner, mid, qos, received = self._acks.popleft()
-            if owner is conn and conn.ended is None:
-                self._client.ack(mid, qos)
-                if observe is not None:
-                    observe(self._clock() - received)
+    def _is_live(self, owner: object) -> bool:
+        """The pump asks before each PUBACK: is the Ack's connection the current one, still up?"""
+        conn = self._conn
+        return owner is conn and conn is not None and conn.ended is None
 
     def _queue_ack(self, conn: _Conn, mid: int, qos: int, received: float) -> None:
         """Any thread: acknowledge `mid` of `conn` from the network thread, soon."""
-        self._acks.append((conn, mid, qos, received))
-        self._wake_loop()
-
-    def _write_now(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        """paho has a packet to write (called in the publishing thread): write it now if the network
-        thread is not using the socket; otherwise that thread writes it before it sleeps again."""
-        if self._io_lock.acquire(blocking=False):
-            try:
-                client.loop_write()
-            except Exception:
-                log.debug("writing from the publishing thread failed", exc_info=True)
-            finally:
-                self._io_lock.release()
-
-    def _wake_loop(self) -> None:
-        try:
-            self._wake_w.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass  # a wake-up is pending already (or the session is closing)
+        self._pump.queue_ack(conn, mid, qos, received)
 
     def _check_link(self, conn: _Conn, now: float) -> bool:
         """Close a link that stopped answering (True if it did); once a second, note the uptime and
