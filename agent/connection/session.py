@@ -31,7 +31,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.config import HostPort, KeepaliveTuningConfig, MqttConfig, ReconnectConfig, TlsConfig, read_secret
+from agent.config import HostPort, MqttConfig, ReconnectConfig, TlsConfig, read_secret
 from agent.connection.adapter import (
     AUTH_FAILURE_CODES,
     RC_KEEPALIVE_TIMEOUT,
@@ -139,18 +139,16 @@ class Session:
         self,
         mqtt_cfg: MqttConfig,
         tls_cfg: TlsConfig,
-        reconnect_cfg: ReconnectConfig,
         *,
+        monitor: ConnectionMonitor,
         ssl_context: ssl.SSLContext | None,
         on_message: Callable[[Inbound, Ack], None],
         keepalive: Callable[[], int] | None = None,
-        backoff: Backoff | None = None,
         listeners: Sequence[SessionListener] = (),
         client_id: str | None = None,
         topics: Sequence[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
-        monitor: ConnectionMonitor | None = None,
         outbox: Outbox | None = None,
         on_ack_delay: Callable[[float], None] | None = None,
     ) -> None:
@@ -159,10 +157,7 @@ class Session:
         self._ssl_context = ssl_context
         self._on_message = on_message
         self.client_id = client_id or mqtt_cfg.client_id
-        # Without a monitor (tests, tools) ends are still classified, with tuning off and nothing persisted.
-        self.monitor = monitor or ConnectionMonitor(
-            mqtt_cfg, reconnect_cfg, KeepaliveTuningConfig(enabled=False, min=1), client_id=self.client_id,
-            backoff=backoff, clock=clock, wall=wall)
+        self.monitor = monitor  # classification, keepalive tuning and the reconnect backoff (built by the caller)
         self._keepalive = keepalive or self.monitor.keepalive
         self.backoff = self.monitor.backoff
         self.listeners = list(listeners)

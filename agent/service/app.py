@@ -142,12 +142,11 @@ class Agent:
         self.session = Session(
             cfg.mqtt,
             cfg.tls,
-            cfg.reconnect,
+            monitor=self.monitor,
             ssl_context=ssl_context,
             on_message=self._on_message,
             listeners=[self.metrics.connection, self.status_line, self.phases,
                        *([self.renewer] if self.renewer else [])],
-            monitor=self.monitor,
             outbox=self.outbox,
             topics=[cfg.mqtt.subscription, *([error_filter(cfg.mqtt.command_topic)] if cfg.publish.hono_errors
                                               else [])],
