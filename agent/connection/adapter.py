@@ -34,15 +34,6 @@ F = TypeVar("F", bound=Callable[..., None])
 RC_CONNECTION_LOST = 0x80  # paho: "Unspecified error", the socket closed without a DISCONNECT
 
 
-RC_KEEPALIVE_TIMEOUT = 0x8D
-
-
-RC_SESSION_TAKEN_OVER = 0x8E
-
-
-AUTH_FAILURE_CODES = frozenset({0x86, 0x87, 0x8C})  # bad user name or password, not authorized, bad auth method
-
-
 RC_SHARED_UNSUPPORTED = 0x9E  # SUBACK: "Shared Subscriptions not supported"
 
 

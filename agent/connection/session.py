@@ -18,7 +18,6 @@ and the journal answers the redelivery).
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
 import threading
 import time
@@ -33,9 +32,6 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import HostPort, MqttConfig, ReconnectConfig, TlsConfig, read_secret
 from agent.connection.adapter import (
-    AUTH_FAILURE_CODES,
-    RC_KEEPALIVE_TIMEOUT,
-    RC_SESSION_TAKEN_OVER,
     RC_SHARED_UNSUPPORTED,
     connect_properties,
     guarded,
@@ -45,7 +41,6 @@ from agent.connection.adapter import (
 )
 from agent.connection.backoff import Backoff, HostRotation
 from agent.connection.classify import (
-    AUTH_FAILED,
     CONNECTION_LOST,
     KEEPALIVE_TIMEOUT,
     NETWORK_ERROR,
@@ -56,6 +51,7 @@ from agent.connection.classify import (
     SHUTDOWN,
     TLS_ERROR,
 )
+from agent.connection.ends import RC_KEEPALIVE_TIMEOUT, TlsExplanations, connect_failure, end_cause, end_log_line
 from agent.connection.events import (
     Connected,
     Connecting,
@@ -72,13 +68,11 @@ from agent.connection.events import (
 )
 from agent.connection.monitor import ConnectionMonitor
 from agent.connection.pump import Pump
-from agent.errors import TLSSetupError
 from agent.logtext import LogSummary, untrusted
 from agent.protocol import Inbound
 from agent.state import poison
 from agent.state.outbox import Outbox
 from agent.state.store import OutMessage
-from agent.tls.explain import explain_handshake_error, fetch_peer_certificate
 
 # A publisher that retains commands would otherwise cost one warning per message.
 log = logging.getLogger(__name__)
@@ -191,7 +185,7 @@ class Session:
         self._connects = 0
         self._attempts = 0
         self._last_end: ConnectionEnded | None = None
-        self._tls_explained: dict[tuple[str, str], str] = {}
+        self._tls_explained = TlsExplanations()
         self._pending_config: tuple[MqttConfig, TlsConfig, ssl.SSLContext | None] | None = None
         self.heartbeat = clock()  # updated by every turn of the network loop (watchdog evidence)
 
@@ -432,23 +426,10 @@ class Session:
         self._wake.wait(delay)
 
     def _log_end(self, ended: ConnectionEnded, raw_kind: str, raw_reason: str = "") -> None:
-        if ended.error:
-            # A failed connect attempt: _connect_failed has logged it, unless the history adds to it
-            # (e.g. the broker that dropped us refuses the next CONNECT: it was restarting).
-            if ended.reason != raw_reason:
-                log.warning("%s", ended.reason, extra={"MQTT_REASON": ended.kind})
-            return
-        if raw_kind == RECONNECT_REQUESTED:
-            log.info("disconnected from %s to reconnect: %s", ended.host, ended.reason)
-            return
-        if ended.kind == SHUTDOWN:
-            log.info("disconnected from %s (%s)", ended.host, ended.reason or "agent request")
-            return
-        up = f" after {ended.uptime:.1f} s" if ended.uptime is not None else ""
-        idle = f", {ended.idle_for:.1f} s after the last byte received" if ended.idle_for is not None else ""
-        level = logging.ERROR if ended.kind in (AUTH_FAILED, REFUSED, SESSION_TAKEN_OVER) else logging.WARNING
-        log.log(level, "connection to %s ended%s%s: %s: %s", ended.host, up, idle, ended.kind, ended.reason,
-                extra={"MQTT_REASON": ended.kind, "MQTT_RC": ended.reason_code})
+        line = end_log_line(ended, raw_kind, raw_reason)
+        if line is not None:
+            level, text, fields = line
+            log.log(level, "%s", text, extra=fields)
 
     def _drop_withdrawn(self) -> None:
         """Make paho forget set-aside messages before it re-sends what it holds at the next CONNACK."""
@@ -554,18 +535,11 @@ class Session:
 
     def _connect_failed(self, conn: _Conn, exc: Exception) -> ConnectionEnded:
         host = conn.host
-        if isinstance(exc, (ssl.SSLError, ssl.CertificateError)):
-            kind, reason = TLS_ERROR, self._explain_tls(host, exc)
-        elif isinstance(exc, ConnectionRefusedError):
-            kind, reason = REFUSED, f"connection refused by {host}: nothing listens on that port"
-        elif isinstance(exc, socket.gaierror):
-            kind, reason = NETWORK_ERROR, f"cannot resolve {host.host}: {exc.strerror or exc}"
-        elif isinstance(exc, (socket.timeout, TimeoutError)):
-            kind, reason = NETWORK_ERROR, f"{host} did not answer within {self.cfg.connect_timeout:g} s"
-        elif isinstance(exc, OSError):
-            kind, reason = NETWORK_ERROR, f"cannot reach {host}: {exc.strerror or exc}"
-        else:
-            kind, reason = NETWORK_ERROR, f"connecting to {host} failed: {exc}"
+        kind, reason = connect_failure(host, exc, self.cfg.connect_timeout)
+        if kind == TLS_ERROR:
+            reason, again = self._tls_explained.explain(host, exc, self.tls_cfg, self.cfg.connect_timeout)
+            log.error("TLS handshake with %s failed%s: %s", host, " again" if again else "", reason,
+                      extra={"MQTT_REASON": TLS_ERROR})
         try:
             self._client.close_socket()
         except Exception:  # noqa: BLE001 - best effort cleanup of a half-open socket
@@ -577,21 +551,6 @@ class Session:
             log.warning("%s", reason, extra={"MQTT_REASON": kind})
         return ended
 
-    def _explain_tls(self, host: HostPort, exc: Exception) -> str:
-        key = (str(host), f"{type(exc).__name__}:{getattr(exc, 'verify_code', '')}:{getattr(exc, 'reason', '')}")
-        known = self._tls_explained.get(key)
-        if known:
-            log.error("TLS handshake with %s failed again: %s", host, known, extra={"MQTT_REASON": TLS_ERROR})
-            return known
-        peer = None
-        if getattr(exc, "verify_code", None) is not None:
-            peer = fetch_peer_certificate(host, self.tls_cfg, timeout=self.cfg.connect_timeout)
-        err: TLSSetupError = explain_handshake_error(exc, host, self.tls_cfg, peer)
-        text = str(err)
-        self._tls_explained[key] = text
-        log.error("TLS handshake with %s failed: %s", host, text, extra={"MQTT_REASON": TLS_ERROR})
-        return text
-
     def _end(self, conn: _Conn, from_server: bool, code: int | None, text: str) -> ConnectionEnded:
         """Record the end of `conn` once (paho may report one disconnect twice)."""
         if conn.ended is not None:
@@ -599,20 +558,8 @@ class Session:
         if self.outbox is not None:
             self.outbox.link_down()
         link_error = self._client.link_error
-        if conn.close_reason is not None:
-            kind, reason = conn.close_reason
-        elif conn.refused is not None:
-            refused_code, refused_text = conn.refused
-            kind = AUTH_FAILED if refused_code in AUTH_FAILURE_CODES else REFUSED
-            reason = f"the broker refused the connection: {refused_text} (CONNACK 0x{refused_code:02X})"
-            code = refused_code
-        elif from_server:
-            kind = SESSION_TAKEN_OVER if code == RC_SESSION_TAKEN_OVER else SERVER_DISCONNECT
-            reason = f"the broker sent DISCONNECT: {text}"
-        elif code == RC_KEEPALIVE_TIMEOUT:
-            kind, reason = KEEPALIVE_TIMEOUT, f"no answer to our PINGREQ within the keepalive ({conn.keepalive} s)"
-        else:
-            kind, reason = CONNECTION_LOST, f"connection lost ({link_error or text})"
+        kind, reason, code = end_cause(close_reason=conn.close_reason, refused=conn.refused, from_server=from_server,
+                                       code=code, text=text, keepalive=conn.keepalive, link_error=link_error)
         last_in, last_out = self._client.last_in, self._client.last_out
         conn.ended = ConnectionEnded(
             host=conn.host,
