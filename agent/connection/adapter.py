@@ -34,9 +34,6 @@ F = TypeVar("F", bound=Callable[..., None])
 RC_CONNECTION_LOST = 0x80  # paho: "Unspecified error", the socket closed without a DISCONNECT
 
 
-RC_SHARED_UNSUPPORTED = 0x9E  # SUBACK: "Shared Subscriptions not supported"
-
-
 # Gaps in traffic shorter than this are not tracked as link silences (they say nothing about idle limits).
 QUIET_RESOLUTION = 1.0
 

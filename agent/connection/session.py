@@ -22,7 +22,7 @@ import ssl
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
@@ -30,16 +30,15 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.config import HostPort, MqttConfig, ReconnectConfig, TlsConfig, read_secret
+from agent.config import HostPort, MqttConfig, TlsConfig, read_secret
 from agent.connection.adapter import (
-    RC_SHARED_UNSUPPORTED,
     connect_properties,
     guarded,
     inbound_from,
     new_client,
     publish_properties,
 )
-from agent.connection.backoff import Backoff, HostRotation
+from agent.connection.backoff import HostRotation
 from agent.connection.classify import (
     CONNECTION_LOST,
     KEEPALIVE_TIMEOUT,
@@ -64,10 +63,10 @@ from agent.connection.events import (
     SessionEvent,
     SessionListener,
     SessionState,
-    Subscribed,
 )
 from agent.connection.monitor import ConnectionMonitor
 from agent.connection.pump import Pump
+from agent.connection.subscriptions import SubAck, Subscriptions
 from agent.logtext import LogSummary, untrusted
 from agent.protocol import Inbound
 from agent.state import poison
@@ -77,10 +76,6 @@ from agent.state.store import OutMessage
 # A publisher that retains commands would otherwise cost one warning per message.
 log = logging.getLogger(__name__)
 _RETAINED_LOG = LogSummary(log)
-
-
-SHARED_UNSUPPORTED_FIX = ("this broker does not serve shared subscriptions (mqtt.shared_group): remove "
-                          "mqtt.shared_group, or use a broker that supports them (mosquitto 2, EMQX, HiveMQ)")
 
 
 # paho needs about 2 x keepalive to notice a link that stopped carrying traffic (PINGREQ after one
@@ -114,18 +109,6 @@ class _Conn:
     close_reason: tuple[str, str] | None = None  # set when the agent closes the socket itself
 
 
-# A refused SUBSCRIBE is retried after 2, 4, 8 ... 60 s (no jitter: one gateway, one broker ACL to fix).
-SUBSCRIBE_RETRY = ReconnectConfig(min_delay=1.0, max_delay=60.0, stable_after=0.0, jitter=False)
-
-
-@dataclass
-class _SubscribeState:
-    pending_mid: int | None = None
-    granted: bool = False
-    retry_at: float | None = None
-    backoff: Backoff = field(default_factory=lambda: Backoff(SUBSCRIBE_RETRY))
-
-
 class Session:
     """Keeps one MQTT session up, subscribed to the command topic, and hands messages to `on_message`."""
 
@@ -156,7 +139,6 @@ class Session:
         self.backoff = self.monitor.backoff
         self.listeners = list(listeners)
         self.outbox = outbox
-        self.topics = list(topics if topics is not None else [mqtt_cfg.subscription])
         self._clock = clock
         self._wall = wall
         self._hosts = HostRotation(mqtt_cfg.hosts)
@@ -181,7 +163,8 @@ class Session:
         self._reconnect_reason: str | None = None
         self._thread: threading.Thread | None = None
         self._conn: _Conn | None = None
-        self._sub: dict[str, _SubscribeState] = {}
+        self._subs = Subscriptions(topics if topics is not None else [mqtt_cfg.subscription], self._subscribe,
+                                   client_id=self.client_id, notify=self._notify, clock=clock)
         self._connects = 0
         self._attempts = 0
         self._last_end: ConnectionEnded | None = None
@@ -334,7 +317,7 @@ class Session:
             connects=self._connects,
             attempts=self._attempts,
             last_end=self._last_end,
-            subscribed=connected and all(s.granted for s in self._sub.values()),
+            subscribed=connected and self._subs.granted,
             keepalive_set_by_broker=bool(conn and conn.asked_keepalive is not None),
             max_message_bytes=self.max_message_bytes(),
         )
@@ -445,7 +428,7 @@ class Session:
         keepalive = self._keepalive()
         self._attempts += 1
         conn = self._conn = _Conn(host, self._clock(), keepalive)
-        self._sub = {t: _SubscribeState() for t in self.topics}
+        self._subs.new_connection()
         self._client.begin_connection()
         self._notify(Connecting(host, self._attempts))
         log.debug("connecting to %s as %s (keepalive %d s)", host, self.client_id, keepalive)
@@ -485,7 +468,7 @@ class Session:
                 conn.close_reason = (NETWORK_ERROR, f"no CONNACK within {self.cfg.connect_timeout:g} s")
                 self._close(conn)
                 break
-            self._retry_subscriptions(now)
+            self._subs.retry_due(now)
             if disconnect_deadline is None and conn.connected_at is not None and self._check_link(conn, now):
                 break
             rc = self._pump.turn(0.5)
@@ -610,47 +593,18 @@ class Session:
         log.info("connected to %s as %s (MQTT %s, keepalive %d s%s, session %s%s)", conn.host, self.client_id,
                  "5" if self.cfg.is_v5 else "3.1.1", conn.keepalive, by_broker, "resumed" if present else "new",
                  limit, extra={"KEEPALIVE": conn.keepalive})
-        for topic in self._sub:
-            self._subscribe(topic)
+        self._subs.subscribe_all()
         self._notify(Connected(conn.host, conn.keepalive, present))
 
-    def _subscribe(self, topic: str) -> None:
+    def _subscribe(self, topic: str) -> int | None:
         rc, mid = self._client.subscribe(topic, qos=self.cfg.qos)
-        state = self._sub[topic]
-        state.pending_mid = mid if rc == mqtt.MQTT_ERR_SUCCESS else None
-        state.retry_at = None
-
-    def _retry_subscriptions(self, now: float) -> None:
-        for topic, state in self._sub.items():
-            if state.retry_at is not None and now >= state.retry_at:
-                log.info("retrying the subscription to %s", topic)
-                self._subscribe(topic)
+        return mid if rc == mqtt.MQTT_ERR_SUCCESS else None
 
     @guarded
     def _handle_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode],
                           properties: Any) -> None:
-        for topic, state in self._sub.items():
-            if state.pending_mid != mid:
-                continue
-            state.pending_mid = None
-            code = reason_codes[0] if reason_codes else None
-            if code is not None and not code.is_failure:
-                state.granted = True
-                state.backoff.reset()
-                log.info("subscribed to %s (QoS %d)", topic, int(code.value))
-                self._notify(Subscribed(topic, True, str(code)))
-                continue
-            state.granted = False
-            state.backoff.connection_ended(None)
-            delay = state.backoff.next_delay()
-            state.retry_at = self._clock() + delay
-            fix = (SHARED_UNSUPPORTED_FIX if code is not None and int(code.value) == RC_SHARED_UNSUPPORTED
-                   else f"check the broker ACL for client {self.client_id}")
-            log.error("the broker refused the subscription to %s (SUBACK %s): commands cannot arrive; %s; "
-                      "retrying in %.0f s", topic,
-                      f"0x{int(code.value):02X} {code}" if code is not None else "missing", fix, delay,
-                      extra={"MQTT_REASON": "subscribe_failed"})
-            self._notify(Subscribed(topic, False, str(code)))
+        code = reason_codes[0] if reason_codes else None
+        self._subs.answered(mid, None if code is None else SubAck(int(code.value), str(code), code.is_failure))
 
     @guarded
     def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
