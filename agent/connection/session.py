@@ -30,7 +30,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.config import HostPort, MqttConfig, TlsConfig, read_secret
+from agent.config import HostPort, MqttConfig, TlsConfig
 from agent.connection.adapter import (
     connect_properties,
     guarded,
@@ -208,8 +208,7 @@ class Session:
         if mqtt_cfg.hosts != self.cfg.hosts:
             self._hosts = HostRotation(mqtt_cfg.hosts)
         self.cfg, self.tls_cfg = mqtt_cfg, tls_cfg
-        password = read_secret(mqtt_cfg.password_file) if mqtt_cfg.password_file else mqtt_cfg.password
-        self._client.username_pw_set(mqtt_cfg.username, password)
+        self._client.use_credentials(mqtt_cfg)
         self._client.replace_tls_context(ssl_context)  # the socket is closed here
         self._ssl_context = ssl_context
         self._tls_explained.clear()
