@@ -20,11 +20,11 @@ from agent.config import CREDENTIAL_KEYS, Config, TlsConfig, load_config
 from agent.connection.monitor import ConnectionMonitor
 from agent.connection.session import Ack, Session
 from agent.errors import AgentError, ConfigError, TLSSetupError
-from agent.logtext import untrusted
 from agent.protocol import Inbound
 from agent.renewal import has_renewed_pair
 from agent.service.api import PublishApi
 from agent.service.health import HealthCheck, LoopPhases, Verdict
+from agent.service.hono_errors import HonoErrors
 from agent.service.logs import set_level
 from agent.service.metrics import AgentMetrics, MetricsServer, PublishMetrics
 from agent.service.notify import Notifier, ServiceWatchdog, StatusLine, sender_from_environment, watchdog_interval
@@ -35,7 +35,7 @@ from agent.state.outbox import Outbox, PublishLimits
 from agent.state.publish import PublishContext
 from agent.state.store import StateStore, ensure_private_dir
 from agent.tls.context import build_context
-from agent.topics import error_filter, parse_error
+from agent.topics import error_filter
 
 if TYPE_CHECKING:
     from agent.renewal.rollover import Renewer
@@ -47,8 +47,6 @@ HOUSEKEEPING_INTERVAL = 60.0
 FIRST_ATTEMPT_WAIT = 5.0
 # Time after agent.shutdown_grace to deliver responses and disconnect (systemd's stop timeout follows).
 STOP_MARGIN = 10.0
-# Hono error messages: at most this many log lines a minute (each one is counted).
-HONO_ERROR_LOGS_PER_MINUTE = 10
 
 
 class Agent:
@@ -88,8 +86,7 @@ class Agent:
         self.api: PublishApi | None = None
         self.api_server: ApiServer | None = None
         self.forwarder: Any = None
-        self.hono_errors = 0
-        self._hono_logged: list[float] = []
+        self.hono_errors = HonoErrors(clock=clock)
         self.subreaper = False
         self.renewer: Renewer | None = None
 
@@ -124,7 +121,7 @@ class Agent:
                                     commands=self.registry,
                                     in_flight=lambda: self.dispatcher.in_flight if self.dispatcher else 0,
                                     state=self.store, shared_group=cfg.mqtt.shared_group,
-                                    publish=PublishMetrics(self.outbox, hono_errors=lambda: self.hono_errors))
+                                    publish=PublishMetrics(self.outbox, hono_errors=lambda: self.hono_errors.count))
         interval = watchdog_interval()
         self.watchdog = ServiceWatchdog(self.notifier, self._connection_status, self._health, interval=interval)
         self.status_line = StatusLine(protocol, cfg.mqtt.keepalive, on_change=self.watchdog.poke)
@@ -167,18 +164,9 @@ class Agent:
                                          stall_limit=ServiceWatchdog.stall_limit(interval))
 
     def _on_message(self, msg: Inbound, ack: Ack) -> None:
-        """Commands go to the dispatcher; Hono's error messages (publish.hono_errors) are counted and logged."""
-        if self.cfg.publish.hono_errors and msg.topic.startswith("error/"):
-            ack()
-            self.hono_errors += 1
-            now = self._clock()
-            self._hono_logged = [t for t in self._hono_logged if now - t < 60.0]
-            if len(self._hono_logged) < HONO_ERROR_LOGS_PER_MINUTE:
-                self._hono_logged.append(now)
-                facts = parse_error(msg.topic, msg.payload)
-                log.warning("Eclipse Hono could not process a message: %s", ", ".join(
-                    f"{k}={untrusted(v, 200)!r}" for k, v in facts.items()),
-                    extra={"HONO_ERROR": untrusted(facts.get("code", ""), 20)})
+        """Commands go to the dispatcher; Hono's error messages (publish.hono_errors) to their counter."""
+        if self.cfg.publish.hono_errors and self.hono_errors.wants(msg):
+            self.hono_errors.accept(msg, ack)
             return
         self.dispatcher.accept(msg, ack)  # type: ignore[union-attr]
 
