@@ -41,6 +41,11 @@ RC_SESSION_TAKEN_OVER = 0x8E
 AUTH_FAILURE_CODES = frozenset({0x86, 0x87, 0x8C})  # bad user name or password, not authorized, bad auth method
 
 
+# A host counts as working once a connection to it has lasted this long (not at CONNACK: a broker
+# that accepts and drops at once must be left for the next host too).
+HOST_PROVEN_AFTER = 5.0
+
+
 def end_cause(*, close_reason: tuple[str, str] | None, refused: tuple[int, str] | None, from_server: bool,
               code: int | None, text: str, keepalive: int, link_error: str) -> tuple[str, str, int | None]:
     """(kind, reason, reason code) of a connection that ended. `close_reason`: the agent closed it itself
@@ -108,6 +113,23 @@ class TlsExplanations:
 
     def clear(self) -> None:
         self._known.clear()
+
+
+def explained(kind: str) -> bool:
+    """An end with a known cause (ours, a takeover the broker named, a dead link): it counts against no
+    message the agent sent just before (the poison check)."""
+    return kind in (SHUTDOWN, RECONNECT_REQUESTED, SESSION_TAKEN_OVER, KEEPALIVE_TIMEOUT)
+
+
+def host_failure(ended: ConnectionEnded) -> tuple[bool, bool]:
+    """Does this classified end count against its host (for failover), and is it definite? A host that
+    fails to connect, or accepts and drops at once, is skipped after a few tries; a refused TCP connect
+    means nothing listens there (a stopped cluster node): no point in a second try."""
+    flapping = ended.uptime is not None and ended.uptime < HOST_PROVEN_AFTER and ended.kind in (
+        NETWORK_ERROR, SERVER_DISCONNECT)
+    if ended.connected_at is None or flapping:
+        return True, ended.kind == REFUSED and ended.error != ""
+    return False, False
 
 
 def end_log_line(ended: ConnectionEnded, raw_kind: str,

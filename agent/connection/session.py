@@ -44,13 +44,19 @@ from agent.connection.classify import (
     KEEPALIVE_TIMEOUT,
     NETWORK_ERROR,
     RECONNECT_REQUESTED,
-    REFUSED,
-    SERVER_DISCONNECT,
-    SESSION_TAKEN_OVER,
     SHUTDOWN,
     TLS_ERROR,
 )
-from agent.connection.ends import RC_KEEPALIVE_TIMEOUT, TlsExplanations, connect_failure, end_cause, end_log_line
+from agent.connection.ends import (
+    HOST_PROVEN_AFTER,
+    RC_KEEPALIVE_TIMEOUT,
+    TlsExplanations,
+    connect_failure,
+    end_cause,
+    end_log_line,
+    explained,
+    host_failure,
+)
 from agent.connection.events import (
     Connected,
     Connecting,
@@ -85,11 +91,6 @@ PING_GRACE = 0.5
 
 
 PING_GRACE_MIN = 2.0
-
-
-# A host counts as working once a connection to it has lasted this long (not at CONNACK: a broker
-# that accepts and drops at once must be left for the next host too).
-HOST_PROVEN_AFTER = 5.0
 
 
 # After an unexpected internal error in the network loop, wait this long before connecting again.
@@ -365,9 +366,7 @@ class Session:
         if self.outbox is not None and raw.connected_at is not None:
             # Here, not in _end: _end may run inside a paho callback, and the outbox lock must never be
             # taken under paho's locks (a worker holding it may be waiting for them in publish()).
-            # Ends with a known cause (ours, a takeover the broker named, a dead link) count against no message.
-            explained = raw.kind in (SHUTDOWN, RECONNECT_REQUESTED, SESSION_TAKEN_OVER, KEEPALIVE_TIMEOUT)
-            suspect = self.outbox.poison_check(expected_end=explained)
+            suspect = self.outbox.poison_check(expected_end=explained(raw.kind))
             raw = replace(raw, message_suspect=suspect)
         try:
             ended = self.monitor.classify(raw)
@@ -386,13 +385,9 @@ class Session:
             return
         if raw.kind == RECONNECT_REQUESTED:
             return
-        # A host that fails to connect, or accepts and drops at once, is skipped after a few tries.
-        flapping = ended.uptime is not None and ended.uptime < HOST_PROVEN_AFTER and ended.kind in (
-            NETWORK_ERROR, SERVER_DISCONNECT)
         failed_over = False
-        if ended.connected_at is None or flapping:
-            # A refused TCP connect means nothing listens there (a stopped cluster node): no point in a second try.
-            refused = ended.kind == REFUSED and ended.error != ""
+        counts, refused = host_failure(ended)
+        if counts:
             failed_over = self._hosts.failed(definite=refused)
             if failed_over:
                 log.warning("%s %s; failing over to %s", ended.host, "refused the connection" if refused

@@ -24,7 +24,15 @@ from agent.connection.classify import (
     SHUTDOWN,
     TLS_ERROR,
 )
-from agent.connection.ends import TlsExplanations, connect_failure, end_cause, end_log_line
+from agent.connection.ends import (
+    HOST_PROVEN_AFTER,
+    TlsExplanations,
+    connect_failure,
+    end_cause,
+    end_log_line,
+    explained,
+    host_failure,
+)
 from agent.connection.events import ConnectionEnded
 
 HOST = HostPort("broker.example", 8883)
@@ -130,3 +138,23 @@ def test_a_failed_connect_is_logged_again_only_when_the_classifier_added_to_it()
     revised = ended(REFUSED, connected_at=None, error="ConnectionRefusedError()", reason="refused; so restarting")
     assert end_log_line(revised, REFUSED, "refused") == (logging.WARNING, "refused; so restarting",
                                                          {"MQTT_REASON": REFUSED})
+
+
+@pytest.mark.parametrize(("kind", "expected"), [(SHUTDOWN, True), (RECONNECT_REQUESTED, True),
+                                                (SESSION_TAKEN_OVER, True), (KEEPALIVE_TIMEOUT, True),
+                                                (CONNECTION_LOST, False), (SERVER_DISCONNECT, False),
+                                                (IDLE_TIMEOUT, False)])
+def test_only_ends_with_a_known_cause_are_explained(kind: str, expected: bool) -> None:
+    assert explained(kind) is expected
+
+
+def test_which_ends_count_against_the_host() -> None:
+    refused = ended(REFUSED, connected_at=None, last_in=None, error="ConnectionRefusedError()")
+    assert host_failure(refused) == (True, True)  # nothing listens there: fail over at once
+    assert host_failure(ended(REFUSED, connected_at=None, last_in=None)) == (True, False)  # CONNACK refusal
+    assert host_failure(ended(NETWORK_ERROR, connected_at=None, last_in=None, error="timeout")) == (True, False)
+    flap = 100.0 - HOST_PROVEN_AFTER + 0.5
+    assert host_failure(ended(SERVER_DISCONNECT, connected_at=flap)) == (True, False)  # accepts and drops at once
+    assert host_failure(ended(NETWORK_ERROR, connected_at=flap)) == (True, False)
+    assert host_failure(ended(IDLE_TIMEOUT, connected_at=flap)) == (False, False)  # the path, not the host
+    assert host_failure(ended(NETWORK_ERROR, connected_at=100.0 - HOST_PROVEN_AFTER)) == (False, False)
