@@ -11,8 +11,8 @@ Commands are acknowledged by hand (paho's manual_ack): `on_message` gets the mes
 the PUBACK is sent only when the owner calls it, once the command is on disk (the state store's writer
 calls it after its fsync). paho's `ack()` only queues a packet and is safe from another thread, but a
 message id belongs to one connection: the Ack hands (connection, mid) to the pump on the network
-thread, which sends it only if that connection is still the current one (after a reconnect the broker redelivers,
-and the journal answers the redelivery).
+thread, which sends it only if that connection is still the current one (after a reconnect the broker
+redelivers, and the journal answers the redelivery).
 """
 
 from __future__ import annotations
