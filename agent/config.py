@@ -970,6 +970,20 @@ CREDENTIAL_KEYS = ("tls.key_file", "tls.key_password_file", "mqtt.password_file"
 CREDENTIAL_UNSET = b"mqtt-agent:unset"
 
 
+def credentials_in_use(cfg: Config, credentials_dir: str | None) -> dict[str, Path]:
+    """{config key: path} of the secrets in `cfg` that come from systemd credentials (files in
+    `credentials_dir`, systemd's $CREDENTIALS_DIRECTORY)."""
+    if not credentials_dir:
+        return {}
+    found = {}
+    for key in CREDENTIAL_KEYS:
+        section, name = key.split(".", 1)
+        path = getattr(getattr(cfg, section), name, None)
+        if path is not None and str(path).startswith(credentials_dir.rstrip("/") + "/"):
+            found[key] = path
+    return found
+
+
 def credential_overrides(credentials_dir: str | Path | None) -> dict[str, Path]:
     """{config key: credential file} for the secrets systemd passed in `credentials_dir`."""
     if not credentials_dir:

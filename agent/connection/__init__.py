@@ -1,2 +1,2 @@
-"""The MQTT connection: paho adapter, session, classification, tuning, backoff and the pure rules
-about what may be sent (message size, poison messages)."""
+"""The MQTT connection: the paho adapter, the session's lifecycle and its network pump, subscriptions, why
+a connection ended (ends, classify), keepalive tuning, backoff, the probe connection and the local forwarder."""

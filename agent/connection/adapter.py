@@ -34,18 +34,6 @@ F = TypeVar("F", bound=Callable[..., None])
 RC_CONNECTION_LOST = 0x80  # paho: "Unspecified error", the socket closed without a DISCONNECT
 
 
-RC_KEEPALIVE_TIMEOUT = 0x8D
-
-
-RC_SESSION_TAKEN_OVER = 0x8E
-
-
-AUTH_FAILURE_CODES = frozenset({0x86, 0x87, 0x8C})  # bad user name or password, not authorized, bad auth method
-
-
-RC_SHARED_UNSUPPORTED = 0x9E  # SUBACK: "Shared Subscriptions not supported"
-
-
 # Gaps in traffic shorter than this are not tracked as link silences (they say nothing about idle limits).
 QUIET_RESOLUTION = 1.0
 
@@ -115,6 +103,11 @@ class TrackedClient(mqtt.Client):
         """When the unanswered PINGREQ was sent (time.monotonic), or None."""
         return self._ping_t or None
 
+    def use_credentials(self, mqtt_cfg: MqttConfig) -> None:
+        """User name and password for the next CONNECT (the password read from mqtt.password_file now)."""
+        password = read_secret(mqtt_cfg.password_file) if mqtt_cfg.password_file else mqtt_cfg.password
+        self.username_pw_set(mqtt_cfg.username, password)
+
     # paho has no public way to do these; its private state is touched here only, in one place, with the
     # reason each is safe.
 
@@ -152,10 +145,7 @@ def new_client(mqtt_cfg: MqttConfig, client_id: str, ssl_context: ssl.SSLContext
     client.connect_timeout = mqtt_cfg.connect_timeout
     client.max_inflight_messages_set(mqtt_cfg.max_inflight)
     if mqtt_cfg.username:
-        password = mqtt_cfg.password
-        if mqtt_cfg.password_file:
-            password = read_secret(mqtt_cfg.password_file)
-        client.username_pw_set(mqtt_cfg.username, password)
+        client.use_credentials(mqtt_cfg)
     if ssl_context is not None:
         client.tls_set_context(ssl_context)
     # With a register-write callback set, paho never writes to the socket from the publishing thread

@@ -1,30 +1,28 @@
 """The MQTT session: one connection at a time, driven on the agent's own network thread (the paho client
 itself comes from adapter.py).
 
-The agent owns the network thread (`client.loop()` in a loop of its own) instead of paho's
-loop_start(), so that the reconnect policy, failover and keepalive are the agent's decisions.
+The agent owns the network thread (a loop of its own, each turn through pump.py's select and I/O lock)
+instead of paho's loop_start(), so that the reconnect policy, failover and keepalive are the agent's
+decisions. This module is the connection's lifecycle: connect, serve, end, back off, reconnect.
 Every paho callback only translates into the agent's own types and hands off; each is guarded,
 because an exception in a paho callback kills the network thread.
 
 Commands are acknowledged by hand (paho's manual_ack): `on_message` gets the message and an `Ack`, and
 the PUBACK is sent only when the owner calls it, once the command is on disk (the state store's writer
 calls it after its fsync). paho's `ack()` only queues a packet and is safe from another thread, but a
-message id belongs to one connection: the Ack hands (connection, mid) to the network thread, which
-sends it only if that connection is still the current one (after a reconnect the broker redelivers,
-and the journal answers the redelivery).
+message id belongs to one connection: the Ack hands (connection, mid) to the pump on the network
+thread, which sends it only if that connection is still the current one (after a reconnect the broker
+redelivers, and the journal answers the redelivery).
 """
 
 from __future__ import annotations
 
 import logging
-import select
-import socket
 import ssl
 import threading
 import time
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
@@ -32,30 +30,32 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.config import HostPort, KeepaliveTuningConfig, MqttConfig, ReconnectConfig, TlsConfig, read_secret
+from agent.config import HostPort, MqttConfig, TlsConfig
 from agent.connection.adapter import (
-    AUTH_FAILURE_CODES,
-    RC_KEEPALIVE_TIMEOUT,
-    RC_SESSION_TAKEN_OVER,
-    RC_SHARED_UNSUPPORTED,
     connect_properties,
     guarded,
     inbound_from,
     new_client,
     publish_properties,
 )
-from agent.connection.backoff import Backoff, HostRotation
+from agent.connection.backoff import HostRotation
 from agent.connection.classify import (
-    AUTH_FAILED,
     CONNECTION_LOST,
     KEEPALIVE_TIMEOUT,
     NETWORK_ERROR,
     RECONNECT_REQUESTED,
-    REFUSED,
-    SERVER_DISCONNECT,
-    SESSION_TAKEN_OVER,
     SHUTDOWN,
     TLS_ERROR,
+)
+from agent.connection.ends import (
+    HOST_PROVEN_AFTER,
+    RC_KEEPALIVE_TIMEOUT,
+    TlsExplanations,
+    connect_failure,
+    end_cause,
+    end_log_line,
+    explained,
+    host_failure,
 )
 from agent.connection.events import (
     Connected,
@@ -69,24 +69,19 @@ from agent.connection.events import (
     SessionEvent,
     SessionListener,
     SessionState,
-    Subscribed,
 )
 from agent.connection.monitor import ConnectionMonitor
-from agent.errors import TLSSetupError
+from agent.connection.pump import Pump
+from agent.connection.subscriptions import SubAck, Subscriptions
 from agent.logtext import LogSummary, untrusted
 from agent.protocol import Inbound
 from agent.state import poison
 from agent.state.outbox import Outbox
 from agent.state.store import OutMessage
-from agent.tls.explain import explain_handshake_error, fetch_peer_certificate
 
 # A publisher that retains commands would otherwise cost one warning per message.
 log = logging.getLogger(__name__)
 _RETAINED_LOG = LogSummary(log)
-
-
-SHARED_UNSUPPORTED_FIX = ("this broker does not serve shared subscriptions (mqtt.shared_group): remove "
-                          "mqtt.shared_group, or use a broker that supports them (mosquitto 2, EMQX, HiveMQ)")
 
 
 # paho needs about 2 x keepalive to notice a link that stopped carrying traffic (PINGREQ after one
@@ -96,11 +91,6 @@ PING_GRACE = 0.5
 
 
 PING_GRACE_MIN = 2.0
-
-
-# A host counts as working once a connection to it has lasted this long (not at CONNACK: a broker
-# that accepts and drops at once must be left for the next host too).
-HOST_PROVEN_AFTER = 5.0
 
 
 # After an unexpected internal error in the network loop, wait this long before connecting again.
@@ -120,18 +110,6 @@ class _Conn:
     close_reason: tuple[str, str] | None = None  # set when the agent closes the socket itself
 
 
-# A refused SUBSCRIBE is retried after 2, 4, 8 ... 60 s (no jitter: one gateway, one broker ACL to fix).
-SUBSCRIBE_RETRY = ReconnectConfig(min_delay=1.0, max_delay=60.0, stable_after=0.0, jitter=False)
-
-
-@dataclass
-class _SubscribeState:
-    pending_mid: int | None = None
-    granted: bool = False
-    retry_at: float | None = None
-    backoff: Backoff = field(default_factory=lambda: Backoff(SUBSCRIBE_RETRY))
-
-
 class Session:
     """Keeps one MQTT session up, subscribed to the command topic, and hands messages to `on_message`."""
 
@@ -139,36 +117,29 @@ class Session:
         self,
         mqtt_cfg: MqttConfig,
         tls_cfg: TlsConfig,
-        reconnect_cfg: ReconnectConfig,
         *,
+        monitor: ConnectionMonitor,
         ssl_context: ssl.SSLContext | None,
         on_message: Callable[[Inbound, Ack], None],
         keepalive: Callable[[], int] | None = None,
-        backoff: Backoff | None = None,
         listeners: Sequence[SessionListener] = (),
         client_id: str | None = None,
         topics: Sequence[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
-        monitor: ConnectionMonitor | None = None,
         outbox: Outbox | None = None,
         on_ack_delay: Callable[[float], None] | None = None,
     ) -> None:
         self.cfg = mqtt_cfg
-        self._on_ack_delay = on_ack_delay  # seconds from a command's receipt to its PUBACK (a metric)
         self.tls_cfg = tls_cfg
         self._ssl_context = ssl_context
         self._on_message = on_message
         self.client_id = client_id or mqtt_cfg.client_id
-        # Without a monitor (tests, tools) ends are still classified, with tuning off and nothing persisted.
-        self.monitor = monitor or ConnectionMonitor(
-            mqtt_cfg, reconnect_cfg, KeepaliveTuningConfig(enabled=False, min=1), client_id=self.client_id,
-            backoff=backoff, clock=clock, wall=wall)
+        self.monitor = monitor  # classification, keepalive tuning and the reconnect backoff (built by the caller)
         self._keepalive = keepalive or self.monitor.keepalive
         self.backoff = self.monitor.backoff
         self.listeners = list(listeners)
         self.outbox = outbox
-        self.topics = list(topics if topics is not None else [mqtt_cfg.subscription])
         self._clock = clock
         self._wall = wall
         self._hosts = HostRotation(mqtt_cfg.hosts)
@@ -179,7 +150,7 @@ class Session:
         self._client.on_subscribe = self._handle_subscribe
         self._client.on_publish = self._handle_publish
         self._client.manual_ack_set(True)
-        self._acks: deque[tuple[_Conn, int, int, float]] = deque()  # (connection, mid, qos, received) to ack
+        self._pump = Pump(self._client, self._is_live, clock=clock, on_ack_delay=on_ack_delay)
         self._withdrawn: list[int] = []  # message ids paho must not re-send (set aside), dropped before a connect
         self._broker_max_packet: int | None = None  # MQTT 5 CONNACK Maximum Packet Size of this connection
         if outbox is not None:
@@ -190,23 +161,15 @@ class Session:
         self._next_check = 0.0
         self._stop = threading.Event()
         self._wake = threading.Event()
-        # One thread at a time touches the TLS socket (an SSL object is not safe for concurrent use).
-        # The network thread holds this lock while paho reads, writes and keeps time; a worker that
-        # publishes while the network thread sleeps in select() writes the packet itself, which saves
-        # waking that thread (a cross-CPU wake-up) for every response.
-        self._io_lock = threading.Lock()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._client.on_socket_register_write = self._write_now
         self._reconnect_reason: str | None = None
         self._thread: threading.Thread | None = None
         self._conn: _Conn | None = None
-        self._sub: dict[str, _SubscribeState] = {}
+        self._subs = Subscriptions(topics if topics is not None else [mqtt_cfg.subscription], self._subscribe,
+                                   client_id=self.client_id, notify=self._notify, clock=clock)
         self._connects = 0
         self._attempts = 0
         self._last_end: ConnectionEnded | None = None
-        self._tls_explained: dict[tuple[str, str], str] = {}
+        self._tls_explained = TlsExplanations()
         self._pending_config: tuple[MqttConfig, TlsConfig, ssl.SSLContext | None] | None = None
         self.heartbeat = clock()  # updated by every turn of the network loop (watchdog evidence)
 
@@ -220,7 +183,7 @@ class Session:
         """Disconnect cleanly (DISCONNECT sent) and end the network thread."""
         self._stop.set()
         self._wake.set()
-        self._wake_loop()
+        self._pump.wake()
         if self._thread:
             self._thread.join(timeout)
 
@@ -228,7 +191,7 @@ class Session:
         """Close the current connection cleanly and connect again now (e.g. after a config reload)."""
         self._reconnect_reason = reason
         self._wake.set()
-        self._wake_loop()
+        self._pump.wake()
 
     def reconfigure(self, mqtt_cfg: MqttConfig, tls_cfg: TlsConfig, ssl_context: ssl.SSLContext | None,
                     reason: str) -> None:
@@ -246,8 +209,7 @@ class Session:
         if mqtt_cfg.hosts != self.cfg.hosts:
             self._hosts = HostRotation(mqtt_cfg.hosts)
         self.cfg, self.tls_cfg = mqtt_cfg, tls_cfg
-        password = read_secret(mqtt_cfg.password_file) if mqtt_cfg.password_file else mqtt_cfg.password
-        self._client.username_pw_set(mqtt_cfg.username, password)
+        self._client.use_credentials(mqtt_cfg)
         self._client.replace_tls_context(ssl_context)  # the socket is closed here
         self._ssl_context = ssl_context
         self._tls_explained.clear()
@@ -355,7 +317,7 @@ class Session:
             connects=self._connects,
             attempts=self._attempts,
             last_end=self._last_end,
-            subscribed=connected and all(s.granted for s in self._sub.values()),
+            subscribed=connected and self._subs.granted,
             keepalive_set_by_broker=bool(conn and conn.asked_keepalive is not None),
             max_message_bytes=self.max_message_bytes(),
         )
@@ -404,9 +366,7 @@ class Session:
         if self.outbox is not None and raw.connected_at is not None:
             # Here, not in _end: _end may run inside a paho callback, and the outbox lock must never be
             # taken under paho's locks (a worker holding it may be waiting for them in publish()).
-            # Ends with a known cause (ours, a takeover the broker named, a dead link) count against no message.
-            explained = raw.kind in (SHUTDOWN, RECONNECT_REQUESTED, SESSION_TAKEN_OVER, KEEPALIVE_TIMEOUT)
-            suspect = self.outbox.poison_check(expected_end=explained)
+            suspect = self.outbox.poison_check(expected_end=explained(raw.kind))
             raw = replace(raw, message_suspect=suspect)
         try:
             ended = self.monitor.classify(raw)
@@ -425,13 +385,9 @@ class Session:
             return
         if raw.kind == RECONNECT_REQUESTED:
             return
-        # A host that fails to connect, or accepts and drops at once, is skipped after a few tries.
-        flapping = ended.uptime is not None and ended.uptime < HOST_PROVEN_AFTER and ended.kind in (
-            NETWORK_ERROR, SERVER_DISCONNECT)
         failed_over = False
-        if ended.connected_at is None or flapping:
-            # A refused TCP connect means nothing listens there (a stopped cluster node): no point in a second try.
-            refused = ended.kind == REFUSED and ended.error != ""
+        counts, refused = host_failure(ended)
+        if counts:
             failed_over = self._hosts.failed(definite=refused)
             if failed_over:
                 log.warning("%s %s; failing over to %s", ended.host, "refused the connection" if refused
@@ -447,23 +403,10 @@ class Session:
         self._wake.wait(delay)
 
     def _log_end(self, ended: ConnectionEnded, raw_kind: str, raw_reason: str = "") -> None:
-        if ended.error:
-            # A failed connect attempt: _connect_failed has logged it, unless the history adds to it
-            # (e.g. the broker that dropped us refuses the next CONNECT: it was restarting).
-            if ended.reason != raw_reason:
-                log.warning("%s", ended.reason, extra={"MQTT_REASON": ended.kind})
-            return
-        if raw_kind == RECONNECT_REQUESTED:
-            log.info("disconnected from %s to reconnect: %s", ended.host, ended.reason)
-            return
-        if ended.kind == SHUTDOWN:
-            log.info("disconnected from %s (%s)", ended.host, ended.reason or "agent request")
-            return
-        up = f" after {ended.uptime:.1f} s" if ended.uptime is not None else ""
-        idle = f", {ended.idle_for:.1f} s after the last byte received" if ended.idle_for is not None else ""
-        level = logging.ERROR if ended.kind in (AUTH_FAILED, REFUSED, SESSION_TAKEN_OVER) else logging.WARNING
-        log.log(level, "connection to %s ended%s%s: %s: %s", ended.host, up, idle, ended.kind, ended.reason,
-                extra={"MQTT_REASON": ended.kind, "MQTT_RC": ended.reason_code})
+        line = end_log_line(ended, raw_kind, raw_reason)
+        if line is not None:
+            level, text, fields = line
+            log.log(level, "%s", text, extra=fields)
 
     def _drop_withdrawn(self) -> None:
         """Make paho forget set-aside messages before it re-sends what it holds at the next CONNACK."""
@@ -479,7 +422,7 @@ class Session:
         keepalive = self._keepalive()
         self._attempts += 1
         conn = self._conn = _Conn(host, self._clock(), keepalive)
-        self._sub = {t: _SubscribeState() for t in self.topics}
+        self._subs.new_connection()
         self._client.begin_connection()
         self._notify(Connecting(host, self._attempts))
         log.debug("connecting to %s as %s (keepalive %d s)", host, self.client_id, keepalive)
@@ -519,77 +462,23 @@ class Session:
                 conn.close_reason = (NETWORK_ERROR, f"no CONNACK within {self.cfg.connect_timeout:g} s")
                 self._close(conn)
                 break
-            self._retry_subscriptions(now)
+            self._subs.retry_due(now)
             if disconnect_deadline is None and conn.connected_at is not None and self._check_link(conn, now):
                 break
-            self._send_acks(conn)
-            rc = self._loop_once(0.5)
-            self._send_acks(conn)
+            rc = self._pump.turn(0.5)
             if rc != mqtt.MQTT_ERR_SUCCESS and conn.ended is None and self._client.socket() is None:
                 self._end(conn, False, None, mqtt.error_string(rc))
             if self.outbox is not None:
                 self.outbox.pump()
 
-    def _loop_once(self, timeout: float) -> int:
-        """One turn of the network loop: wait for the socket (or a wake-up), then let paho read, write
-        and keep time, under the I/O lock. The same steps as paho's loop(), on paho's external-loop API."""
-        client = self._client
-        sock = client.socket()
-        if sock is None:
-            return int(mqtt.MQTT_ERR_NO_CONN)
-        pending = sock.pending() if isinstance(sock, ssl.SSLSocket) else 0  # decrypted bytes select() cannot see
-        try:
-            readable, _, _ = select.select([sock, self._wake_r], [sock] if client.want_write() else [], [],
-                                           0.0 if pending else timeout)
-        except (OSError, ValueError):
-            readable = [sock]  # closed under us: the read below reports it
-        if self._wake_r in readable:
-            try:
-                self._wake_r.recv(4096)
-            except BlockingIOError:
-                pass
-        with self._io_lock:
-            if sock in readable or pending:
-                rc = client.loop_read()
-                if rc or client.socket() is None:
-                    return int(rc)
-            if client.want_write():
-                rc = client.loop_write()
-                if rc or client.socket() is None:
-                    return int(rc)
-            return int(client.loop_misc())
-
-    def _send_acks(self, conn: _Conn) -> None:
-        """PUBACK the commands that are durable now (network thread), in the order they became so."""
-        observe = self._on_ack_delay
-        while self._acks:
-            owner, mid, qos, received = self._acks.popleft()
-            if owner is conn and conn.ended is None:
-                self._client.ack(mid, qos)
-                if observe is not None:
-                    observe(self._clock() - received)
+    def _is_live(self, owner: object) -> bool:
+        """The pump asks before each PUBACK: is the Ack's connection the current one, still up?"""
+        conn = self._conn
+        return owner is conn and conn is not None and conn.ended is None
 
     def _queue_ack(self, conn: _Conn, mid: int, qos: int, received: float) -> None:
         """Any thread: acknowledge `mid` of `conn` from the network thread, soon."""
-        self._acks.append((conn, mid, qos, received))
-        self._wake_loop()
-
-    def _write_now(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        """paho has a packet to write (called in the publishing thread): write it now if the network
-        thread is not using the socket; otherwise that thread writes it before it sleeps again."""
-        if self._io_lock.acquire(blocking=False):
-            try:
-                client.loop_write()
-            except Exception:
-                log.debug("writing from the publishing thread failed", exc_info=True)
-            finally:
-                self._io_lock.release()
-
-    def _wake_loop(self) -> None:
-        try:
-            self._wake_w.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass  # a wake-up is pending already (or the session is closing)
+        self._pump.queue_ack(conn, mid, qos, received)
 
     def _check_link(self, conn: _Conn, now: float) -> bool:
         """Close a link that stopped answering (True if it did); once a second, note the uptime and
@@ -623,18 +512,11 @@ class Session:
 
     def _connect_failed(self, conn: _Conn, exc: Exception) -> ConnectionEnded:
         host = conn.host
-        if isinstance(exc, (ssl.SSLError, ssl.CertificateError)):
-            kind, reason = TLS_ERROR, self._explain_tls(host, exc)
-        elif isinstance(exc, ConnectionRefusedError):
-            kind, reason = REFUSED, f"connection refused by {host}: nothing listens on that port"
-        elif isinstance(exc, socket.gaierror):
-            kind, reason = NETWORK_ERROR, f"cannot resolve {host.host}: {exc.strerror or exc}"
-        elif isinstance(exc, (socket.timeout, TimeoutError)):
-            kind, reason = NETWORK_ERROR, f"{host} did not answer within {self.cfg.connect_timeout:g} s"
-        elif isinstance(exc, OSError):
-            kind, reason = NETWORK_ERROR, f"cannot reach {host}: {exc.strerror or exc}"
-        else:
-            kind, reason = NETWORK_ERROR, f"connecting to {host} failed: {exc}"
+        kind, reason = connect_failure(host, exc, self.cfg.connect_timeout)
+        if kind == TLS_ERROR:
+            reason, again = self._tls_explained.explain(host, exc, self.tls_cfg, self.cfg.connect_timeout)
+            log.error("TLS handshake with %s failed%s: %s", host, " again" if again else "", reason,
+                      extra={"MQTT_REASON": TLS_ERROR})
         try:
             self._client.close_socket()
         except Exception:  # noqa: BLE001 - best effort cleanup of a half-open socket
@@ -646,21 +528,6 @@ class Session:
             log.warning("%s", reason, extra={"MQTT_REASON": kind})
         return ended
 
-    def _explain_tls(self, host: HostPort, exc: Exception) -> str:
-        key = (str(host), f"{type(exc).__name__}:{getattr(exc, 'verify_code', '')}:{getattr(exc, 'reason', '')}")
-        known = self._tls_explained.get(key)
-        if known:
-            log.error("TLS handshake with %s failed again: %s", host, known, extra={"MQTT_REASON": TLS_ERROR})
-            return known
-        peer = None
-        if getattr(exc, "verify_code", None) is not None:
-            peer = fetch_peer_certificate(host, self.tls_cfg, timeout=self.cfg.connect_timeout)
-        err: TLSSetupError = explain_handshake_error(exc, host, self.tls_cfg, peer)
-        text = str(err)
-        self._tls_explained[key] = text
-        log.error("TLS handshake with %s failed: %s", host, text, extra={"MQTT_REASON": TLS_ERROR})
-        return text
-
     def _end(self, conn: _Conn, from_server: bool, code: int | None, text: str) -> ConnectionEnded:
         """Record the end of `conn` once (paho may report one disconnect twice)."""
         if conn.ended is not None:
@@ -668,20 +535,8 @@ class Session:
         if self.outbox is not None:
             self.outbox.link_down()
         link_error = self._client.link_error
-        if conn.close_reason is not None:
-            kind, reason = conn.close_reason
-        elif conn.refused is not None:
-            refused_code, refused_text = conn.refused
-            kind = AUTH_FAILED if refused_code in AUTH_FAILURE_CODES else REFUSED
-            reason = f"the broker refused the connection: {refused_text} (CONNACK 0x{refused_code:02X})"
-            code = refused_code
-        elif from_server:
-            kind = SESSION_TAKEN_OVER if code == RC_SESSION_TAKEN_OVER else SERVER_DISCONNECT
-            reason = f"the broker sent DISCONNECT: {text}"
-        elif code == RC_KEEPALIVE_TIMEOUT:
-            kind, reason = KEEPALIVE_TIMEOUT, f"no answer to our PINGREQ within the keepalive ({conn.keepalive} s)"
-        else:
-            kind, reason = CONNECTION_LOST, f"connection lost ({link_error or text})"
+        kind, reason, code = end_cause(close_reason=conn.close_reason, refused=conn.refused, from_server=from_server,
+                                       code=code, text=text, keepalive=conn.keepalive, link_error=link_error)
         last_in, last_out = self._client.last_in, self._client.last_out
         conn.ended = ConnectionEnded(
             host=conn.host,
@@ -732,47 +587,18 @@ class Session:
         log.info("connected to %s as %s (MQTT %s, keepalive %d s%s, session %s%s)", conn.host, self.client_id,
                  "5" if self.cfg.is_v5 else "3.1.1", conn.keepalive, by_broker, "resumed" if present else "new",
                  limit, extra={"KEEPALIVE": conn.keepalive})
-        for topic in self._sub:
-            self._subscribe(topic)
+        self._subs.subscribe_all()
         self._notify(Connected(conn.host, conn.keepalive, present))
 
-    def _subscribe(self, topic: str) -> None:
+    def _subscribe(self, topic: str) -> int | None:
         rc, mid = self._client.subscribe(topic, qos=self.cfg.qos)
-        state = self._sub[topic]
-        state.pending_mid = mid if rc == mqtt.MQTT_ERR_SUCCESS else None
-        state.retry_at = None
-
-    def _retry_subscriptions(self, now: float) -> None:
-        for topic, state in self._sub.items():
-            if state.retry_at is not None and now >= state.retry_at:
-                log.info("retrying the subscription to %s", topic)
-                self._subscribe(topic)
+        return mid if rc == mqtt.MQTT_ERR_SUCCESS else None
 
     @guarded
     def _handle_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode],
                           properties: Any) -> None:
-        for topic, state in self._sub.items():
-            if state.pending_mid != mid:
-                continue
-            state.pending_mid = None
-            code = reason_codes[0] if reason_codes else None
-            if code is not None and not code.is_failure:
-                state.granted = True
-                state.backoff.reset()
-                log.info("subscribed to %s (QoS %d)", topic, int(code.value))
-                self._notify(Subscribed(topic, True, str(code)))
-                continue
-            state.granted = False
-            state.backoff.connection_ended(None)
-            delay = state.backoff.next_delay()
-            state.retry_at = self._clock() + delay
-            fix = (SHARED_UNSUPPORTED_FIX if code is not None and int(code.value) == RC_SHARED_UNSUPPORTED
-                   else f"check the broker ACL for client {self.client_id}")
-            log.error("the broker refused the subscription to %s (SUBACK %s): commands cannot arrive; %s; "
-                      "retrying in %.0f s", topic,
-                      f"0x{int(code.value):02X} {code}" if code is not None else "missing", fix, delay,
-                      extra={"MQTT_REASON": "subscribe_failed"})
-            self._notify(Subscribed(topic, False, str(code)))
+        code = reason_codes[0] if reason_codes else None
+        self._subs.answered(mid, None if code is None else SubAck(int(code.value), str(code), code.is_failure))
 
     @guarded
     def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,

@@ -16,26 +16,26 @@ from agent.commands.handlers import HandlerRegistry
 from agent.commands.handlers.builtin import PingHandler
 from agent.commands.handlers.registry import build_registry
 from agent.commands.processes import REAPER, become_subreaper
-from agent.config import CREDENTIAL_KEYS, Config, TlsConfig, load_config
+from agent.config import Config, TlsConfig, credentials_in_use, load_config
 from agent.connection.monitor import ConnectionMonitor
 from agent.connection.session import Ack, Session
 from agent.errors import AgentError, ConfigError, TLSSetupError
-from agent.logtext import untrusted
 from agent.protocol import Inbound
 from agent.renewal import has_renewed_pair
 from agent.service.api import PublishApi
 from agent.service.health import HealthCheck, LoopPhases, Verdict
+from agent.service.hono_errors import HonoErrors
 from agent.service.logs import set_level
 from agent.service.metrics import AgentMetrics, MetricsServer, PublishMetrics
 from agent.service.notify import Notifier, ServiceWatchdog, StatusLine, sender_from_environment, watchdog_interval
-from agent.service.reload import ReloadOutcome, fingerprint, plan_reload, secret_files
-from agent.service.reload_verdict import read_request, verdict_dir, write_verdict
+from agent.service.reload import ReloadOutcome, credentials_hint, fingerprint, plan_reload, secret_files
+from agent.service.reload_verdict import answer_request
 from agent.service.server import ApiServer
 from agent.state.outbox import Outbox, PublishLimits
 from agent.state.publish import PublishContext
 from agent.state.store import StateStore, ensure_private_dir
 from agent.tls.context import build_context
-from agent.topics import error_filter, parse_error
+from agent.topics import error_filter
 
 if TYPE_CHECKING:
     from agent.renewal.rollover import Renewer
@@ -47,8 +47,6 @@ HOUSEKEEPING_INTERVAL = 60.0
 FIRST_ATTEMPT_WAIT = 5.0
 # Time after agent.shutdown_grace to deliver responses and disconnect (systemd's stop timeout follows).
 STOP_MARGIN = 10.0
-# Hono error messages: at most this many log lines a minute (each one is counted).
-HONO_ERROR_LOGS_PER_MINUTE = 10
 
 
 class Agent:
@@ -88,8 +86,7 @@ class Agent:
         self.api: PublishApi | None = None
         self.api_server: ApiServer | None = None
         self.forwarder: Any = None
-        self.hono_errors = 0
-        self._hono_logged: list[float] = []
+        self.hono_errors = HonoErrors(clock=clock)
         self.subreaper = False
         self.renewer: Renewer | None = None
 
@@ -124,7 +121,7 @@ class Agent:
                                     commands=self.registry,
                                     in_flight=lambda: self.dispatcher.in_flight if self.dispatcher else 0,
                                     state=self.store, shared_group=cfg.mqtt.shared_group,
-                                    publish=PublishMetrics(self.outbox, hono_errors=lambda: self.hono_errors))
+                                    publish=PublishMetrics(self.outbox, hono_errors=lambda: self.hono_errors.count))
         interval = watchdog_interval()
         self.watchdog = ServiceWatchdog(self.notifier, self._connection_status, self._health, interval=interval)
         self.status_line = StatusLine(protocol, cfg.mqtt.keepalive, on_change=self.watchdog.poke)
@@ -142,12 +139,11 @@ class Agent:
         self.session = Session(
             cfg.mqtt,
             cfg.tls,
-            cfg.reconnect,
+            monitor=self.monitor,
             ssl_context=ssl_context,
             on_message=self._on_message,
             listeners=[self.metrics.connection, self.status_line, self.phases,
                        *([self.renewer] if self.renewer else [])],
-            monitor=self.monitor,
             outbox=self.outbox,
             topics=[cfg.mqtt.subscription, *([error_filter(cfg.mqtt.command_topic)] if cfg.publish.hono_errors
                                               else [])],
@@ -168,18 +164,9 @@ class Agent:
                                          stall_limit=ServiceWatchdog.stall_limit(interval))
 
     def _on_message(self, msg: Inbound, ack: Ack) -> None:
-        """Commands go to the dispatcher; Hono's error messages (publish.hono_errors) are counted and logged."""
-        if self.cfg.publish.hono_errors and msg.topic.startswith("error/"):
-            ack()
-            self.hono_errors += 1
-            now = self._clock()
-            self._hono_logged = [t for t in self._hono_logged if now - t < 60.0]
-            if len(self._hono_logged) < HONO_ERROR_LOGS_PER_MINUTE:
-                self._hono_logged.append(now)
-                facts = parse_error(msg.topic, msg.payload)
-                log.warning("Eclipse Hono could not process a message: %s", ", ".join(
-                    f"{k}={untrusted(v, 200)!r}" for k, v in facts.items()),
-                    extra={"HONO_ERROR": untrusted(facts.get("code", ""), 20)})
+        """Commands go to the dispatcher; Hono's error messages (publish.hono_errors) to their counter."""
+        if self.cfg.publish.hono_errors and self.hono_errors.wants(msg):
+            self.hono_errors.accept(msg, ack)
             return
         self.dispatcher.accept(msg, ack)  # type: ignore[union-attr]
 
@@ -307,16 +294,7 @@ class Agent:
 
     def _credentials_in_use(self) -> dict[str, Path]:
         """{config key: path} of the secrets that come from systemd credentials."""
-        creds = os.environ.get("CREDENTIALS_DIRECTORY")
-        if not creds:
-            return {}
-        found = {}
-        for key in CREDENTIAL_KEYS:
-            section, name = key.split(".", 1)
-            path = getattr(getattr(self.cfg, section), name, None)
-            if path is not None and str(path).startswith(creds.rstrip("/") + "/"):
-                found[key] = path
-        return found
+        return credentials_in_use(self.cfg, os.environ.get("CREDENTIALS_DIRECTORY"))
 
     def _log_credentials(self) -> None:
         for key, path in self._credentials_in_use().items():
@@ -365,15 +343,7 @@ class Agent:
                 break
             if self._reload_requested.is_set():
                 self._reload_requested.clear()
-                # Read after clearing: a request written before this signal is answered by this reload.
-                where = verdict_dir(self.cfg.agent.state_dir)
-                token = read_request(where)
-                outcome = self.reload()
-                try:
-                    write_verdict(where, token, outcome.ok, outcome.message)
-                except OSError as exc:
-                    log.warning("cannot record the reload verdict for `mqtt-agent reload` in %s: %s", where,
-                                exc.strerror or exc)
+                answer_request(self.cfg.agent.state_dir, self.reload)
             if self._clock() >= next_housekeeping:
                 self.housekeeping()
                 next_housekeeping = self._clock() + HOUSEKEEPING_INTERVAL
@@ -411,15 +381,7 @@ class Agent:
             ssl_context = build_context(tls_in_use) if new.tls.enabled else None
         except AgentError as exc:
             problems = list(getattr(exc, "problems", []) or [str(exc)])
-            # The credentials hint only where it explains something: a problem with a key that comes from a
-            # systemd credential, or a TLS setup failure while the key does (a new certificate for a key
-            # systemd has not copied yet) -- not, say, a mistyped mqtt.keepalive next to it.
-            creds = [key for key in self._credentials_in_use()
-                     if any(p.startswith((f"{key}:", f"{key} ")) for p in problems)
-                     or (isinstance(exc, TLSSetupError) and key.startswith("tls."))]
-            hint = (f" ({', '.join(creds)} come(s) from systemd credentials, which systemd copies only when the "
-                    "service starts: after replacing a key or password, run systemctl restart mqtt-agent)"
-                    if creds else "")
+            hint = credentials_hint(problems, isinstance(exc, TLSSetupError), self._credentials_in_use())
             log.error("configuration reload rejected, the running configuration stays in effect: %s%s", exc, hint)
             return ReloadOutcome(False, f"rejected, the running configuration stays in effect: {exc}{hint}",
                                  problems=problems)
@@ -435,10 +397,7 @@ class Agent:
             self.dispatcher.set_registry(registry)
             self.registry = registry
             self.metrics.commands.set_commands(registry)
-            parts = [f"{what} {', '.join(names)}" for what, names in (
-                ("added", plan.commands_added), ("removed", plan.commands_removed),
-                ("changed", plan.commands_changed)) if names]
-            done.append(f"commands {'; '.join(parts)} (no reconnect)")
+            done.append(f"commands {plan.commands_summary()} (no reconnect)")
         if plan.live:
             self.dispatcher.limits = eff.limits
             set_level(self._log_level_override or eff.agent.log_level)
@@ -461,13 +420,7 @@ class Agent:
     def housekeeping(self) -> None:
         assert self.store is not None
         try:
-            pruned = self.store.prune(self.cfg.limits.dedupe_retention)
-            if pruned:
-                log.debug("forgot %d finished commands older than limits.dedupe_retention", pruned)
-            self.store.max_bytes = self.cfg.limits.max_state_bytes
-            if self.store.refresh_size() > self.store.max_bytes:
-                self.store.enforce_bound()
-                self.store.refresh_size()
+            self.store.housekeeping(self.cfg.limits.dedupe_retention, self.cfg.limits.max_state_bytes)
         except Exception:
             log.exception("journal housekeeping failed")
 

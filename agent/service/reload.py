@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,25 @@ class ReloadPlan:
     @property
     def changed(self) -> bool:
         return bool(self.reconnect or self.live or self.restart_needed or self.commands_differ)
+
+    def commands_summary(self) -> str:
+        """'added a, b; removed c' for the log line of a reload that changed [commands]."""
+        return "; ".join(f"{what} {', '.join(names)}" for what, names in (
+            ("added", self.commands_added), ("removed", self.commands_removed),
+            ("changed", self.commands_changed)) if names)
+
+
+def credentials_hint(problems: list[str], tls_failure: bool, from_credentials: Iterable[str]) -> str:
+    """Words for a rejected reload when a secret comes from systemd credentials, which systemd copies only
+    when the service starts -- only where it explains something: a problem with such a key, or a TLS
+    setup failure while the key is one (a new certificate for a key systemd has not copied yet); not,
+    say, a mistyped mqtt.keepalive next to it."""
+    keys = [key for key in from_credentials
+            if any(p.startswith((f"{key}:", f"{key} ")) for p in problems) or (tls_failure and key.startswith("tls."))]
+    if not keys:
+        return ""
+    return (f" ({', '.join(keys)} come(s) from systemd credentials, which systemd copies only when the service "
+            "starts: after replacing a key or password, run systemctl restart mqtt-agent)")
 
 
 def secret_files(cfg: Config) -> tuple[Path, ...]:

@@ -18,6 +18,7 @@ follows with the new one: a verdict is never attributed to the wrong request.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import signal
@@ -26,7 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from agent.service.reload import ReloadOutcome
 from agent.state.files import write_atomic
+
+log = logging.getLogger(__name__)
 
 REQUEST_FILE = "reload-request"
 VERDICT_FILE = "reload-verdict"
@@ -53,6 +57,20 @@ def read_request(directory: Path) -> str:
 def write_verdict(directory: Path, token: str, ok: bool, message: str) -> None:
     data = {"token": token, "ok": ok, "message": message[:4000], "pid": os.getpid(), "time": time.time()}
     write_atomic(directory / VERDICT_FILE, (json.dumps(data) + "\n").encode(), mode=0o600)
+
+
+def answer_request(state_dir: Path, reload: Callable[[], ReloadOutcome]) -> ReloadOutcome:
+    """The agent's side: run `reload` and leave its verdict for the `mqtt-agent reload` that asked.
+    Call it after clearing the pending-reload flag: the token is read first, so a request written
+    before this signal is answered by this reload (see above)."""
+    where = verdict_dir(state_dir)
+    token = read_request(where)
+    outcome = reload()
+    try:
+        write_verdict(where, token, outcome.ok, outcome.message)
+    except OSError as exc:
+        log.warning("cannot record the reload verdict for `mqtt-agent reload` in %s: %s", where, exc.strerror or exc)
+    return outcome
 
 
 @dataclass(frozen=True)

@@ -507,6 +507,17 @@ class StateStore:
         """Forget the oldest finished commands until the store fits `max_bytes`; returns how many."""
         return int(self._writer.call(self._prune_to_bound))
 
+    def housekeeping(self, retention: float, max_bytes: int) -> None:
+        """The periodic round (once a minute): forget finished commands older than `retention` s (their
+        dedupe goes with them), take `max_bytes` as the bound (a reload may change it), and enforce it."""
+        pruned = self.prune(retention)
+        if pruned:
+            log.debug("forgot %d finished commands older than limits.dedupe_retention", pruned)
+        self.max_bytes = max_bytes
+        if self.refresh_size() > self.max_bytes:
+            self.enforce_bound()
+            self.refresh_size()
+
     def _prune_to_bound(self, db: sqlite3.Connection) -> int:
         page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
         removed = 0

@@ -73,8 +73,8 @@ def session_factory(tmp_path: Path) -> Iterator[Callable[..., tuple[Session, Rec
                         report_interval=0)
         monitor = ConnectionMonitor(cfg.mqtt, cfg.reconnect, cfg.keepalive_tuning, state_dir=state)
         rec = Recorder()
-        session = Session(cfg.mqtt, cfg.tls, cfg.reconnect, ssl_context=build_context(cfg.tls),
-                          on_message=lambda msg, ack: ack(), monitor=monitor, outbox=outbox, listeners=[rec])
+        session = Session(cfg.mqtt, cfg.tls, monitor=monitor, ssl_context=build_context(cfg.tls),
+                          on_message=lambda msg, ack: ack(), outbox=outbox, listeners=[rec])
         made.append((session, outbox))
         return session, rec, outbox
 

@@ -11,6 +11,7 @@ import pytest
 
 import agent.connection.session as session_mod
 from agent.config import load_config
+from agent.connection.monitor import ConnectionMonitor
 from agent.connection.session import ConnectionEnded, Session, SessionListener
 from agent.tls.context import build_context
 
@@ -41,7 +42,8 @@ def test_network_thread_survives_an_internal_error(broker, make_config, monkeypa
         return 30
 
     events = Events()
-    session = Session(cfg.mqtt, cfg.tls, cfg.reconnect, ssl_context=build_context(cfg.tls),
+    monitor = ConnectionMonitor(cfg.mqtt, cfg.reconnect, cfg.keepalive_tuning)
+    session = Session(cfg.mqtt, cfg.tls, monitor=monitor, ssl_context=build_context(cfg.tls),
                       on_message=lambda msg, ack: ack(), keepalive=keepalive, listeners=[events])
     with caplog.at_level(logging.ERROR, logger="agent.connection.session"):
         session.start()

@@ -120,7 +120,9 @@ def test_drops_right_after_an_unacknowledged_message_are_message_rejected_never_
 
 def _session(clock: FakeClock) -> Session:
     cfg = MqttConfig(hosts=(HOST,), client_id="dev-1", protocol="5")
-    return Session(cfg, TlsConfig(enabled=False), ReconnectConfig(), ssl_context=None, on_message=lambda m: None,
+    monitor = ConnectionMonitor(cfg, ReconnectConfig(), KeepaliveTuningConfig(enabled=False, min=1), clock=clock,
+                                wall=clock)
+    return Session(cfg, TlsConfig(enabled=False), monitor=monitor, ssl_context=None, on_message=lambda m: None,
                    clock=clock, wall=clock)
 
 

@@ -91,7 +91,8 @@ def test_the_reader_sees_imports_inside_functions_and_relative_ones(tmp_path: Pa
 
 
 def test_only_the_connection_package_imports_paho() -> None:
-    """paho stays behind agent/connection/ (adapter, session, probe); agent.paho_version only reads a string."""
+    """paho stays behind agent/connection/ (adapter, pump, session, probe, forward); agent.paho_version only
+    reads a string."""
     outside = []
     for name, path in modules():
         if group_of(name) == "connection" or name == "agent":
@@ -102,3 +103,38 @@ def test_only_the_connection_package_imports_paho() -> None:
                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             outside += [f"{name} imports {m}" for m in mods if m.split(".")[0] == "paho"]
     assert outside == []
+
+
+# The connection package's pure core: decisions over plain values, tested without a broker. None of them may
+# reach paho, directly or through what it imports.
+PURE_CONNECTION = ("agent.connection.backoff", "agent.connection.classify", "agent.connection.ends",
+                   "agent.connection.events", "agent.connection.subscriptions", "agent.connection.tuner")
+
+
+def imports_paho(path: Path) -> bool:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+        if any(m.split(".")[0] == "paho" for m in mods):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("pure", PURE_CONNECTION)
+def test_the_pure_connection_modules_never_reach_paho(pure: str) -> None:
+    paths = dict(modules())
+    seen, todo, chain = {pure}, [pure], {pure: pure}
+    while todo:
+        name = todo.pop()
+        path = paths.get(name)
+        if path is None:  # "from agent.x import name": the module is agent.x
+            continue
+        assert not imports_paho(path), f"{chain[name]} imports paho"
+        for target in imports_of(path, name):
+            while target not in paths and "." in target:
+                target = target.rsplit(".", 1)[0]
+            if target not in seen:
+                seen.add(target)
+                chain[target] = f"{chain[name]} -> {target}"
+                todo.append(target)

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from agent.config import Config, TlsConfig, parse_config, render_config
-from agent.connection.session import SHARED_UNSUPPORTED_FIX
+from agent.connection.subscriptions import SHARED_UNSUPPORTED_FIX
 from agent.errors import ConfigError
 from agent.service.metrics import AgentMetrics
 from agent.tools.doctor.mqtt_check import probe_subscription, subscribe_refused

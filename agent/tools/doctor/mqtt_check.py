@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from agent.config import Config, HostPort, MqttConfig
 from agent.connection import probe
-from agent.connection.adapter import RC_SHARED_UNSUPPORTED
+from agent.connection.subscriptions import RC_SHARED_UNSUPPORTED
 from agent.tools.doctor.report import CheckResult, Finding, fail, result
 from agent.topics import MAX_SHARED_GROUP, shared_filter
 
