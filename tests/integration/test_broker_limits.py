@@ -96,7 +96,7 @@ def test_the_brokers_server_keep_alive_is_honoured_and_reported(make_broker, mak
     port = free_port()
     cfg = make_config(broker, {"mqtt": {"protocol": "5", "keepalive": 60},
                                "metrics": {"listen": f"127.0.0.1:{port}"}})
-    agent = run_agent(cfg)
+    run_agent(cfg)
     result = send(cfg, "info", timeout=10)
     assert result.status == 200
     info = json.loads(result.body)
@@ -105,4 +105,3 @@ def test_the_brokers_server_keep_alive_is_honoured_and_reported(make_broker, mak
     metrics = samples(port)
     assert metrics[("mqtt_agent_keepalive_seconds", ())] == 20
     assert metrics[("mqtt_agent_keepalive_configured_seconds", ())] == 60
-    agent.wait_for(r"keepalive 20 s set by the broker's Server Keep Alive \(we asked for 60 s\)", timeout=1)

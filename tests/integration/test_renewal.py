@@ -26,6 +26,7 @@ from agent.tools.send import send_command
 from tests.conftest import DEVICE_ID
 from tests.support.mosquitto import free_port
 from tests.support.mqttclient import TestClient
+from tests.support.outcomes import wait_metric
 from tests.support.pki import TestCA, sign_csr
 from tests.support.renewal import broker_subjects, openssl_signer, revocation_list, script, short_lived
 
@@ -101,7 +102,7 @@ def test_short_lived_certificate_renews_itself_and_commands_keep_flowing(renewal
     sender = threading.Thread(target=keep_sending)
     sender.start()
     try:
-        agent.wait_for(r"certificate renewal: renewed certificate in use", timeout=60)
+        wait_metric(port, "mqtt_agent_tls_renewals_total", 1, timeout=60, result="success")
         wait_until(lambda: len(broker_subjects(broker)) >= 2, 20, "the agent reconnects with the new pair")
         time.sleep(1.5)  # commands keep arriving after the switch
     finally:
@@ -142,9 +143,10 @@ def test_short_lived_certificate_renews_itself_and_commands_keep_flowing(renewal
     assert info["tls_certificate"]["pair"]["serial"] == f"{new_cert.serial_number:x}"
     # A restart keeps the renewed pair (the newest valid one).
     agent.stop()
-    again = run_agent(cfg)
-    again.wait_for(r"TLS client certificate in use: renewed pair", timeout=10, since=0)
+    run_agent(cfg)
     wait_until(lambda: broker_subjects(broker)[-1] == f"O=renewed,CN={DEVICE_ID}", 10, "restart uses renewed")
+    again = json.loads(send_command(load_config(cfg), "info", timeout=10).body)
+    assert again["tls_certificate"]["pair"]["source"] == "renewed"
 
 
 @pytest.mark.parametrize("case", ["other_key", "other_ca", "revoked"])
@@ -167,8 +169,8 @@ def test_a_bad_renewed_certificate_never_replaces_the_working_one(case, renewal_
     port = free_port()
     cfg = renewal_config(make_config, broker, pki, device, tmp_path,
                          {"signer": "exec", "command": [signer], "before": 3590.0}, metrics_port=port)
-    agent = run_agent(cfg)
-    agent.wait_for(rf"certificate renewal failed \({result}\): .*{re.escape(why)}", timeout=30)
+    run_agent(cfg)
+    wait_metric(port, "mqtt_agent_tls_renewals_total", 1, timeout=30, result=result)
     text = scrape(port)
     assert sample(text, "mqtt_agent_tls_renewals_total", f'{{result="{result}"}}') == 1.0
     assert sample(text, "mqtt_agent_tls_renewals_total", '{result="success"}') == 0.0
@@ -178,7 +180,7 @@ def test_a_bad_renewed_certificate_never_replaces_the_working_one(case, renewal_
     tls_dir = load_config(cfg).agent.state_dir / "tls"
     assert not (tls_dir / "active.pem").exists()
     state = json.loads((tls_dir / "renewal.json").read_text())
-    assert state["last_failure"]["result"] == result
+    assert state["last_failure"]["result"] == result and why in state["last_failure"]["reason"]
     # Nothing switched: the broker only ever saw the configured certificate, and commands still work.
     assert set(broker_subjects(broker)) == {f"CN={DEVICE_ID}"}
     assert send_command(load_config(cfg), "ping", timeout=10).status == 200
@@ -232,8 +234,8 @@ def test_broker_that_drops_the_renewed_certificate_after_the_switch_gets_the_pre
     cfg = renewal_config(make_config, broker, pki, device, tmp_path,
                          {"signer": "exec", "command": [openssl_signer(tmp_path, pki.ca)], "before": 3590.0},
                          metrics_port=port)
-    agent = run_agent(cfg)
-    agent.wait_for(r"certificate renewal: renewed certificate in use", timeout=30)
+    run_agent(cfg)
+    wait_metric(port, "mqtt_agent_tls_renewals_total", 1, timeout=30, result="success")
     wait_until(lambda: broker_subjects(broker)[-1] == f"O=renewed,CN={DEVICE_ID}", 20, "switched")
     tls_dir = load_config(cfg).agent.state_dir / "tls"
     renewed = x509.load_pem_x509_certificate((tls_dir / "active.pem").read_bytes())
@@ -241,7 +243,8 @@ def test_broker_that_drops_the_renewed_certificate_after_the_switch_gets_the_pre
     # refuses every connection made with it.
     broker.options.extra.append(f"crlfile {revocation_list(pki.ca, tmp_path / 'crl2.pem', [renewed.serial_number])}")
     broker.restart()
-    agent.wait_for(r"certificate renewal failed \(rolled_back\): rolled back to the configured certificate", timeout=60)
+    wait_metric(port, "mqtt_agent_tls_renewals_total", 1, timeout=60, result="rolled_back")
+    assert json.loads((tls_dir / "renewal.json").read_text())["last_failure"]["result"] == "rolled_back"
     wait_until(lambda: broker_subjects(broker)[-1] == f"CN={DEVICE_ID}", 30, "connected again with the configured pair")
     assert not (tls_dir / "active.pem").exists()
     assert x509.load_pem_x509_certificate((tls_dir / "rejected.pem").read_bytes()).serial_number == \

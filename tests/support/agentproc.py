@@ -30,6 +30,13 @@ def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
     return path
 
 
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 60,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`mqtt-agent ARGS...` of this checkout as a child process (`python -m agent`), output captured."""
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=cwd or REPO,
+                          env={**os.environ, **env} if env is not None else None, timeout=timeout, input=input)
+
+
 class AgentProcess:
     def __init__(self, config: Path, *, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
                  new_session: bool = False, wrapper: tuple[str, ...] = ()) -> None:
