@@ -9,55 +9,17 @@ import os
 import re
 import shutil
 import subprocess
-import sys
-import textwrap
 import time
-import urllib.request
 from pathlib import Path
-from typing import Any, Callable
 
 import pytest
 
-from agent.config import load_config
-from agent.tools.send import send_command
-from tests.support.agentproc import REPO
+from tests.support.agentproc import run_cli as mqtt_agent
 from tests.support.mosquitto import free_port
 from tests.support.mqttclient import TestClient
 from tests.support.notify import NotifySocket
-
-
-def send(cfg_path: Path, command: str, payload: bytes = b"", **kw: Any) -> Any:
-    return send_command(load_config(cfg_path), command, payload, timeout=kw.pop("timeout", 10), **kw)
-
-
-def script(tmp_path: Path, name: str, body: str) -> str:
-    path = tmp_path / name
-    path.write_text("#!/bin/sh\n" + textwrap.dedent(body))
-    path.chmod(0o755)
-    return str(path)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, f"{what} not reached within {timeout} s"
-        time.sleep(0.05)
-
-
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
-
-
-def mqtt_agent(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+from tests.support.outcomes import scrape_flat as scrape
+from tests.support.outcomes import script, send, wait_until
 
 
 def alive(pid: int) -> bool:

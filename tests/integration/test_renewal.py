@@ -12,7 +12,6 @@ import json
 import re
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from agent.config import load_config
 from agent.tools.send import send_command
 from tests.conftest import DEVICE_ID
+from tests.support.agentproc import run_cli
 from tests.support.mosquitto import free_port
 from tests.support.mqttclient import TestClient
-from tests.support.outcomes import wait_metric
+from tests.support.outcomes import scrape_text as scrape
+from tests.support.outcomes import wait_metric, wait_until
 from tests.support.pki import TestCA, sign_csr
 from tests.support.renewal import broker_subjects, openssl_signer, revocation_list, script, short_lived
 
@@ -34,21 +35,9 @@ UTC = datetime.timezone.utc
 REVOKED_SERIAL = 0x5EED5EED
 
 
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        return str(resp.read().decode())
-
-
 def sample(text: str, name: str, labels: str = "") -> float | None:
     m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
     return float(m.group(1)) if m else None
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, f"not reached within {timeout} s: {what}"
-        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -254,16 +243,6 @@ def test_broker_that_drops_the_renewed_certificate_after_the_switch_gets_the_pre
     assert sample(text, "mqtt_agent_tls_certificate_expiry_timestamp_seconds", '{certificate="client"}') == \
         pytest.approx(x509.load_pem_x509_certificate(device.cert.read_bytes()).not_valid_after_utc.timestamp())
     assert send_command(load_config(cfg), "ping", timeout=10).status == 200
-
-
-def run_cli(*args: str, timeout: float = 60) -> Any:
-    import subprocess
-    import sys
-
-    from tests.support.agentproc import REPO
-
-    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=timeout)
 
 
 def test_mqtt_agent_renew_runs_it_now_and_check_config_names_the_pair(renewal_broker, make_config, run_agent,

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
@@ -19,19 +18,9 @@ from agent.tools.send import send_command
 from tests.support.agentproc import AgentProcess
 from tests.support.mosquitto import Mosquitto, free_port
 from tests.support.outcomes import info, wait_metric
+from tests.support.outcomes import scrape_flat as scrape
 
 pytestmark = pytest.mark.integration
-
-
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
 
 
 def counting_command(ledger: Path) -> dict[str, Any]:

@@ -80,6 +80,16 @@ def scrape(port: int) -> Samples:
     return parse(scrape_text(port))
 
 
+def scrape_flat(port: int) -> dict[str, float]:
+    """Every sample keyed as the exposition writes it: 'name{label="v",...}' (or 'name')."""
+    out: dict[str, float] = {}
+    for line in scrape_text(port).splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
 def metric(port: int, name: str, **labels: str) -> float:
     """One sample's value (0.0 if the series does not exist yet)."""
     return scrape(port).get((name, tuple(sorted(labels.items()))), 0.0)
