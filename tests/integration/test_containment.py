@@ -112,10 +112,10 @@ def test_setsid_escape_is_killed_on_timeout_and_a_detached_child_is_reaped(broke
     assert r.status == 200 and r.body == b"started\n"
     assert time.monotonic() - started < 2.0  # answered without waiting for the child holding the pipes
     child = int(detached.read_text())
+    # Operator interface: the warning names the command and what it left running.
     agent.wait_for(rf"command detach left 1 process\(es\) running after it exited: {child} \(sleep\)")
     assert alive(child)
-    agent.wait_for(rf"process {child} \(sleep\) left by command detach exited with status 0", timeout=10)
-    wait_until(lambda: not alive(child), 5, "the detached child reaped (no zombie)")
+    wait_until(lambda: not alive(child), 10, "the detached child exited and was reaped (no zombie)")
     # Nothing the commands started is left: no child of the agent at all.
     children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(agent.proc.pid)], capture_output=True,
                               text=True).stdout.split()
