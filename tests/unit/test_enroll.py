@@ -24,7 +24,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from agent.config import load_config
 from agent.errors import EX_CONFIG, ConfigError
 from agent.tools import enroll as provision
-from tests.support.agentproc import run_cli, write_toml
+from tests.support.agentproc import cli_in_process as run_cli
+from tests.support.agentproc import write_toml
 from tests.support.pki import TestCA, intermediate_ca
 from tests.support.pki import sign_csr_file as sign
 
