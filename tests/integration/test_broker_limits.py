@@ -6,25 +6,15 @@ duplicate client id)."""
 from __future__ import annotations
 
 import json
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from agent.config import load_config
-from agent.tools.send import send_command
 from tests.support.mosquitto import free_port
+from tests.support.outcomes import scrape, send
 
 LIMIT = 16384
-
-
-def samples(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def big_command(tmp_path: Path) -> dict[str, Any]:
@@ -32,10 +22,6 @@ def big_command(tmp_path: Path) -> dict[str, Any]:
     script.write_text("#!/bin/sh\nhead -c 49152 /dev/zero | tr '\\0' x\n")
     script.chmod(0o755)
     return {"argv": [str(script)], "timeout": 10}
-
-
-def send(cfg: Path, command: str, timeout: float = 30):
-    return send_command(load_config(cfg), command, timeout=timeout)
 
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
@@ -46,7 +32,7 @@ def test_an_oversized_response_is_answered_500_and_the_channel_keeps_working(mak
     cfg = make_config(broker, {"mqtt": {"protocol": protocol}, "commands.big": big_command(tmp_path),
                                "metrics": {"listen": f"127.0.0.1:{port}"}})
     agent = run_agent(cfg)
-    result = send(cfg, "big")
+    result = send(cfg, "big", timeout=30)
     assert result.status == 500
     body = json.loads(result.body)
     if protocol == "5":
@@ -61,7 +47,7 @@ def test_an_oversized_response_is_answered_500_and_the_channel_keeps_working(mak
         reason = "poison"
     for _ in range(3):  # the command channel works again
         assert send(cfg, "ping", timeout=10).status == 200
-    metrics = samples(port)
+    metrics = scrape(port)
     assert metrics[("mqtt_agent_messages_set_aside_total", (("reason", reason),))] == 1
     disconnects = {dict(labels)["reason"]: v for (name, labels), v in metrics.items()
                    if name == "mqtt_agent_disconnects_total"}
@@ -85,7 +71,7 @@ def test_a_configured_limit_applies_where_the_broker_announces_none(make_broker,
     body = json.loads(result.body)
     assert body["limit"] == 2048 and "mqtt.max_message_bytes" in body["error"]
     assert send(cfg, "ping", timeout=10).status == 200
-    metrics = samples(port)
+    metrics = scrape(port)
     assert metrics[("mqtt_agent_messages_set_aside_total", (("reason", "too_large"),))] == 1
     assert sum(v for (name, _), v in metrics.items() if name == "mqtt_agent_disconnects_total") == 0
 
@@ -96,13 +82,12 @@ def test_the_brokers_server_keep_alive_is_honoured_and_reported(make_broker, mak
     port = free_port()
     cfg = make_config(broker, {"mqtt": {"protocol": "5", "keepalive": 60},
                                "metrics": {"listen": f"127.0.0.1:{port}"}})
-    agent = run_agent(cfg)
+    run_agent(cfg)
     result = send(cfg, "info", timeout=10)
     assert result.status == 200
     info = json.loads(result.body)
     assert info["keepalive_s"] == 20 and info["keepalive_set_by_broker"] is True
     assert info["max_message_bytes"] == LIMIT
-    metrics = samples(port)
+    metrics = scrape(port)
     assert metrics[("mqtt_agent_keepalive_seconds", ())] == 20
     assert metrics[("mqtt_agent_keepalive_configured_seconds", ())] == 60
-    agent.wait_for(r"keepalive 20 s set by the broker's Server Keep Alive \(we asked for 60 s\)", timeout=1)

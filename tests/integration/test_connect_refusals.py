@@ -5,7 +5,6 @@ themselves are in the interop suite)."""
 
 from __future__ import annotations
 
-import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ import pytest
 from agent.config import load_config
 from agent.errors import AgentError
 from agent.tools.send import send_command
+from tests.support.outcomes import metrics_on, scrape, wait_metric
 
 FIX = 'set mqtt.protocol = "3.1.1"'
 
@@ -65,9 +65,10 @@ def listener(request) -> Iterator[Listener]:
     srv.stop()
 
 
-def config(make_config, port: int, protocol: str, **mqtt: object):
+def config(make_config, port: int, protocol: str, metrics: dict | None = None, **mqtt: object):
     return make_config(None, {"mqtt": {"hosts": [f"127.0.0.1:{port}"], "protocol": protocol, **mqtt},
-                              "tls": {"enabled": False, "ca_file": None, "cert_file": None, "key_file": None}})
+                              "tls": {"enabled": False, "ca_file": None, "cert_file": None, "key_file": None},
+                              **(metrics or {})})
 
 
 @pytest.mark.parametrize(("listener", "words"), [(True, "the connection closed before the broker's CONNACK"),
@@ -90,7 +91,13 @@ def test_send_on_311_does_not_blame_the_protocol(listener, make_config):
 
 @pytest.mark.parametrize("listener", [True], indirect=True)
 def test_run_logs_the_protocol_fix(listener, make_config, run_agent):
-    agent = run_agent(config(make_config, listener.port, "5"), wait_subscribed=False)
+    port, metrics = metrics_on()
+    agent = run_agent(config(make_config, listener.port, "5", metrics), wait_subscribed=False)
+    # Operator interface: the log line is the explanation and names the fix (mqtt.protocol).
     line = agent.wait_for(r"network_error: the connection closed before the broker's CONNACK.*", timeout=15)
     assert line.group(0).rstrip().endswith(FIX), line.group(0)
-    assert re.search("session_taken_over|idle_timeout", agent.output) is None
+    # Classified as a network error, never as a takeover or an idle limit.
+    assert wait_metric(port, "mqtt_agent_disconnects_total", 1, reason="network_error") >= 1
+    samples = scrape(port)
+    for reason in ("session_taken_over", "idle_timeout"):
+        assert samples[("mqtt_agent_disconnects_total", (("reason", reason),))] == 0

@@ -26,7 +26,9 @@ from agent.tools.send import send_command
 from tests.conftest import PKI
 from tests.support.agentproc import REPO
 from tests.support.doctor import TIMEOUT, UTC, _schema, _validate, doctor, finding, one
+from tests.support.metrics import value
 from tests.support.mosquitto import free_port, make_password_file
+from tests.support.outcomes import metrics_on, scrape
 from tests.support.pki import TestCA
 
 
@@ -65,15 +67,21 @@ def test_all_fine_with_mqtt5(broker, make_config):
 def test_running_agent_stays_connected_while_the_doctor_probes(broker, make_config, run_agent):
     """The point of the probe client id: the service is not kicked off the broker, and the delivery
     probe, which reaches the agent too, runs nothing there."""
-    cfg = make_config(broker, {"agent": {"log_level": "debug"}})  # ping's answers are debug lines
+    port, metrics = metrics_on()
+    cfg = make_config(broker, metrics)
     agent = run_agent(cfg)
     report = doctor(cfg)
     assert report.exit_code == 0, render(report)
     assert "commands can arrive" in one(report, 8).summary
     assert send_command(load_config(cfg), "ping", b"{}", timeout=10).status == 200
-    agent.wait_for(r"command ping req \w+ -> 200")
-    assert agent.count(r"command \S+ req") == 1, agent.output
-    assert agent.count(r"connection to .* ended") == 0, agent.output
+    samples = scrape(port)
+    # The ping is the only command the agent answered or refused: the probe ran nothing.
+    assert sum(v for (n, _), v in samples.items() if n == "mqtt_agent_commands_total") == 1, agent.output
+    assert value(samples, "mqtt_agent_commands_total", command="ping", status="200") == 1
+    assert sum(v for (n, _), v in samples.items() if n == "mqtt_agent_commands_rejected_total") == 0
+    # Never kicked off the broker: one connection, nothing ended.
+    assert value(samples, "mqtt_agent_connects_total") == 1
+    assert sum(v for (n, _), v in samples.items() if n == "mqtt_agent_disconnects_total") == 0, agent.output
 
 
 def test_plain_mqtt_without_tls(make_broker, make_config):

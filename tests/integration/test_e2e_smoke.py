@@ -9,7 +9,7 @@ from agent.tools.send import send_command
 
 
 def test_ping_round_trip_over_mutual_tls(broker, make_config, run_agent):
-    cfg_path = make_config(broker, {"agent": {"log_level": "debug"}})  # ping's answers are debug lines
+    cfg_path = make_config(broker)
     agent = run_agent(cfg_path)
     result = send_command(load_config(cfg_path), "ping", b'{"echo": "hi"}', timeout=10)
     assert result.status == 200
@@ -17,5 +17,4 @@ def test_ping_round_trip_over_mutual_tls(broker, make_config, run_agent):
     assert body["device_id"] == "dev-1"
     assert body["echo"] == "hi"
     assert result.topic.startswith("command///res/") and result.topic.endswith("/200")
-    agent.wait_for(r"command ping req \w+ -> 200")
     assert agent.stop() == 0

@@ -8,6 +8,7 @@ import time
 from agent.config import load_config
 from agent.errors import AgentError
 from agent.tools.send import send_command
+from tests.support.outcomes import info
 
 # The target is 5 s from a node's loss to serving again on loopback with default settings (typically
 # about 2 s here: the reconnect delay of up to 2 s, one refused connect, a failover delay of <= 1 s).
@@ -24,7 +25,6 @@ def test_losing_the_first_broker_serves_again_from_the_second_within_seconds(mak
     assert send_command(load_config(cfg), "ping", timeout=10).status == 200
     # Up for a while, as in a fleet: this connection ends by the broker's loss, not by a flap.
     time.sleep(1.0)
-    mark = agent.mark()
     first.kill()
     lost = time.monotonic()
     answered_at = None
@@ -38,7 +38,7 @@ def test_losing_the_first_broker_serves_again_from_the_second_within_seconds(mak
             answered_at = time.monotonic()
             break
     assert answered_at is not None, agent.output
-    agent.wait_for(r"failing over to " + second.address.replace(".", r"\."), since=mark, timeout=1)
+    assert info(cfg)["broker"] == second.address  # served by the second broker now
     took = answered_at - lost
     print(f"served again {took:.2f} s after the loss")
     assert took <= BOUND, f"serving again took {took:.1f} s after the first broker's loss"

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +23,7 @@ from typing import Any, Callable
 from tests.support.agentproc import AgentProcess
 from tests.support.mosquitto import Mosquitto, free_port
 from tests.support.mqttclient import TestClient
+from tests.support.outcomes import metric, wait_until
 
 GROUP = "site-a"
 MEMBERS = ("gw-a", "gw-b")
@@ -70,19 +70,6 @@ def statuses(client: TestClient) -> Counter[str]:
 
 def served_by(client: TestClient) -> dict[str, str]:
     return {m.topic.split("/")[4]: m.payload.decode() for m in list(client.messages) if m.topic.endswith("/200")}
-
-
-def sample(port: int, name: str, labels: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    m = re.search(rf"^{re.escape(name)}\{{{re.escape(labels)}\}} (\S+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, f"not reached within {timeout} s: {what}"
-        time.sleep(0.05)
 
 
 def publish_all(client: TestClient, ids: list[str], pause: float = 0.0) -> None:
@@ -133,8 +120,8 @@ def test_two_members_split_200_commands_and_each_is_answered_once(make_broker, m
         assert broker_sent(broker, member) == {rid for rid, m in ran if m == member}
     # Each member's own counter holds its share; the info metric names the group for a join.
     for member, (_, port, _) in members.items():
-        assert sample(port, "mqtt_agent_shared_group_info", f'group="{GROUP}"') == 1.0
-        assert sample(port, "mqtt_agent_commands_total", 'command="ledger",status="200"') == by_member[member]
+        assert metric(port, "mqtt_agent_shared_group_info", group=GROUP) == 1.0
+        assert metric(port, "mqtt_agent_commands_total", command="ledger", status="200") == by_member[member]
     client.close()
 
 

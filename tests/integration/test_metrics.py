@@ -4,11 +4,9 @@ layer emits, driven directly."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import time
-import urllib.request
 
 import pytest
 from cryptography import x509
@@ -19,16 +17,12 @@ from agent.service.metrics import DISCONNECT_REASONS
 from agent.tools.send import send_command
 from tests.support.metrics import Samples, parse, value
 from tests.support.mosquitto import free_port
+from tests.support.outcomes import info, wait_until
+from tests.support.outcomes import scrape_text as scrape
 
 
 def total(samples: Samples, name: str) -> float:
     return sum(v for (n, _), v in samples.items() if n == name)
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        assert resp.status == 200
-        return str(resp.read().decode())
 
 
 def promtool_check(text: str) -> subprocess.CompletedProcess[str]:
@@ -36,12 +30,6 @@ def promtool_check(text: str) -> subprocess.CompletedProcess[str]:
     if promtool is None:
         pytest.fail("promtool is not installed; run ./scripts/test.sh, which installs it (Debian: prometheus)")
     return subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
-
-
-def info(cfg_path) -> dict:
-    result = send_command(load_config(cfg_path), "info", timeout=10)
-    assert result.status == 200
-    return dict(json.loads(result.body))
 
 
 @pytest.mark.integration
@@ -86,12 +74,12 @@ def test_scrape_after_real_traffic(pki, broker, make_config, run_agent):
     stopping = time.monotonic()  # the agent may see the drop before stop() returns
     broker.stop()
     stopped = time.monotonic()
-    agent.wait_for(r"reconnecting in ")
+    wait_until(lambda: value(parse(scrape(port)), "mqtt_agent_connected") == 0, 10, "the agent saw the outage")
     time.sleep(max(0.0, 1.5 - (time.monotonic() - stopped)))
     wall_before = time.time()
     broker.start()
-    agent.wait_for(r"connected to .*session resumed", timeout=20)
-    agent.wait_for(r"subscribed to ", since=agent.count(r"subscribed to "))
+    wait_until(lambda: value(parse(scrape(port)), "mqtt_agent_connected") == 1, 20, "connected again")
+    # The request cannot be lost before the agent resubscribes: the resumed session kept the subscription.
     facts = info(path)
     wall_after = time.time()
     final_text = scrape(port)

@@ -8,7 +8,6 @@ import re
 import resource
 import signal
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from agent.config import load_config
 from agent.tools.send import send_command
 from tests.support.mosquitto import free_port
 from tests.support.notify import NotifySocket
+from tests.support.outcomes import metric, wait_metric
 from tests.support.wedge import PausableAgent
 
 pytestmark = pytest.mark.integration
@@ -40,6 +40,7 @@ def gaps(times: list[float]) -> list[float]:
 def test_ready_status_watchdog_and_stopping(broker, make_config, run_agent, notify_socket):
     cfg = make_config(broker, {"agent": {"log_level": "debug"}})
     agent = run_agent(cfg, env={"NOTIFY_SOCKET": notify_socket.env_value, **ENV_WATCHDOG})
+    # No other signal tells which sd_notify path was taken (both deliver the same datagrams).
     agent.wait_for(r"sd_notify through systemd-python to /")
     ready = notify_socket.wait_for("READY", "^1$")
     # READY does not wait for the broker: it says what the agent is doing at that moment.
@@ -74,11 +75,6 @@ def test_ready_status_watchdog_and_stopping(broker, make_config, run_agent, noti
     assert pings[0] - ready.at < WATCHDOG_SEC / 2 + 1.0
 
 
-def _scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        return str(resp.read().decode())
-
-
 def _wedge_run(tmp_path: Path, cfg_path: Path, notify: NotifySocket, port: int,
                trigger: list[str], problem: str) -> PausableAgent:
     agent = PausableAgent(cfg_path, env={"NOTIFY_SOCKET": notify.env_value, **ENV_WATCHDOG}).start()
@@ -93,7 +89,7 @@ def _wedge_run(tmp_path: Path, cfg_path: Path, notify: NotifySocket, port: int,
         unhealthy = notify.wait_for("STATUS", f"^unhealthy: {problem}", since=mark, timeout=20)
         # The process is alive and serving (its metrics endpoint answers), only its health is gone:
         # pings are withheld by judgement, not because everything froze.
-        assert "mqtt_agent_connected 1.0" in _scrape(port)
+        assert metric(port, "mqtt_agent_connected") == 1
         time.sleep(WATCHDOG_SEC + 1)
         assert notify.pings(unhealthy.at, time.monotonic()) == []
         agent.resume()
@@ -103,7 +99,6 @@ def _wedge_run(tmp_path: Path, cfg_path: Path, notify: NotifySocket, port: int,
         # systemd (WatchdogSec=5) would have restarted the agent during this gap.
         assert first_after.at - before[-1] > WATCHDOG_SEC
         assert first_after.at - recovered.at < 2.0
-        agent.wait_for(r"watchdog: recovered")
         return agent
     except BaseException:
         print(agent.output[-5000:])
@@ -117,7 +112,8 @@ def test_pings_stop_when_the_network_loop_is_wedged(tmp_path, broker, make_confi
     # An unknown command makes the network thread log a warning: with the output pipe full, it blocks there.
     agent = _wedge_run(tmp_path, cfg, notify_socket, port, ["no-such-command"],
                        r"the MQTT network loop has not run for \d+ s")
-    agent.wait_for(r"command no-such-command .* rejected with 404")
+    # The command stuck behind the wedge is handled once the loop runs again.
+    wait_metric(port, "mqtt_agent_commands_rejected_total", 1, reason="unknown_command")
     assert agent.stop() == 0
 
 
@@ -130,10 +126,11 @@ def test_pings_stop_when_the_dispatcher_is_wedged(tmp_path, broker, make_config,
     # commands) stays healthy.
     agent = _wedge_run(tmp_path, cfg, notify_socket, port, ["true", "true"],
                        r"1 command\(s\) waiting with a worker free, none started for \d+ s")
-    assert agent.count(r"network loop has not run") == 0
-    agent.wait_for(r"command true req \w+ -> 200")
+    # Only the dispatcher was judged unhealthy, never the network loop.
+    assert not [s for s in notify_socket.statuses() if "network loop has not run" in s]
+    # Both commands ran once the worker could log again.
+    assert wait_metric(port, "mqtt_agent_commands_total", 2, command="true", status="200") == 2
     assert agent.stop() == 0
-    assert agent.count(r"command true req \w+ -> 200") == 2
 
 
 def test_without_systemd_python_on_an_abstract_socket(tmp_path, broker, make_config, run_agent):
@@ -178,5 +175,7 @@ def test_watchdog_abort_leaves_every_thread_stack_in_the_log(broker, make_config
             continue
         break
     assert rc == -signal.SIGABRT
+    # Operator interface: faulthandler's dump in the journal is what the operator reads after a watchdog
+    # abort. The network thread's frames are somewhere under agent/connection/ (which module may move).
     assert agent.count(r"^Thread 0x[0-9a-f]+ \(most recent call first\):$") >= 3
-    assert agent.count(r'File ".*agent/connection/session\.py", line \d+ in _serve') == 1
+    assert agent.count(r'File ".*agent/connection/[\w/]+\.py", line \d+ in ') >= 1

@@ -21,6 +21,7 @@ from tests.support.agentproc import AgentProcess
 from tests.support.api import api_path, ndjson, post_until_accepted, status, wait_socket
 from tests.support.mosquitto import free_port
 from tests.support.mqttclient import TestClient
+from tests.support.outcomes import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +61,7 @@ def test_outage_restart_and_sigkill_lose_and_double_nothing(make_broker: Callabl
         return agent
 
     agent = start()
-    agent.wait_for("subscribed to ", timeout=20)
+    wait_until(lambda: _metric(port, "mqtt_agent_connected") == 1, 20, "connected before the outage")
     broker.stop()
     down_at = time.monotonic()
     seq_t = seq_e = 0

@@ -12,6 +12,7 @@ import pytest
 from agent.config import load_config
 from agent.tools.send import send_command
 from tests.support.notify import NotifySocket
+from tests.support.outcomes import metrics_on, scrape
 
 
 @pytest.fixture
@@ -22,7 +23,10 @@ def notify(tmp_path: Path):
 
 
 def reload(agent, notify: NotifySocket, outcome: str):
-    """SIGHUP, then RELOADING=1 and READY=1 in that order, and the outcome in the log."""
+    """SIGHUP, then RELOADING=1 and READY=1 in that order, and the outcome in the log.
+
+    Operator interface: the outcome line is the verdict `mqtt-agent reload` and `systemctl reload` print
+    (what was applied, what needs a restart, which key is wrong), so its stable parts are asserted."""
     mark, log_mark = notify.mark(), agent.mark()
     agent.proc.send_signal(signal.SIGHUP)
     reloading = notify.wait_for("RELOADING", "^1$", since=mark)
@@ -49,7 +53,6 @@ def test_new_command_applies_without_reconnect(broker, make_config, run_agent, n
     assert (info["connects"], info["connect_attempts"]) == (1, 1)  # no reconnect happened
     assert "hello" in info["available_commands"]
     assert info["keepalive_s"] == 30  # the restart-only change did not apply
-    assert agent.count(r"connected to ") == 1
 
 
 @pytest.mark.integration
@@ -67,7 +70,7 @@ def test_invalid_config_is_rejected_and_the_old_one_keeps_running(broker, make_c
     reload(agent, notify, r"^  not valid TOML: ")
     path.write_text(good)
     reload(agent, notify, r"configuration reloaded: nothing that applies live changed")
-    assert agent.count(r"connected to ") == 1
+    assert json.loads(send_command(load_config(path), "info", timeout=10).body)["connects"] == 1
     assert agent.stop() == 0
 
 
@@ -80,19 +83,22 @@ def load_config_text(path: Path, text: str):
 @pytest.mark.integration
 def test_new_host_reconnects_cleanly(make_broker, make_config, run_agent, notify):
     first, second = make_broker(), make_broker()
-    path = make_config(first, name="move")
+    port, metrics = metrics_on()
+    path = make_config(first, metrics, name="move")
     agent = run_agent(path, env={"NOTIFY_SOCKET": notify.env_value})
-    make_config(second, name="move")
+    make_config(second, metrics, name="move")
     mark = agent.mark()
     reload(agent, notify, r"configuration reloaded: reconnecting: mqtt.hosts changed")
-    agent.wait_for(rf"connected to {re.escape(second.address)} as dev-1", since=mark)
-    agent.wait_for(r"subscribed to ", since=mark)
+    agent.wait_for(r"subscribed to ", since=mark)  # synchronisation: nothing else tells "subscribed"
     notify.wait_for("STATUS", rf"^connected to {re.escape(second.address)} ")
-    agent.wait_for(rf"disconnected from {re.escape(first.address)} to reconnect: configuration reloaded")
-    assert agent.count(r"connection to .* ended") == 0  # a clean DISCONNECT, not a drop
     assert send_command(load_config(path), "ping", timeout=10).status == 200
     info = json.loads(send_command(load_config(path), "info", timeout=10).body)
     assert (info["broker"], info["connects"]) == (second.address, 2)
+    # A clean DISCONNECT from the first broker (counted as shutdown), not a drop of any kind.
+    ended = {dict(labels)["reason"]: v for (name, labels), v in scrape(port).items()
+             if name == "mqtt_agent_disconnects_total"}
+    assert ended["shutdown"] == 1 and sum(ended.values()) == 1, ended
+    assert info["last_disconnect"] == "shutdown"
 
 
 @pytest.mark.integration
@@ -104,7 +110,7 @@ def test_renewed_certificate_reconnects(pki, broker, make_config, run_agent, not
     assert renewed.cert == device.cert
     mark = agent.mark()
     reload(agent, notify, r"reconnecting: the content of the TLS or password files changed")
-    agent.wait_for(r"subscribed to ", since=mark)
+    agent.wait_for(r"subscribed to ", since=mark)  # synchronisation: nothing else tells "subscribed"
     assert send_command(load_config(path), "ping", timeout=10).status == 200
     info = json.loads(send_command(load_config(path), "info", timeout=10).body)
     assert info["connects"] == 2
@@ -119,5 +125,6 @@ def test_broken_new_key_is_rejected_before_anything_changes(pki, broker, make_co
     reload(agent, notify, r"configuration reload rejected.*is not the private key of tls.cert_file")
     assert send_command(load_config_text(path, path.read_text().replace(str(other.key), str(pki.device.key))),
                         "ping", timeout=10).status == 200
-    assert agent.count(r"connected to ") == 1
+    assert json.loads(send_command(load_config_text(path, path.read_text().replace(str(other.key), str(
+        pki.device.key))), "info", timeout=10).body)["connects"] == 1  # never reconnected
 

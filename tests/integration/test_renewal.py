@@ -12,7 +12,6 @@ import json
 import re
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from agent.config import load_config
 from agent.tools.send import send_command
 from tests.conftest import DEVICE_ID
+from tests.support.agentproc import run_cli
 from tests.support.mosquitto import free_port
 from tests.support.mqttclient import TestClient
+from tests.support.outcomes import scrape_text as scrape
+from tests.support.outcomes import wait_metric, wait_until
 from tests.support.pki import TestCA, sign_csr
 from tests.support.renewal import broker_subjects, openssl_signer, revocation_list, script, short_lived
 
@@ -33,21 +35,9 @@ UTC = datetime.timezone.utc
 REVOKED_SERIAL = 0x5EED5EED
 
 
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        return str(resp.read().decode())
-
-
 def sample(text: str, name: str, labels: str = "") -> float | None:
     m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
     return float(m.group(1)) if m else None
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, f"not reached within {timeout} s: {what}"
-        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -101,7 +91,7 @@ def test_short_lived_certificate_renews_itself_and_commands_keep_flowing(renewal
     sender = threading.Thread(target=keep_sending)
     sender.start()
     try:
-        agent.wait_for(r"certificate renewal: renewed certificate in use", timeout=60)
+        wait_metric(port, "mqtt_agent_tls_renewals_total", 1, timeout=60, result="success")
         wait_until(lambda: len(broker_subjects(broker)) >= 2, 20, "the agent reconnects with the new pair")
         time.sleep(1.5)  # commands keep arriving after the switch
     finally:
@@ -142,9 +132,10 @@ def test_short_lived_certificate_renews_itself_and_commands_keep_flowing(renewal
     assert info["tls_certificate"]["pair"]["serial"] == f"{new_cert.serial_number:x}"
     # A restart keeps the renewed pair (the newest valid one).
     agent.stop()
-    again = run_agent(cfg)
-    again.wait_for(r"TLS client certificate in use: renewed pair", timeout=10, since=0)
+    run_agent(cfg)
     wait_until(lambda: broker_subjects(broker)[-1] == f"O=renewed,CN={DEVICE_ID}", 10, "restart uses renewed")
+    again = json.loads(send_command(load_config(cfg), "info", timeout=10).body)
+    assert again["tls_certificate"]["pair"]["source"] == "renewed"
 
 
 @pytest.mark.parametrize("case", ["other_key", "other_ca", "revoked"])
@@ -167,8 +158,8 @@ def test_a_bad_renewed_certificate_never_replaces_the_working_one(case, renewal_
     port = free_port()
     cfg = renewal_config(make_config, broker, pki, device, tmp_path,
                          {"signer": "exec", "command": [signer], "before": 3590.0}, metrics_port=port)
-    agent = run_agent(cfg)
-    agent.wait_for(rf"certificate renewal failed \({result}\): .*{re.escape(why)}", timeout=30)
+    run_agent(cfg)
+    wait_metric(port, "mqtt_agent_tls_renewals_total", 1, timeout=30, result=result)
     text = scrape(port)
     assert sample(text, "mqtt_agent_tls_renewals_total", f'{{result="{result}"}}') == 1.0
     assert sample(text, "mqtt_agent_tls_renewals_total", '{result="success"}') == 0.0
@@ -178,7 +169,7 @@ def test_a_bad_renewed_certificate_never_replaces_the_working_one(case, renewal_
     tls_dir = load_config(cfg).agent.state_dir / "tls"
     assert not (tls_dir / "active.pem").exists()
     state = json.loads((tls_dir / "renewal.json").read_text())
-    assert state["last_failure"]["result"] == result
+    assert state["last_failure"]["result"] == result and why in state["last_failure"]["reason"]
     # Nothing switched: the broker only ever saw the configured certificate, and commands still work.
     assert set(broker_subjects(broker)) == {f"CN={DEVICE_ID}"}
     assert send_command(load_config(cfg), "ping", timeout=10).status == 200
@@ -232,8 +223,8 @@ def test_broker_that_drops_the_renewed_certificate_after_the_switch_gets_the_pre
     cfg = renewal_config(make_config, broker, pki, device, tmp_path,
                          {"signer": "exec", "command": [openssl_signer(tmp_path, pki.ca)], "before": 3590.0},
                          metrics_port=port)
-    agent = run_agent(cfg)
-    agent.wait_for(r"certificate renewal: renewed certificate in use", timeout=30)
+    run_agent(cfg)
+    wait_metric(port, "mqtt_agent_tls_renewals_total", 1, timeout=30, result="success")
     wait_until(lambda: broker_subjects(broker)[-1] == f"O=renewed,CN={DEVICE_ID}", 20, "switched")
     tls_dir = load_config(cfg).agent.state_dir / "tls"
     renewed = x509.load_pem_x509_certificate((tls_dir / "active.pem").read_bytes())
@@ -241,7 +232,8 @@ def test_broker_that_drops_the_renewed_certificate_after_the_switch_gets_the_pre
     # refuses every connection made with it.
     broker.options.extra.append(f"crlfile {revocation_list(pki.ca, tmp_path / 'crl2.pem', [renewed.serial_number])}")
     broker.restart()
-    agent.wait_for(r"certificate renewal failed \(rolled_back\): rolled back to the configured certificate", timeout=60)
+    wait_metric(port, "mqtt_agent_tls_renewals_total", 1, timeout=60, result="rolled_back")
+    assert json.loads((tls_dir / "renewal.json").read_text())["last_failure"]["result"] == "rolled_back"
     wait_until(lambda: broker_subjects(broker)[-1] == f"CN={DEVICE_ID}", 30, "connected again with the configured pair")
     assert not (tls_dir / "active.pem").exists()
     assert x509.load_pem_x509_certificate((tls_dir / "rejected.pem").read_bytes()).serial_number == \
@@ -251,16 +243,6 @@ def test_broker_that_drops_the_renewed_certificate_after_the_switch_gets_the_pre
     assert sample(text, "mqtt_agent_tls_certificate_expiry_timestamp_seconds", '{certificate="client"}') == \
         pytest.approx(x509.load_pem_x509_certificate(device.cert.read_bytes()).not_valid_after_utc.timestamp())
     assert send_command(load_config(cfg), "ping", timeout=10).status == 200
-
-
-def run_cli(*args: str, timeout: float = 60) -> Any:
-    import subprocess
-    import sys
-
-    from tests.support.agentproc import REPO
-
-    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=timeout)
 
 
 def test_mqtt_agent_renew_runs_it_now_and_check_config_names_the_pair(renewal_broker, make_config, run_agent,

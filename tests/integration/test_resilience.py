@@ -11,7 +11,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,8 +20,9 @@ from agent.config import load_config
 from agent.connection.adapter import new_client
 from agent.tls.context import build_context
 from agent.tools.send import send_command
-from tests.support.agentproc import AgentProcess
+from tests.support.metrics import value
 from tests.support.mosquitto import Mosquitto
+from tests.support.outcomes import info, metric, metrics_on, scrape, wait_metric, wait_until
 from tests.support.proxy import FaultProxy
 
 pytestmark = pytest.mark.integration
@@ -44,16 +44,6 @@ def make_proxy() -> Iterator[Callable[[Mosquitto], FaultProxy]]:
         proxy.stop()
 
 
-def log_time(line: str) -> float:
-    """The wall time of an agent log line ("2026-01-02 03:04:05,678 INFO ...")."""
-    return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-
-
-def lines(agent: AgentProcess, pattern: str, since: int = 0) -> list[str]:
-    rx = re.compile(pattern)
-    return [line for line in agent.lines[since:] if rx.search(line)]
-
-
 def state(path: Path) -> dict[str, Any]:
     return json.loads((path / "connection-state.json").read_text())
 
@@ -63,18 +53,21 @@ def test_nat_idle_limit_converges_and_the_learned_keepalive_survives_a_restart(
     """Proxy idle limit 4 s, keepalive 30 s, min 1 s: below 4 s within 3 drops, then no drop for 20 s."""
     proxy = make_proxy(make_broker())
     proxy.idle_limit = 4.0
-    cfg = make_config(proxy, {"mqtt": {"keepalive": 30}, "keepalive_tuning": {"min": 1}}, name="nat")
+    port, metrics = metrics_on()
+    cfg = make_config(proxy, {"mqtt": {"keepalive": 30}, "keepalive_tuning": {"min": 1}, **metrics}, name="nat")
     agent = run_agent(cfg)
-    m = agent.wait_for(r"keepalive 30 s -> (\d+) s: (\d) drops in \d+ s after 4\.\d(-4\.\d)? s idle", timeout=45)
-    learned = int(m.group(1))
+    wait_metric(port, "mqtt_agent_keepalive_adjustments_total", 1, timeout=45, direction="down")
+    # Connected again with the learned keepalive, below the proxy's 4 s idle limit.
+    learned = wait_until(lambda: (k := metric(port, "mqtt_agent_keepalive_seconds")) < 30 and
+                         metric(port, "mqtt_agent_connected") == 1 and int(k), 15, "reconnected, learned keepalive")
     assert learned < 4
-    assert int(m.group(2)) == 3
-    assert len(lines(agent, ENDED + r".*: idle_timeout: ")) == 3
+    samples = scrape(port)
+    assert value(samples, "mqtt_agent_keepalive_adjustments_total", direction="down") == 1  # one step, 3 drops
+    assert value(samples, "mqtt_agent_disconnects_total", reason="idle_timeout") == 3
+    assert sum(v for (n, _), v in samples.items() if n == "mqtt_agent_disconnects_total") == 3
     assert proxy.stats.idle_drops == 3
-    agent.wait_for(rf"connected to .* keepalive {learned} s", timeout=15)
-    mark = agent.mark()
     time.sleep(20)
-    assert lines(agent, ENDED, since=mark) == []
+    assert sum(v for (n, _), v in scrape(port).items() if n == "mqtt_agent_disconnects_total") == 3  # none since
     assert proxy.stats.idle_drops == 3
     saved = state(tmp_path / "state-nat")
     assert saved["keepalive"]["current"] == learned and saved["keepalive"]["learned"] is True
@@ -82,30 +75,32 @@ def test_nat_idle_limit_converges_and_the_learned_keepalive_survives_a_restart(
     assert [d["reason"] for d in saved["disconnects"]] == ["idle_timeout"] * 3
     assert agent.stop() == 0
 
-    again = run_agent(cfg)
-    again.wait_for(rf"using the learned keepalive {learned} s instead of 30 s: keepalive 30 s -> {learned} s")
-    assert lines(again, r"connected to .* keepalive (\d+) s")[0].count(f"keepalive {learned} s") == 1
-    result = send_command(load_config(cfg), "ping", b"{}", timeout=10)
-    assert result.status == 200
+    run_agent(cfg)
+    # The restart's first connection already uses the learned keepalive.
+    assert value(scrape(port), "mqtt_agent_connects_total") == 1
+    assert info(cfg)["keepalive_s"] == learned
 
 
 def test_black_hole_is_noticed_within_one_and_a_half_keepalives(make_broker, make_proxy, make_config, run_agent):
     keepalive = 4
     proxy = make_proxy(make_broker())
-    cfg = make_config(proxy, {"mqtt": {"keepalive": keepalive, "connect_timeout": 2.0}}, name="blackhole")
-    agent = run_agent(cfg)
+    port, metrics = metrics_on()
+    cfg = make_config(proxy, {"mqtt": {"keepalive": keepalive, "connect_timeout": 2.0}, **metrics},
+                      name="blackhole")
+    run_agent(cfg)
     time.sleep(1.0)
-    mark = agent.mark()
-    started = time.time()
+    started = time.monotonic()
     proxy.blackhole()
-    line = agent.wait_for(ENDED + r".*: keepalive_timeout: no PINGRESP", timeout=20, since=mark).string
-    noticed = log_time(line) - started
-    assert noticed <= 1.5 * keepalive + 2.0, line
+    # Polled every 50 ms: the time seen here is at most a poll late, never early.
+    wait_metric(port, "mqtt_agent_disconnects_total", 1, timeout=20, reason="keepalive_timeout")
+    noticed = time.monotonic() - started
+    assert noticed <= 1.5 * keepalive + 2.0, noticed
     assert noticed >= keepalive - 1.0  # it waited for the PINGREQ, not a guess
     time.sleep(1.0)
-    resume_mark = agent.mark()
     proxy.resume()
-    agent.wait_for(r"subscribed to ", timeout=20, since=resume_mark)
+    # Connected again: the broker kept the persistent session and its subscription, so the ping arrives.
+    wait_until(lambda: metric(port, "mqtt_agent_connected") == 1 and metric(port, "mqtt_agent_connects_total") >= 2,
+               20, "reconnected after the black hole")
     result = send_command(load_config(cfg), "ping", b"{}", timeout=10)
     assert result.status == 200
 
@@ -114,49 +109,61 @@ def test_duplicate_client_id_is_reported_and_damped_without_touching_the_keepali
         broker, make_config, run_agent, tmp_path):
     overrides = {"mqtt": {"keepalive": 5, "client_id": "dup-1"}, "reconnect": {"min_delay": 0.5, "max_delay": 8.0},
                  "keepalive_tuning": {"min": 1}}
-    first = run_agent(make_config(broker, overrides, name="first"))
+    port, metrics = metrics_on()
+    first = run_agent(make_config(broker, {**overrides, **metrics}, name="first"))
     time.sleep(2.0)
     clone = run_agent(make_config(broker, overrides, name="clone"), wait_subscribed=False)
-    started = time.time()
+    started = time.monotonic()
+    connects_at_start = metric(port, "mqtt_agent_connects_total")
+    # Operator interface: the report names the duplicate client id and the key to change; it comes after
+    # at most 3 takeovers (their order relative to the report is only in the log).
     report = first.wait_for(r"another client is connecting with client id 'dup-1'.*mqtt\.client_id", timeout=40)
     report_index = first.lines.index(report.string)
     ends_before = [line for line in first.lines[:report_index + 1] if re.search(ENDED, line)]
     assert 1 <= len(ends_before) <= 3, ends_before
     assert "session_taken_over" in ends_before[-1]
-    time.sleep(max(0.0, started + 36.0 - time.time()))
-    connects = [log_time(line) - started for line in lines(first, r"connected to ") if log_time(line) >= started]
-    early = sum(1 for t in connects if t < 12.0) / 12.0
-    late = sum(1 for t in connects if t >= 16.0) / (36.0 - 16.0)
+    connects = {}  # the first agent's connections by the seconds since the clone started
+    for at in (12.0, 16.0, 36.0):
+        time.sleep(max(0.0, started + at - time.monotonic()))
+        connects[at] = metric(port, "mqtt_agent_connects_total")
+    early = (connects[12.0] - connects_at_start) / 12.0
+    late = (connects[36.0] - connects[16.0]) / (36.0 - 16.0)
     assert early > late, connects  # flaps per second fall instead of ping-ponging at the minimum delay
     assert late * 60 <= 12, connects
-    for agent in (first,):
-        assert lines(agent, r"keepalive \d+ s -> ") == []
-        assert {int(k) for k in re.findall(r"keepalive (\d+) s,", agent.output)} == {5}
+    samples = scrape(port)
+    assert sum(v for (n, _), v in samples.items() if n == "mqtt_agent_keepalive_adjustments_total") == 0
+    assert value(samples, "mqtt_agent_keepalive_seconds") == 5  # every connection kept keepalive 5 s
+    assert value(samples, "mqtt_agent_session_takeovers_total") >= 1
     saved = state(tmp_path / "state-first")
     assert saved["duplicate_client_id"]["client_id"] == "dup-1"
     assert saved["duplicate_client_id"]["takeovers"] >= 1
     assert saved["keepalive"]["current"] == 5 and not saved["keepalive"]["learned"]
     assert "session_taken_over" in [d["reason"] for d in saved["disconnects"]]
     # The clone reports it too (its keepalive is covered statistically by the classifier's simulation).
+    # Operator interface, as above.
     clone.wait_for(r"another client is connecting with client id 'dup-1'", timeout=5)
 
 
 def test_accept_then_drop_backs_off_instead_of_flapping(make_broker, make_proxy, make_config, run_agent):
     proxy = make_proxy(make_broker())
     proxy.drop_after = 0.3  # CONNACK gets through, then the connection is reset
-    cfg = make_config(proxy, {"reconnect": {"min_delay": 0.5, "max_delay": 8.0}}, name="flap")
+    port, metrics = metrics_on()
+    cfg = make_config(proxy, {"reconnect": {"min_delay": 0.5, "max_delay": 8.0}, **metrics}, name="flap")
     agent = run_agent(cfg, wait_subscribed=False)
     time.sleep(15.0)
-    connects = lines(agent, r"connected to ")
-    assert 3 <= len(connects) <= 9, connects  # a fixed 0.5-1 s retry would have connected 12-18 times
+    samples = scrape(port)
+    connects = value(samples, "mqtt_agent_connects_total")
+    assert 3 <= connects <= 9, connects  # a fixed 0.5-1 s retry would have connected 12-18 times
+    # Every drop is a network error, not mistaken for a takeover or anything else.
+    ends = {dict(labels)["reason"]: v for (n, labels), v in samples.items() if n == "mqtt_agent_disconnects_total"}
+    assert ends["network_error"] >= 3 and sum(ends.values()) == ends["network_error"], ends
+    # The backoff's ceiling per attempt is only in the log line (the backoff itself is unit-tested).
     ceilings = [float(x) for x in re.findall(r"reconnecting in [\d.]+ s \(network_error; random delay up to ([\d.]+) s",
                                              agent.output)]
     assert ceilings[:4] == [1.0, 2.0, 4.0, 8.0], ceilings  # doubles at every drop: no reset on CONNACK
     assert set(ceilings[4:]) <= {8.0}
     delays = [float(x) for x in re.findall(r"reconnecting in ([\d.]+) s", agent.output)]
     assert all(0.5 <= d <= c for d, c in zip(delays, ceilings))
-    ends = lines(agent, ENDED)
-    assert ends and all(": network_error: " in line for line in ends), ends  # not mistaken for a takeover
     assert proxy.stats.timed_drops >= 3
 
 
@@ -164,15 +171,15 @@ def test_failover_leaves_a_host_that_accepts_then_drops(make_broker, make_proxy,
     broker = make_broker()
     bad = make_proxy(broker)
     bad.drop_after = 0.3
+    port, metrics = metrics_on()
     cfg = make_config(bad, {"mqtt": {"hosts": [bad.address, broker.address]},
-                            "reconnect": {"min_delay": 0.2, "max_delay": 1.0}}, name="failover")
-    agent = run_agent(cfg, wait_subscribed=False)
-    agent.wait_for(rf"{re.escape(bad.address)} failed repeatedly; failing over to {re.escape(broker.address)}",
-                   timeout=20)
-    agent.wait_for(rf"connected to {re.escape(broker.address)} ", timeout=10)
-    mark = agent.mark()
+                            "reconnect": {"min_delay": 0.2, "max_delay": 1.0}, **metrics}, name="failover")
+    run_agent(cfg, wait_subscribed=False)
+    wait_until(lambda: metric(port, "mqtt_agent_broker_info", host=broker.address, protocol="3.1.1") == 1 and
+               metric(port, "mqtt_agent_connected") == 1, 30, "connected to the good broker")
+    ended = sum(v for (n, _), v in scrape(port).items() if n == "mqtt_agent_disconnects_total")
     time.sleep(6.0)
-    assert lines(agent, ENDED, since=mark) == []
+    assert sum(v for (n, _), v in scrape(port).items() if n == "mqtt_agent_disconnects_total") == ended  # stays
     assert bad.stats.timed_drops == 2
     # The agent serves commands on the good broker (the sender goes there directly).
     assert send_command(load_config(make_config(broker, name="direct")), "ping", b"{}", timeout=10).status == 200
@@ -247,12 +254,14 @@ def test_broker_killed_three_times_every_command_runs_exactly_once_and_is_answer
         make_broker, make_config, run_agent, tmp_path):
     broker = make_broker()
     counter = tmp_path / "executions.txt"
+    port, metrics = metrics_on()
     cfg = make_config(broker, {
         "mqtt": {"keepalive": 5},
         "reconnect": {"min_delay": 0.2, "max_delay": 1.0},
         "commands.count": {"argv": ["/bin/sh", "-c", f'echo "$MQTT_AGENT_REQ_ID" >> {counter}'], "timeout": 10.0},
+        **metrics,
     }, name="kills")
-    agent = run_agent(cfg)
+    run_agent(cfg)
     sender = RetryingSender(cfg)
     sender.start()
     rids = [f"c{i:03d}" for i in range(200)]
@@ -275,7 +284,7 @@ def test_broker_killed_three_times_every_command_runs_exactly_once_and_is_answer
     assert [rid for rid, n in executed.items() if n != 1] == []  # exactly once, despite re-sends
     assert all(sender.responses[rid] and set(sender.responses[rid]) == {200} for rid in rids)
     assert sender.publishes > len(rids)  # the kills did force re-sends: the dedupe was exercised
-    assert len(lines(agent, ENDED)) >= 3
+    assert sum(v for (n, _), v in scrape(port).items() if n == "mqtt_agent_disconnects_total") >= 3
 
 
 def test_a_response_in_the_outbox_survives_an_agent_crash(make_broker, make_proxy, make_config, run_agent, tmp_path):
@@ -283,9 +292,12 @@ def test_a_response_in_the_outbox_survives_an_agent_crash(make_broker, make_prox
     disk (in the state store's outbound queue) and goes out after the restart, once."""
     broker = make_broker()
     proxy = make_proxy(broker)
+    ledger = tmp_path / "ran.txt"
+    port, metrics = metrics_on()
     cfg = make_config(proxy, {
         "mqtt": {"keepalive": 5},
-        "commands.slow": {"argv": ["/bin/sh", "-c", "sleep 2; echo done"], "timeout": 10.0},
+        "commands.slow": {"argv": ["/bin/sh", "-c", f"echo run >> {ledger}; sleep 2; echo done"], "timeout": 10.0},
+        **metrics,
     }, name="crash")
     direct = make_config(broker, name="observer")
     agent = run_agent(cfg)
@@ -293,11 +305,11 @@ def test_a_response_in_the_outbox_survives_an_agent_crash(make_broker, make_prox
     sender.start()
     try:
         sender.client.publish("command///req/r1/slow", b"", qos=1).wait_for_publish(5)
-        agent.wait_for(r"connected to", timeout=5)
+        wait_until(ledger.exists, 5, "the command started")
         time.sleep(0.5)  # the command is journalled and acknowledged; the handler sleeps
         proxy.refuse = True
         proxy.reset_all()
-        agent.wait_for(r"command slow req r1 -> 200", timeout=10)
+        wait_metric(port, "mqtt_agent_commands_total", 1, timeout=10, command="slow", status="200")
         time.sleep(0.3)
         agent.kill()
         db = sqlite3.connect(str(tmp_path / "state-crash" / "state.sqlite3"))
@@ -306,13 +318,13 @@ def test_a_response_in_the_outbox_survives_an_agent_crash(make_broker, make_prox
         db.close()
         assert sender.responses == {}
         proxy.refuse = False
-        again = run_agent(cfg)
-        again.wait_for(r"1 message\(s\) from an earlier run wait in the outbound queue")
+        run_agent(cfg)
         end = time.monotonic() + 10
         while not sender.responses and time.monotonic() < end:
             time.sleep(0.05)
         time.sleep(1.0)
         assert dict(sender.responses) == {"r1": [200]}
-        assert lines(again, r"command slow req r1") == []  # answered from the outbox, not run again
+        assert ledger.read_text() == "run\n"  # answered from the outbox, not run again
+        assert metric(port, "mqtt_agent_commands_total", command="slow", status="200") == 0  # this run: none
     finally:
         sender.stop()

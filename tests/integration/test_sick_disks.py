@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
@@ -18,19 +17,10 @@ from agent.config import load_config
 from agent.tools.send import send_command
 from tests.support.agentproc import AgentProcess
 from tests.support.mosquitto import Mosquitto, free_port
+from tests.support.outcomes import info, wait_metric
+from tests.support.outcomes import scrape_flat as scrape
 
 pytestmark = pytest.mark.integration
-
-
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
 
 
 def counting_command(ledger: Path) -> dict[str, Any]:
@@ -89,6 +79,7 @@ def test_a_full_disk_answers_503_without_the_disk_and_serves_again_once_space_is
     ran = runs(ledger)
     assert [r for r in refused if r in ran] == []  # a 503 was not run
     assert all(r in ran for r, a in answers.items() if a.status == 200)
+    # Bounded logs are the outcome here: one warning (naming agent.state_dir) for the burst, the rest counted.
     assert agent.count(r"the state store \(agent.state_dir\) cannot record a command") == 1  # rate-limited
     samples = scrape(port)
     assert samples['mqtt_agent_commands_rejected_total{reason="journal_error"}'] == len(refused)
@@ -112,10 +103,10 @@ def test_garbage_in_every_state_file_at_start(broker: Mosquitto, make_config: Ca
                            name="garbage")
     agent = run_agent(cfg_path)
     assert send_command(load_config(cfg_path), "ping", timeout=10).status == 200
-    assert "Traceback" not in agent.output
+    assert "Traceback" not in agent.output  # handled, not crashed through (no other signal for a caught one)
+    # Operator interface: one line per damaged file, naming it and where it was set aside.
     assert agent.count(r"state\.sqlite3 is not a usable SQLite database .* set aside as state\.sqlite3\.corrupt-") == 1
     assert agent.count(r"connection-state\.json is not valid JSON") == 1
-    assert agent.count(r"removed .*\.connection-state\.json\.abcd1234\.tmp") == 1
     assert not (state / ".connection-state.json.abcd1234.tmp").exists()
     aside = sorted(state.glob("state.sqlite3.corrupt-*"))
     # The database itself is kept for an operator (a WAL without a valid header is discarded by SQLite).
@@ -133,10 +124,9 @@ def test_state_dir_removed_while_running_is_noticed_and_nothing_is_acknowledged_
                                     "commands.count": counting_command(ledger)}, name="removed")
     cfg = load_config(cfg_path)
     agent = run_agent(cfg_path)
-    mark = agent.mark()
     subprocess.run(["rm", "-rf", str(state)], check=True)
     started = time.monotonic()
-    agent.wait_for(r"state\.sqlite3 was removed or replaced while the agent ran", timeout=10, since=mark)
+    wait_metric(port, "mqtt_agent_state_recovered_total", 1, timeout=10, reason="replaced")
     assert time.monotonic() - started < 5
     end = time.monotonic() + 5
     while not (state / "state.sqlite3").exists() and time.monotonic() < end:
@@ -146,8 +136,8 @@ def test_state_dir_removed_while_running_is_noticed_and_nothing_is_acknowledged_
     for n in range(3):
         assert send_command(cfg, "count", f"r{n}\n".encode(), req_id=f"r{n}", timeout=10).status == 200
     agent.kill()  # a crash: what was acknowledged must be in the fresh file
-    again = run_agent(cfg_path)
+    run_agent(cfg_path)
     for n in range(3):  # re-sent ids: answered from the journal, not run again
         assert send_command(cfg, "count", f"r{n}\n".encode(), req_id=f"r{n}", timeout=10).status == 200
     assert runs(ledger) == ["r0", "r1", "r2"]
-    assert again.count(r"command count req r\d was already executed") == 3
+    assert info(cfg_path)["commands"]["duplicates"] == 3

@@ -30,6 +30,37 @@ def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
     return path
 
 
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 60,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`mqtt-agent ARGS...` of this checkout as a child process (`python -m agent`), output captured."""
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=cwd or REPO,
+                          env={**os.environ, **env} if env is not None else None, timeout=timeout, input=input)
+
+
+def cli_in_process(*args: str) -> subprocess.CompletedProcess[str]:
+    """`mqtt-agent ARGS...` through agent.cli.main in this process (a tool's tests, no interpreter start
+    per call): exit status and captured stdout/stderr, as run_cli returns them."""
+    import contextlib
+    import io
+    import logging
+
+    from agent.cli import main
+
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers))  # main() sets logging up for a process: undo it after
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+    return subprocess.CompletedProcess(["mqtt-agent", *args], code, out.getvalue(), err.getvalue())
+
+
 class AgentProcess:
     def __init__(self, config: Path, *, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
                  new_session: bool = False, wrapper: tuple[str, ...] = ()) -> None:

@@ -7,7 +7,13 @@ PID 1 of this machine is not systemd, so the container is not registered with ma
 (--register=no) and stays in the caller's scope (--keep-unit); `machinectl shell` is therefore not
 available and commands enter the container's namespaces with nsenter instead. --private-network gives
 the container its own network namespace with only a loopback device: nothing it starts (mosquitto,
-the agent's exporter) is reachable from, or collides with, the host.
+the agent's exporter) is reachable from, or collides with, the host. `private_network=False` shares
+the host's network instead (a test whose broker runs on the host's loopback), and `bind_ro` bind-mounts
+host paths read-only (this checkout and the venv's packages, for `agent_from_checkout`).
+
+The helpers below the class set a root up for the agent of this checkout under the hardened unit as
+shipped (`systemd_root`, `install_agent_from_checkout`), for the tests that need the unit but not the
+Debian package.
 """
 
 from __future__ import annotations
@@ -16,9 +22,14 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_SITE = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
 
 
 class ContainerError(RuntimeError):
@@ -35,12 +46,15 @@ def nspawn_available() -> str | None:
 
 
 class Container:
-    def __init__(self, root: Path, *, boot_timeout: float = 120.0) -> None:
+    def __init__(self, root: Path, *, boot_timeout: float = 120.0, private_network: bool = True,
+                 bind_ro: Sequence[Path] = (), console: Path | None = None) -> None:
         self.root = root
         self.boot_timeout = boot_timeout
+        self.private_network = private_network
+        self.bind_ro = tuple(bind_ro)
         self.proc: subprocess.Popen[bytes] | None = None
         self.leader = 0
-        self.console = root.parent / f"{root.name}.console.log"
+        self.console = console or root.parent / f"{root.name}.console.log"
 
     def __enter__(self) -> Container:
         self.boot()
@@ -51,10 +65,12 @@ class Container:
 
     def boot(self) -> None:
         machine = f"mqtt-agent-test-{os.getpid()}"
+        options = [*(["--private-network"] if self.private_network else []),
+                   *(f"--bind-ro={path}" for path in self.bind_ro)]
         with open(self.console, "wb") as log:
             self.proc = subprocess.Popen(
                 ["systemd-nspawn", "--quiet", "-D", str(self.root), "-b", "--register=no", "--keep-unit",
-                 "--private-network", f"--machine={machine}", "--console=passive"],
+                 *options, f"--machine={machine}", "--console=passive"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + self.boot_timeout
         while time.monotonic() < deadline:
@@ -120,6 +136,14 @@ class Container:
             seen = self.show(unit, *want)
         return seen
 
+    def journal(self, unit: str | None = None) -> str:
+        """The container's journal (of one unit), message text only."""
+        return self.run("journalctl", "--no-pager", "-o", "cat", *(["-u", unit] if unit else []), check=False).stdout
+
+    def poweroff(self) -> None:
+        """The same as stop(): a clean poweroff, bounded."""
+        self.stop()
+
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
@@ -135,3 +159,54 @@ class Container:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
         self.leader = 0
+
+
+# --- the agent of this checkout under the hardened unit, in a copy of the cached bookworm root ----------
+
+
+def systemd_root() -> Path:
+    """The bootable bookworm root (cached; built on first use), or a skip naming what is missing.
+
+    $MQTT_AGENT_SYSTEMD_ROOT names another one. It must have this interpreter's python3.X, since the
+    host venv's packages are bind-mounted into it."""
+    import pytest
+
+    reason = nspawn_available()
+    if reason:
+        pytest.skip(reason)
+    from tests.support.roots import bookworm_systemd_root
+
+    root = Path(os.environ["MQTT_AGENT_SYSTEMD_ROOT"]) if os.environ.get("MQTT_AGENT_SYSTEMD_ROOT") \
+        else bookworm_systemd_root()
+    if not (root / "lib/systemd/systemd").exists():
+        pytest.skip(f"no bookworm root with systemd at {root} (set MQTT_AGENT_SYSTEMD_ROOT)")
+    py = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    if not (root / "usr/bin" / py).exists():
+        pytest.skip(f"the root has no {py} to run this venv's packages")
+    return root
+
+
+def install_agent_from_checkout(root: Path, config: str) -> None:
+    """In a private copy of a root: the `mqtt-agent` user, /opt/mqtt-agent/bin/mqtt-agent running this
+    checkout with the venv's packages (boot with `bind_ro=(REPO, VENV_SITE)`), /etc/mqtt-agent/mqtt-agent.toml,
+    and the shipped unit, enabled."""
+    subprocess.run(["chroot", str(root), "useradd", "--system", "--no-create-home", "--shell",
+                    "/usr/sbin/nologin", "mqtt-agent"], check=True)
+    (root / "opt/mqtt-agent/bin").mkdir(parents=True)
+    wrapper = root / "opt/mqtt-agent/bin/mqtt-agent"
+    wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={REPO}:{VENV_SITE} exec /usr/bin/python{sys.version_info.major}."
+                       f"{sys.version_info.minor} -m agent \"$@\"\n")
+    wrapper.chmod(0o755)
+    etc = root / "etc/mqtt-agent"
+    etc.mkdir(exist_ok=True)
+    (etc / "mqtt-agent.toml").write_text(config)
+    shutil.copy(REPO / "systemd/mqtt-agent.service", root / "etc/systemd/system/mqtt-agent.service")
+    wants = root / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    (wants / "mqtt-agent.service").symlink_to("/etc/systemd/system/mqtt-agent.service")
+
+
+def agent_container(root: Path, console: Path) -> Container:
+    """A Container for a root set up by install_agent_from_checkout: the host's network (its broker on the
+    host loopback), this checkout and the venv bind-mounted read-only."""
+    return Container(root, private_network=False, bind_ro=(REPO, VENV_SITE), console=console)

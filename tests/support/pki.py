@@ -179,6 +179,46 @@ def sign_csr(ca: TestCA, csr_pem: bytes, days: int = 2) -> bytes:
     return builder.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
+def sign_csr_file(ca: TestCA, csr_path: Path, out: Path, *, days: int = 30,
+                  eku: list[x509.ObjectIdentifier] | None = None, not_before: datetime.datetime | None = None,
+                  not_after: datetime.datetime | None = None, issuer_cert: x509.Certificate | None = None,
+                  issuer_key: rsa.RSAPrivateKey | None = None) -> Path:
+    """Sign a CSR file as the fleet CA would (CN and SAN from the CSR, client auth unless `eku` says)."""
+    csr = x509.load_pem_x509_csr(csr_path.read_bytes())
+    now = datetime.datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(csr.subject)
+        .issuer_name((issuer_cert or ca.cert).subject)
+        .public_key(csr.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before or now - datetime.timedelta(hours=1))
+        .not_valid_after(not_after or now + datetime.timedelta(days=days))
+        .add_extension(x509.ExtendedKeyUsage(eku or [ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    )
+    cert = builder.sign(issuer_key or ca.key, hashes.SHA256())
+    out.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return out
+
+
+def intermediate_ca(ca: TestCA, name: str = "fleet intermediate") -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
+    """An intermediate CA certificate (path length 0) signed by `ca`, and its key."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = datetime.datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca.key, hashes.SHA256())
+    )
+    return cert, key
+
+
 @dataclass(frozen=True)
 class DemoPKI:
     ca: Path

@@ -68,7 +68,6 @@ def test_power_cut_during_the_install_comes_back_with_a_working_pair(delay, make
         again = run_agent(cfg)  # comes back: connected with some pair (waits for "subscribed")
         assert send_command(load_config(cfg), "ping", timeout=15).status == 200
         # ...and the renewal completes: the broker ends up seeing the renewed certificate.
-        again.wait_for(r"TLS client certificate in use", timeout=10)
         end = time.monotonic() + 40
         while broker_subjects(broker)[-1] != f"O=renewed,CN={DEVICE_ID}":
             assert time.monotonic() < end, f"never switched to a renewed pair: {broker_subjects(broker)}"

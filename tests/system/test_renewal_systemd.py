@@ -3,7 +3,8 @@ systemd-nspawn: the device key arrives as a systemd credential, /etc/mqtt-agent 
 service, `mqtt-agent renew --force` (as root, beside the service) asks for a renewal, the exec signer runs
 inside the sandbox, and everything renewal writes is under the unit's StateDirectory.
 
-Uses the same bookworm root and container helper as the issue 12 test (skips the same way without them).
+Uses the same bookworm root and container helper as the issue 12 test (tests/support/nspawn.py; skips the
+same way without them).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import os
 import sys
 from pathlib import Path
 
-from tests.support.agentproc import REPO
+from tests.support.nspawn import VENV_SITE, agent_container, install_agent_from_checkout, systemd_root
+from tests.support.outcomes import wait_until
 from tests.support.renewal import DEVICE_ID, broker_subjects, short_lived
-from tests.system.test_containment_systemd import VENV_SITE, Container, _root, wait_for
+from tests.support.roots import copy_root
 
 # Paths under the container root that a running system writes anyway (journal, systemd's own state, and the
 # log of the mosquitto the shared root ships, which its own unit may start: it changed in 2 of ~10 runs).
@@ -61,33 +63,11 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
 
 def test_renewal_under_the_hardened_unit_writes_only_its_state_directory(make_broker, pki, tmp_path):
     import shutil
-    import subprocess
 
-    source = _root()
     broker = make_broker(extra=["use_subject_as_username true"])
     device = short_lived(pki.ca, 3600, "device-nspawn")  # not due: renewal is asked for with `renew --force`
-    root = tmp_path / "root"
-    subprocess.run(["cp", "-a", str(source), str(root)], check=True)
-    subprocess.run(["chroot", str(root), "useradd", "--system", "--no-create-home", "--shell",
-                    "/usr/sbin/nologin", "mqtt-agent"], check=True)
-    (root / "opt/mqtt-agent/bin").mkdir(parents=True)
-    wrapper = root / "opt/mqtt-agent/bin/mqtt-agent"
-    wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={REPO}:{VENV_SITE} exec /usr/bin/python{sys.version_info.major}."
-                       f"{sys.version_info.minor} -m agent \"$@\"\n")
-    wrapper.chmod(0o755)
-    (root / "opt/ca").mkdir()
-    shutil.copy(pki.ca.cert_path, root / "opt/ca/ca.pem")
-    shutil.copy(pki.ca.key_path, root / "opt/ca/ca.key")
-    (root / "opt/ca/ca.key").chmod(0o644)  # a lab CA the service user may use; never do this in production
-    (root / "opt/ca/sign").write_text(SIGNER)
-    (root / "opt/ca/sign").chmod(0o755)
-    etc = root / "etc/mqtt-agent"
-    etc.mkdir()
-    shutil.copy(pki.ca.cert_path, etc / "ca.pem")
-    shutil.copy(device.cert, etc / "device.pem")
-    shutil.copy(device.key, etc / "device.key")
-    (etc / "device.key").chmod(0o600)  # root only: the service gets it as a credential
-    (etc / "mqtt-agent.toml").write_text(f"""\
+    root = copy_root(systemd_root(), tmp_path / "root")
+    install_agent_from_checkout(root, f"""\
 [agent]
 device_id = "{DEVICE_ID}"
 
@@ -110,22 +90,32 @@ before = 60.0
 check_interval = 0.5
 probe_timeout = 5.0
 """)
-    shutil.copy(REPO / "systemd/mqtt-agent.service", root / "etc/systemd/system/mqtt-agent.service")
-    wants = root / "etc/systemd/system/multi-user.target.wants"
-    wants.mkdir(parents=True, exist_ok=True)
-    (wants / "mqtt-agent.service").symlink_to("/etc/systemd/system/mqtt-agent.service")
-    box = Container(root)
+    (root / "opt/ca").mkdir()
+    shutil.copy(pki.ca.cert_path, root / "opt/ca/ca.pem")
+    shutil.copy(pki.ca.key_path, root / "opt/ca/ca.key")
+    (root / "opt/ca/ca.key").chmod(0o644)  # a lab CA the service user may use; never do this in production
+    (root / "opt/ca/sign").write_text(SIGNER)
+    (root / "opt/ca/sign").chmod(0o755)
+    etc = root / "etc/mqtt-agent"
+    shutil.copy(pki.ca.cert_path, etc / "ca.pem")
+    shutil.copy(device.cert, etc / "device.pem")
+    shutil.copy(device.key, etc / "device.key")
+    (etc / "device.key").chmod(0o600)  # root only: the service gets it as a credential
+    box = agent_container(root, tmp_path / "boot.log")
     try:
-        box.boot(tmp_path / "boot.log")
-        wait_for(lambda: "subscribed to" in box.journal("mqtt-agent"), 60, "the agent subscribed")
-        assert "using the systemd credential" in box.journal("mqtt-agent")
+        box.boot()
+        # Synchronisation: the agent's subscription is in its journal only.
+        wait_until(lambda: "subscribed to" in box.journal("mqtt-agent"), 60, "the agent subscribed", interval=0.2)
+        # Connected with the device certificate although device.key is root's 0600 and the service runs as
+        # mqtt-agent: it read the key as the systemd credential.
         assert broker_subjects(broker)[-1] == f"CN={DEVICE_ID}"
+        assert box.show("mqtt-agent", "User")["User"] == "mqtt-agent"
         before = snapshot(root)
         res = box.run("/opt/mqtt-agent/bin/mqtt-agent", "renew", "--force", "--config",
-                      "/etc/mqtt-agent/mqtt-agent.toml", timeout=120)
+                      "/etc/mqtt-agent/mqtt-agent.toml", timeout=120, check=False)
         assert res.returncode == 0 and res.stdout.startswith("success: renewed certificate in use"), \
             res.stdout + res.stderr + box.journal("mqtt-agent")[-3000:]
-        wait_for(lambda: broker_subjects(broker)[-1] == f"O=renewed,CN={DEVICE_ID}", 30, "switched")
+        wait_until(lambda: broker_subjects(broker)[-1] == f"O=renewed,CN={DEVICE_ID}", 30, "switched", interval=0.2)
         after = snapshot(root)
         changed = sorted(p for p, stamp in after.items() if before.get(p) != stamp)
         unexpected = [p for p in changed if not p.startswith("var/lib/mqtt-agent/") and not p.startswith(
@@ -137,7 +127,6 @@ probe_timeout = 5.0
         assert (st.st_mode & 0o777, st.st_uid) == (0o600, uid)
         assert "var/lib/mqtt-agent/tls/active.pem" in changed
         assert not any(p.startswith("etc/mqtt-agent/") for p in changed)  # read-only to the service anyway
-        status = box.run("systemctl", "is-active", "mqtt-agent").stdout.strip()
-        assert status == "active"
+        assert box.show("mqtt-agent", "ActiveState")["ActiveState"] == "active"
     finally:
         box.poweroff()

@@ -34,6 +34,7 @@ from agent.connection.ends import (
     host_failure,
 )
 from agent.connection.events import ConnectionEnded
+from tests.support.events import ended as make_ended
 
 HOST = HostPort("broker.example", 8883)
 
@@ -114,10 +115,9 @@ def test_a_failure_without_a_verify_code_fetches_nothing() -> None:
 
 
 def ended(kind: str, **kw: Any) -> ConnectionEnded:
-    fields: dict[str, Any] = {"host": HOST, "kind": kind, "reason": "why", "attempt_started": 90.0,
-                              "ended_at": 100.0, "connected_at": 91.0, "last_in": 98.0, "reason_code": 0x80}
-    fields.update(kw)
-    return ConnectionEnded(**fields)
+    fields: dict[str, Any] = {"host": HOST, "reason": "why", "attempt_started": 90.0, "ended_at": 100.0,
+                              "connected_at": 91.0, "last_in": 98.0, "reason_code": 0x80}
+    return make_ended(kind, **{**fields, **kw})
 
 
 def test_the_log_line_of_each_end() -> None:

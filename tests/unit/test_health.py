@@ -2,28 +2,26 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 
 from agent.commands.dispatch import ENFORCED_TIMEOUT_GRACE
 from agent.config import HostPort, LimitsConfig
-from agent.connection.session import ConnectionEnded
 from agent.service.health import DNS_ALLOWANCE, DispatchEvidence, LoopEvidence, LoopPhases, Verdict, judge, longest_job
 from agent.service.notify import Notifier, ServiceWatchdog
 from tests.support.clock import FakeClock
+from tests.support.events import ended as make_ended
 
 STALL = 3.0
 HOST = HostPort("broker", 8883)
+ended = partial(make_ended, host=HOST)
 
 
 
 
 def idle_dispatch(last_progress: float = 0.0) -> DispatchEvidence:
     return DispatchEvidence(last_progress=last_progress, in_flight=0, queued=0, workers=4, longest_job=32.0)
-
-
-def ended(kind: str = "network_error", connected_at: float | None = None) -> ConnectionEnded:
-    return ConnectionEnded(host=HOST, kind=kind, reason="", attempt_started=0.0, ended_at=1.0,
-                           connected_at=connected_at)
 
 
 @pytest.mark.parametrize(("heartbeat_age", "busy_for", "healthy"), [

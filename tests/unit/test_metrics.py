@@ -10,16 +10,11 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from agent.config import HostPort, TlsConfig
-from agent.connection.session import ConnectionEnded
 from agent.service.metrics import DISCONNECT_REASONS, UNKNOWN_COMMAND, AgentMetrics, MetricsServer
 from tests.support.clock import FakeClock
+from tests.support.events import ended
 from tests.support.metrics import parse, value
 from tests.support.mosquitto import free_port
-
-
-def ended(kind: str, connected_at: float | None = 0.0) -> ConnectionEnded:
-    return ConnectionEnded(host=HostPort("b", 1), kind=kind, reason="", attempt_started=0.0, ended_at=1.0,
-                           connected_at=connected_at)
 
 
 def test_resilience_events_are_counted():
@@ -55,7 +50,7 @@ def test_disconnect_reasons_stay_bounded_and_offline_time_is_accounted():
     s.connected(HostPort("a", 8883), 45, False)  # 3 s offline before the first CONNACK
     clock.now = 110.0
     for kind in ("idle_timeout", "connection_lost", "reconnect_requested", "session_taken_over"):
-        s.connection_ended(ended(kind))
+        s.connection_ended(ended(kind, connected_at=0.0))
     s.connecting(HostPort("b", 8883), 2)
     clock.now = 112.5
     got = parse(generate_latest(registry).decode())

@@ -2,31 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import sqlite3
 import stat
 
 from agent.state.outbox import DELETE_BATCH, Outbox
 from agent.state.store import OutMessage, StateStore
-
-
-class Link:
-    """Stands in for paho: records what was handed over and gives message ids."""
-
-    def __init__(self) -> None:
-        self.sent: list[OutMessage] = []
-        self.mids: dict[int, OutMessage] = {}
-        self._ids = itertools.count(1)
-        self.refuse = False
-
-    def __call__(self, msg: OutMessage) -> int | None:
-        if self.refuse:
-            return None
-        mid = next(self._ids)
-        self.sent.append(msg)
-        self.mids[mid] = msg
-        return mid
+from tests.support.link import FakeLink
 
 
 def same(a: OutMessage, b: OutMessage) -> bool:
@@ -39,11 +21,11 @@ def msg(n: int, **kw: object) -> OutMessage:
     return OutMessage(f"command///res/req{n}/200", f'{{"n":{n}}}'.encode(), **kw)  # type: ignore[arg-type]
 
 
-def make(tmp_path, max_messages: int = 100, window: int = 10) -> tuple[Outbox, Link, list[int], list[int]]:
+def make(tmp_path, max_messages: int = 100, window: int = 10) -> tuple[Outbox, FakeLink, list[int], list[int]]:
     sizes: list[int] = []
     dropped: list[int] = []
     box = Outbox(StateStore(tmp_path / "state"), max_messages, window=window, report_interval=0)
-    link = Link()
+    link = FakeLink()
     box.bind(link, sizes.append, dropped.append)
     return box, link, sizes, dropped
 
@@ -60,7 +42,7 @@ def rows(tmp_path, box: Outbox | None = None) -> list[str]:
         db.close()
 
 
-def ack_all(box: Outbox, link: Link) -> None:
+def ack_all(box: Outbox, link: FakeLink) -> None:
     for mid in list(link.mids):
         box.acked(mid)
     link.mids.clear()
@@ -254,7 +236,7 @@ def test_size_reports_are_throttled_while_busy_but_never_lost(tmp_path):
     now = [100.0]
     sizes: list[int] = []
     box = Outbox(StateStore(tmp_path / "state"), 100, clock=lambda: now[0], report_interval=1.0)
-    link = Link()
+    link = FakeLink()
     box.bind(link, sizes.append)
     box.link_up()
     for n in range(5):

@@ -3,7 +3,6 @@ them with a fake client and a fake clock (no broker)."""
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from agent.state import poison
 from agent.state.outbox import Outbox
 from agent.state.store import OutMessage, StateStore
 from tests.support.clock import FakeClock
+from tests.support.link import FakeLink
 
 # --- sizes ------------------------------------------------------------------------------------------
 
@@ -88,26 +88,10 @@ def test_never_set_aside_before_the_last_try(drops):
 
 
 
-class Link:
-    """Stands in for paho: hands out message ids, refuses messages marked too large."""
-
-    def __init__(self) -> None:
-        self.sent: list[OutMessage] = []
-        self.withdrawn: list[int] = []
-        self.set_aside: list[str] = []
-        self._ids = itertools.count(1)
-
-    def __call__(self, msg: OutMessage) -> int | None:
-        if msg.payload == b"unsendable":
-            raise poison.Unsendable(poison.TOO_LARGE, "over the limit")
-        self.sent.append(msg)
-        return next(self._ids)
-
-
-def make(tmp_path: Path) -> tuple[Outbox, Link, FakeClock]:
+def make(tmp_path: Path) -> tuple[Outbox, FakeLink, FakeClock]:
     clock = FakeClock(100.0)
     box = Outbox(StateStore(tmp_path / "state"), 100, clock=clock, report_interval=0)
-    link = Link()
+    link = FakeLink(unsendable=b"unsendable")
     box.bind(link, withdraw=link.withdrawn.append, on_set_aside=link.set_aside.append)
     return box, link, clock
 

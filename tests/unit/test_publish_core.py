@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from agent.state.outbox import Outbox, PublishLimits, QueueFull
 from agent.state.publish import ApiError, PublishContext, batch, packet_size, single
 from agent.state.store import OutMessage, StateStore
 from agent.topics import error_filter, parse_error, publish_topic
+from tests.support.link import FakeLink
 
 
 def ctx(command_topic: str = "command///req/#", v5: bool = False, limit: int | None = None,
@@ -104,19 +104,6 @@ def test_batches_ndjson_and_arrays():
 # --- queue bounds and policies (a real store in a temp dir, a recording link) ---------------------
 
 
-class Link:
-    def __init__(self) -> None:
-        self.sent: list[OutMessage] = []
-        self.mids: list[int] = []
-        self._ids = itertools.count(1)
-
-    def __call__(self, msg: OutMessage) -> int | None:
-        self.sent.append(msg)
-        mid = next(self._ids)
-        self.mids.append(mid)
-        return mid
-
-
 def tele(n: int, payload: bytes | None = None, **kw: object) -> OutMessage:
     return OutMessage("telemetry", payload or str(n).encode(), kind="telemetry", **kw)  # type: ignore[arg-type]
 
@@ -125,10 +112,10 @@ def event(n: int, payload: bytes | None = None, **kw: object) -> OutMessage:
     return OutMessage("event", payload or str(n).encode(), kind="event", **kw)  # type: ignore[arg-type]
 
 
-def make(tmp_path: Path, limits: PublishLimits, wall=None) -> tuple[Outbox, Link]:
+def make(tmp_path: Path, limits: PublishLimits, wall=None) -> tuple[Outbox, FakeLink]:
     kw = {"wall": wall} if wall else {}
     box = Outbox(StateStore(tmp_path / "state", **kw), 100, window=5, limits=limits, report_interval=0, **kw)
-    link = Link()
+    link = FakeLink()
     box.bind(link)
     return box, link
 
@@ -205,7 +192,7 @@ def test_the_queue_survives_a_restart_in_order_with_its_age(tmp_path):
 def test_an_unsendable_telemetry_message_is_set_aside_and_leaves_the_bounds(tmp_path):
     from agent.state import poison
 
-    class Picky(Link):
+    class Picky(FakeLink):
         def __call__(self, msg: OutMessage) -> int | None:
             if msg.payload == b"huge":
                 raise poison.Unsendable(poison.TOO_LARGE, "over the limit")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import socket
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from agent.config import HostPort
-from agent.connection.session import ConnectionEnded
 from agent.service.notify import (
     Notifier,
     StatusLine,
@@ -17,14 +17,11 @@ from agent.service.notify import (
     socket_sender,
     watchdog_interval,
 )
+from tests.support.events import ended as make_ended
 from tests.support.notify import NotifySocket, parse
 
 HOST = HostPort("broker.example", 8883)
-
-
-def ended(kind: str, connected_at: float | None = None) -> ConnectionEnded:
-    return ConnectionEnded(host=HOST, kind=kind, reason="", attempt_started=0.0, ended_at=5.0,
-                           connected_at=connected_at)
+ended = partial(make_ended, host=HOST, ended_at=5.0)
 
 
 @pytest.mark.parametrize(("value", "address"), [

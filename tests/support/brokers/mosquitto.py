@@ -6,31 +6,28 @@ import shutil
 from pathlib import Path
 
 from tests.support.brokers import Broker, trixie
-from tests.support.mosquitto import BrokerOptions, Mosquitto
+from tests.support.mosquitto import BrokerOptions, Mosquitto, mosquitto_config
 
 
 class HostMosquitto(Broker):
-    """Debian 12's mosquitto 2.0.11, through the existing fixture class."""
+    """Debian 12's mosquitto 2.0.11, with the config of the existing fixture (tests/support/mosquitto.py)."""
 
     kind = "mosquitto-2.0.11"
     mqtt5 = True
+    stop_timeout = Mosquitto.stop_timeout
 
     def __init__(self, workdir: Path, *, ca: Path | None = None, cert: Path | None = None,
                  key: Path | None = None, extra: list[str] | None = None, port: int | None = None) -> None:
         super().__init__(workdir, tls=cert is not None, port=port)
-        self.inner = Mosquitto(workdir, BrokerOptions(cafile=ca, certfile=cert, keyfile=key, extra=extra or []),
-                               port=self.port)
-        self.log_path = self.inner.log_path
+        self.options = BrokerOptions(cafile=ca, certfile=cert, keyfile=key, extra=extra or [])
+        self.conf = self.dir / "mosquitto.conf"
+        self.log_path = self.dir / "mosquitto.log"
 
-    def start(self) -> Broker:
-        self.inner.start()
-        return self
+    def prepare(self) -> None:
+        self.conf.write_text(mosquitto_config(self.options, self.host, self.port, self.dir))
 
-    def stop(self, timeout: float = 20.0) -> None:
-        self.inner.stop()
-
-    def kill(self) -> None:
-        self.inner.kill()
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        return ["mosquitto", "-c", str(self.conf)], {}
 
 
 class TrixieMosquitto(Broker):

@@ -90,6 +90,7 @@ def test_duplicate_client_id(interop_broker: Broker, make_config: MakeConfig, ru
     first = run_agent(config(make_config, interop_broker, "first", **sections))
     time.sleep(1.0)
     run_agent(config(make_config, interop_broker, "clone", **sections), wait_subscribed=False)
+    # Operator interface: the report names the client id and the key to change.
     line = first.wait_for(r"another client is connecting with client id 'dup-client'", timeout=60).string
     assert "mqtt.client_id" in line
 
@@ -102,7 +103,7 @@ def test_broker_restart(interop_broker: Broker, make_config: MakeConfig, run_age
     assert send(cfg, "count", req_id="before").status == 200
     mark = agent.mark()
     interop_broker.restart()
-    agent.wait_for(r"subscribed to ", since=mark, timeout=60)
+    agent.wait_for(r"subscribed to ", since=mark, timeout=60)  # synchronisation: no other signal
     assert send(cfg, "count", req_id="after").status == 200
     assert runs(counter) == ["before", "after"]
 
@@ -150,7 +151,7 @@ def test_wrong_protocol(interop_broker: Broker, make_config: MakeConfig, run_age
     """An MQTT 5 config against a 3.1.1-only broker: run, doctor and send name mqtt.protocol = "3.1.1"."""
     cfg = config(make_config, interop_broker, "v5", mqtt={"protocol": "5"})
     agent = run_agent(cfg, wait_subscribed=False)
-    agent.wait_for(r'mqtt\.protocol = "3\.1\.1"', timeout=30)
+    agent.wait_for(r'mqtt\.protocol = "3\.1\.1"', timeout=30)  # operator interface: names the fix
     report = run_doctor(cfg, timeout=10.0, service_user=None)
     assert report.exit_code != 0
     assert 'mqtt.protocol = "3.1.1"' in render_text(report)
