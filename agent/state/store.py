@@ -421,6 +421,36 @@ class StateStore:
 
         self._writer.submit(op, then=then)
 
+    def add_done(self, key: str, msg: Inbound, response: Response, messages: Sequence[OutMessage], *,
+                 answer: Callable[[Record], Sequence[OutMessage]],
+                 then: Callable[[Outcome[Added]], None], lead: bool = False) -> None:
+        """Journal a command that has run already (a pure handler: running it again is harmless) as done,
+        with its response and the messages that carry it, in one durable transaction; `then` once durable.
+
+        `queued` of the outcome holds the stored messages. If `key` is journalled already (a re-sent id),
+        nothing is replaced and `response` is dropped: the messages `answer(record)` returns are queued
+        instead, as `add_command` does. `lead`: commit on the calling thread if the writer is idle
+        (GroupWriter.lead; the caller may block for the fsync)."""
+        meta = _meta(msg)
+
+        def op(db: sqlite3.Connection) -> Added:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO commands (key, state, received, topic, payload, meta, status, body,"
+                " content_type, finished) VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?)",
+                (key, DONE, msg.received_wall, msg.topic, meta, response.status, response.body,
+                 response.content_type, self._wall()))
+            if cur.rowcount == 1:
+                return Added(True, None, tuple(self._insert(db, m) for m in messages))
+            record = self._lookup(db, key)
+            if record is None:
+                return Added(False)
+            return Added(False, record, tuple(self._insert(db, m) for m in answer(record)))
+
+        if lead:
+            self._writer.lead(op, then=then)
+        else:
+            self._writer.submit(op, then=then)
+
     def mark_running(self, key: str) -> None:
         """Durable before the handler starts (a cut after this answers 500 "interrupted", never re-runs)."""
         self._writer.call(lambda db: db.execute("UPDATE commands SET state = ? WHERE key = ?", (RUNNING, key)))
@@ -442,15 +472,19 @@ class StateStore:
         return self._writer.call(op)
 
     def finish_async(self, key: str, response: Response, messages: Sequence[OutMessage],
-                     then: Callable[[Outcome[list[OutMessage]]], None]) -> None:
-        """`finish` without waiting: `then` hears (with the messages' ids) once it is on disk."""
+                     then: Callable[[Outcome[list[OutMessage]]], None], *, lead: bool = False) -> None:
+        """`finish` without waiting: `then` hears (with the messages' ids) once it is on disk. `lead`: commit
+        on the calling thread if the writer is idle (GroupWriter.lead; the caller may block for the fsync)."""
         def op(db: sqlite3.Connection) -> list[OutMessage]:
             db.execute("UPDATE commands SET state = ?, payload = NULL, status = ?, body = ?, content_type = ?,"
                        " finished = ? WHERE key = ?",
                        (DONE, response.status, response.body, response.content_type, self._wall(), key))
             return [self._insert(db, m) for m in messages]
 
-        self._writer.submit(op, then=then)
+        if lead:
+            self._writer.lead(op, then=then)
+        else:
+            self._writer.submit(op, then=then)
 
     def discard(self, key: str) -> None:
         self._writer.call(lambda db: db.execute("DELETE FROM commands WHERE key = ?", (key,)))
