@@ -69,6 +69,8 @@ KINDS = ("response", "rejection", "telemetry", "event")
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 # Small pages: a command's rows are a few hundred bytes, and the WAL writes whole pages (bytes on the SD card).
 PAGE_SIZE = 1024
+WAL_CHECKPOINT_FRAMES = 4096
+WAL_SIZE_LIMIT = 8 * 1024 * 1024
 SET_ASIDE_LOG_INTERVAL = 60.0
 # Check the size bound after this many commits (and at most every BOUND_CHECK_SECONDS).
 BOUND_CHECK_EVERY = 64
@@ -221,7 +223,13 @@ class StateStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA cache_size=-256")  # written, rarely read back: a big page cache only grows RSS
-            db.execute("PRAGMA journal_size_limit=4194304")  # the WAL shrinks back after a burst
+            # A checkpoint costs 3 fsyncs (WAL, database, truncation) and rewrites every page it copies; a
+            # command adds ~4 WAL frames. 4096 frames (~4 MiB of WAL) make that one checkpoint per ~1,000
+            # commands instead of ~250 (SQLite's default 1000 frames). The WAL file keeps its size after a
+            # checkpoint (the limit is above it): rewriting it in place needs no file-system journal commit,
+            # growing it again would.
+            db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_FRAMES}")
+            db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")  # the WAL shrinks back after a burst
             db.executescript(_SCHEMA)
             check = db.execute("PRAGMA quick_check(1)").fetchone()
             if not check or check[0] != "ok":
