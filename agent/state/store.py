@@ -460,8 +460,10 @@ class StateStore:
             self._writer.submit(op, then=then)
 
     def mark_running(self, key: str) -> None:
-        """Durable before the handler starts (a cut after this answers 500 "interrupted", never re-runs)."""
-        self._writer.call(lambda db: db.execute("UPDATE commands SET state = ? WHERE key = ?", (RUNNING, key)))
+        """Durable before the handler starts (a cut after this answers 500 "interrupted", never re-runs).
+        Called on a worker, which commits it itself when the writer is idle."""
+        self._writer.call(lambda db: db.execute("UPDATE commands SET state = ? WHERE key = ?", (RUNNING, key)),
+                          lead=True)
 
     def mark_queued(self, key: str) -> None:
         """Undo a running mark for a command that did not start after all (agent stopping). Not waited for:

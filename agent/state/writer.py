@@ -120,8 +120,9 @@ class GroupWriter:
             self._release()
         return True
 
-    def call(self, fn: Callable[[sqlite3.Connection], T], *, timeout: float = 60.0) -> T:
-        """Run `fn` durably and wait until it is on disk; raises what prevented that."""
+    def call(self, fn: Callable[[sqlite3.Connection], T], *, timeout: float = 60.0, lead: bool = False) -> T:
+        """Run `fn` durably and wait until it is on disk; raises what prevented that. `lead`: commit on this
+        thread if no batch is being committed (see `lead`)."""
         done = threading.Event()
         box: list[Outcome[T]] = []
 
@@ -129,7 +130,10 @@ class GroupWriter:
             box.append(outcome)
             done.set()
 
-        self.submit(fn, then=then)
+        if lead:
+            self.lead(fn, then=then)
+        else:
+            self.submit(fn, then=then)
         if not done.wait(timeout):
             raise TimeoutError(f"the state store did not commit within {timeout:g} s")
         outcome = box[0]
