@@ -12,9 +12,9 @@ with one durable point instead of two: the command goes straight to a worker, th
 its row is journalled as done together with the response in one commit (led by the worker itself when
 the writer is idle); only then is it acknowledged and the response published. A cut before that commit
 leaves no PUBACK: the broker delivers the command again and it runs again, which for a pure handler
-changes nothing. The short path is taken only when a worker is free at once, so a PUBACK never waits
-in a queue; under a backlog a pure command is journalled and acknowledged first, as any other, but
-starts without a durable running mark.
+changes nothing. The short path is taken only by a command that finds nothing else in flight, so a
+PUBACK never waits in a queue; otherwise a pure command is journalled and acknowledged first, as any
+other, but starts without a durable running mark.
 
 PUBACKs go out in the order the commands arrived (MQTT 3.1.1, 4.6), whichever becomes durable first.
 """
@@ -425,11 +425,12 @@ class Dispatcher:
         pure = getattr(handler, "pure", False) is True
         with self._lock:
             full = self._pending >= capacity
-            # A pure command runs first and is journalled with its answer (one durable point) when a worker
-            # is free for it now: its PUBACK waits for the handler, so never for a queue. Under a backlog it
-            # takes the ordinary path (journalled and acknowledged at once; no running mark, the answer in a
-            # second commit that the group commit shares).
-            short = pure and self._accepting and self._pending < self.limits.max_concurrent_commands
+            # A pure command runs first and is journalled with its answer (one durable point) when nothing
+            # else is in flight: its PUBACK waits for the handler, and the PUBACKs of commands arriving
+            # meanwhile wait for it (they go out in order), so it must not wait for a worker or a batch.
+            # Otherwise it takes the ordinary path: journalled and acknowledged at once, no running mark,
+            # the answer in a second commit that the group commit shares with the other commands.
+            short = pure and self._accepting and self._pending == 0
             # With a worker free the command starts at once: journal it as running in the same write
             # (one commit instead of two on the hot path). Should the agent die in the moment before the
             # handler starts, the command is answered "interrupted", never run twice.
