@@ -77,11 +77,12 @@ def write_bytes(pid: int) -> int:
     raise RuntimeError(f"no write_bytes for pid {pid}")
 
 
-def counted(pid: int, work: Callable[[], Any], workdir: Path) -> tuple[Any, int, int]:
-    """Run `work` with strace -c attached to every thread of `pid`: (result, bytes written, fsyncs)."""
+def counted(pid: int, work: Callable[[], Any], workdir: Path) -> tuple[Any, int, int, float | None]:
+    """Run `work` with strace -c -w attached to every thread of `pid`: (result, bytes written, fsyncs, their
+    mean wall-clock seconds per call: the disk's fsync latency as the agent met it)."""
     out = workdir / f"strace-{pid}-{time.monotonic_ns()}.txt"
     tids = [p.name for p in Path(f"/proc/{pid}/task").iterdir()]
-    argv = ["strace", "-q", "-c", "-f", "-e", "trace=fsync,fdatasync", "-o", str(out)]
+    argv = ["strace", "-q", "-c", "-w", "-f", "-e", "trace=fsync,fdatasync", "-o", str(out)]
     for tid in tids:
         argv += ["-p", tid]
     tracer = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -93,11 +94,13 @@ def counted(pid: int, work: Callable[[], Any], workdir: Path) -> tuple[Any, int,
     tracer.send_signal(signal.SIGINT)
     tracer.wait(30)
     calls = 0
+    seconds = 0.0
     for line in out.read_text().splitlines():
         fields = line.split()
         if fields and fields[-1] in ("fsync", "fdatasync"):
             calls += int(fields[3])  # % time, seconds, usecs/call, calls, [errors,] syscall
-    return result, written, calls
+            seconds += float(fields[1])
+    return result, written, calls, (seconds / calls if calls else None)
 
 
 def ack_delay_buckets(port: int) -> list[tuple[float, float]]:
@@ -205,8 +208,8 @@ def session(loader: Loader, r: Responder, counts: dict[str, int], first: bool, w
 def disk_phases(loader: Loader, r: Responder, proc: Proc, counts: dict[str, int], workdir: Path) -> None:
     def phase(key: str, work: Callable[[], Any], commands: int) -> None:
         commits0 = fsyncs_metric(r.port) if r.port is not None else None
-        batch, written, fsyncs = counted(proc.pid, work, workdir)
-        entry: dict[str, Any] = {"bytes": written, "fsyncs": fsyncs}
+        batch, written, fsyncs, per_call = counted(proc.pid, work, workdir)
+        entry: dict[str, Any] = {"bytes": written, "fsyncs": fsyncs, "fsync_wall_s": per_call}
         if commands:
             entry["commands"] = commands
             entry["answered"] = sum(n for s, n in batch.statuses.items() if s == 200)
@@ -300,6 +303,9 @@ def table(results: dict[str, Any], fsync_s: float, fsync_append_s: float, counts
         lambda r: (f"{r['iso']['durable_commits'] / r['iso']['commands']:.2f} / "
                    f"{r['w64']['durable_commits'] / r['w64']['commands']:.3f}")
         if "durable_commits" in r.get("iso", {}) else "-", "")
+    row("fsync wall time per call, 1 / 64 outstanding (strace -c -w: the disk as the agent met it)",
+        lambda r: " / ".join(f"{r[ph]['fsync_wall_s'] * 1000:.3f} ms" if r.get(ph, {}).get("fsync_wall_s") else "-"
+                             for ph in ("iso", "w64")), "")
     row(f"idle {counts['idle']} s: bytes written / fsyncs",
         lambda r: f"{r['idle']['bytes']} / {r['idle']['fsyncs']}" if "idle" in r else "-", "0 / 0", "idle")
     base = results["baseline"]

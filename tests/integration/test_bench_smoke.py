@@ -108,6 +108,7 @@ def test_state_disk_quick_run_has_every_figure_for_agent_before_and_baseline(tmp
         assert r["idle"]["seconds"] == counts["idle"] and r["idle"]["bytes"] >= 0 and r["idle"]["fsyncs"] >= 0
     agent = data["agent"]
     assert agent["iso"]["durable_commits"] >= counts["iso"] and agent["w64"]["durable_commits"] > 0
+    assert 0 < agent["iso"]["fsync_wall_s"] < 10 and 0 < agent["w64"]["fsync_wall_s"] < 10
     for key in ("puback_seq_p50_ms", "puback_seq_p99_ms", "puback_w64_p50_ms", "puback_w64_p99_ms"):
         assert isinstance(agent[key], (int, float)) and agent[key] > 0, key
     assert set(data["targets"]) == {"bytes_iso", "bytes_w64", "fsyncs_iso", "fsyncs_w64", "idle", "ping_p50",
@@ -116,7 +117,8 @@ def test_state_disk_quick_run_has_every_figure_for_agent_before_and_baseline(tmp
     for row in ("| bytes written per command, 1 outstanding |", "| bytes written per command, 64 outstanding |",
                 "| fsyncs per command, 1 outstanding (strace -c) |",
                 "| fsyncs per command, 64 outstanding (strace -c) |",
-                "| durable commits per command", "| idle 2 s: bytes written / fsyncs |", "| `ping` p50 |",
+                "| durable commits per command", "| fsync wall time per call", "| idle 2 s: bytes written / fsyncs |",
+                "| `ping` p50 |",
                 "| throughput, 64 outstanding |", "| PUBACK delay p50 / p99, 1 outstanding",
                 "| PUBACK delay p50 / p99, 64 outstanding", "Disk fsync latency in the state dir's file system"):
         assert row in md, row
