@@ -110,29 +110,35 @@ def response_messages(route: ReplyRoute, response: Response, kind: str = "respon
     return out
 
 
+@dataclass(eq=False)
+class _AckSlot:
+    ack: AckFn
+    ready: bool = False
+
+
 class _AckOrder:
     """Releases acknowledgements in arrival order: `wrap` (network thread, in arrival order) returns the
     ack to call when a command is durable; the PUBACKs of earlier arrivals go first."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._slots: deque[list[object]] = deque()  # [ack, ready], oldest first
+        self._slots: deque[_AckSlot] = deque()  # oldest first
 
     def wrap(self, ack: AckFn) -> AckFn:
-        slot: list[object] = [ack, False]
+        slot = _AckSlot(ack)
         with self._lock:
             self._slots.append(slot)
 
         def ready() -> None:
             with self._lock:  # held while calling: two threads releasing at once keep the order
-                if slot[1]:
+                if slot.ready:
                     return
-                slot[1] = True
+                slot.ready = True
                 slots = self._slots
-                while slots and slots[0][1]:
-                    fn = slots.popleft()[0]
+                while slots and slots[0].ready:
+                    release = slots.popleft().ack
                     try:
-                        fn()  # type: ignore[operator]
+                        release()
                     except Exception:
                         log.exception("internal error while acknowledging a command")
 
