@@ -6,6 +6,17 @@ command is acknowledged (`ack()`: the PUBACK) and given to a worker. Handlers on
 Every answer goes through the store's outbound queue (durable before it is handed to the session),
 except a 503 for a command the store could not take: that one is sent from memory, since the disk is
 what failed.
+
+Pure handlers (`pure = True`: no effect but their answer, e.g. `ping`, `info`) take a shorter path
+with one durable point instead of two: the command goes straight to a worker, the handler runs, and
+its row is journalled as done together with the response in one commit (led by the worker itself when
+the writer is idle); only then is it acknowledged and the response published. A cut before that commit
+leaves no PUBACK: the broker delivers the command again and it runs again, which for a pure handler
+changes nothing. The short path is taken only by a command that finds nothing else in flight, so a
+PUBACK never waits in a queue; otherwise a pure command is journalled and acknowledged first, as any
+other, but starts without a durable running mark.
+
+PUBACKs go out in the order the commands arrived (MQTT 3.1.1, 4.6), whichever becomes durable first.
 """
 
 from __future__ import annotations
@@ -16,7 +27,7 @@ import queue
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -100,6 +111,41 @@ def response_messages(route: ReplyRoute, response: Response, kind: str = "respon
 
 
 @dataclass(eq=False)
+class _AckSlot:
+    ack: AckFn
+    ready: bool = False
+
+
+class _AckOrder:
+    """Releases acknowledgements in arrival order: `wrap` (network thread, in arrival order) returns the
+    ack to call when a command is durable; the PUBACKs of earlier arrivals go first."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._slots: deque[_AckSlot] = deque()  # oldest first
+
+    def wrap(self, ack: AckFn) -> AckFn:
+        slot = _AckSlot(ack)
+        with self._lock:
+            self._slots.append(slot)
+
+        def ready() -> None:
+            with self._lock:  # held while calling: two threads releasing at once keep the order
+                if slot.ready:
+                    return
+                slot.ready = True
+                slots = self._slots
+                while slots and slots[0].ready:
+                    release = slots.popleft().ack
+                    try:
+                        release()
+                    except Exception:
+                        log.exception("internal error while acknowledging a command")
+
+        return ready
+
+
+@dataclass(eq=False)
 class _Job:
     journal_key: str
     dedupe_key: str | None
@@ -110,6 +156,9 @@ class _Job:
     device_id: str
     waiters: list[ReplyRoute] = field(default_factory=list)
     claimed: bool = False  # journalled as running when received (a worker was free)
+    pure: bool = False  # the handler declares itself side-effect free: it need not be durable before it runs
+    ack: AckFn | None = None  # short path (pure, not journalled yet): the PUBACK, once the answer is durable
+    waiter_acks: list[AckFn] = field(default_factory=list)  # redeliveries that arrived meanwhile (short path)
     done: bool = False
     counted: bool = False  # included in Dispatcher._running
     started: float = 0.0
@@ -201,6 +250,8 @@ class Dispatcher:
         self._pending = 0  # queued + running
         self._running = 0
         self._committing = 0  # finished, response not yet on disk
+        self._unjournalled = 0  # short-path (pure) commands received, answer not yet on disk
+        self._ack_order = _AckOrder()
         self._accepting = False
         self._idle = threading.Condition(self._lock)
         self._deadlines: dict[_Job, float] = {}  # running job -> when the monitor answers 504 for it
@@ -236,7 +287,7 @@ class Dispatcher:
         drained in time."""
         end = self._clock() + timeout
         with self._idle:
-            while self._running or self._committing:
+            while self._running or self._committing or self._unjournalled:
                 left = end - self._clock()
                 if left <= 0:
                     return False
@@ -264,6 +315,7 @@ class Dispatcher:
     def accept(self, msg: Inbound, ack: AckFn = _no_ack) -> None:
         """Called for every message on the command subscription. Never raises; `ack` is called exactly
         once, when the command (or its answer) is durable."""
+        ack = self._ack_order.wrap(ack)
         try:
             self._accept(msg, ack)
         except Exception:
@@ -358,27 +410,42 @@ class Dispatcher:
             return
         dedupe_key = None if topic.one_way else topic.dedupe_key
         if dedupe_key:
+            deferred = False
             with self._lock:
                 running = self._active.get(dedupe_key)
                 if running is not None:
                     running.waiters.append(route)
+                    if running.ack is not None:  # not durable yet (short path): acknowledged with it
+                        running.waiter_acks.append(ack)
+                        deferred = True
             if running is not None:
                 self.stats.duplicates += 1
-                ack()  # the command is durable already (it runs); the waiter is answered with it
+                if not deferred:
+                    ack()  # the command is durable already (it runs); the waiter is answered with it
                 log.info("command %s req %s redelivered while it runs: it will be answered, not run again",
                          topic.command, untrusted(topic.req_id),
                          extra={"COMMAND": topic.command, "REQ_ID": untrusted(topic.req_id)})
                 return
         journal_key = dedupe_key or f"one-way:{uuid.uuid4().hex}"
         capacity = self.limits.max_concurrent_commands + self.limits.max_queued_commands
+        pure = getattr(handler, "pure", False) is True
         with self._lock:
             full = self._pending >= capacity
+            # A pure command runs first and is journalled with its answer (one durable point) when nothing
+            # else is in flight: its PUBACK waits for the handler, and the PUBACKs of commands arriving
+            # meanwhile wait for it (they go out in order), so it must not wait for a worker or a batch.
+            # Otherwise it takes the ordinary path: journalled and acknowledged at once, no running mark,
+            # the answer in a second commit that the group commit shares with the other commands.
+            short = pure and self._accepting and self._pending == 0
             # With a worker free the command starts at once: journal it as running in the same write
             # (one commit instead of two on the hot path). Should the agent die in the moment before the
             # handler starts, the command is answered "interrupted", never run twice.
-            claimed = not full and self._accepting and self._pending < self.limits.max_concurrent_commands
+            claimed = (not pure and not full and self._accepting
+                       and self._pending < self.limits.max_concurrent_commands)
             if not full:
                 self._pending += 1  # reserved now: commits in flight must not overbook the workers
+            if short:
+                self._unjournalled += 1
         if full:
             # A redelivery gets its stored answer even when the queue is full, never a 429.
             record = self._store.lookup(dedupe_key) if dedupe_key else None
@@ -389,6 +456,16 @@ class Dispatcher:
             self._reject(topic, route, TOO_MANY_REQUESTS, "queue_full",
                          f"too many commands waiting ({self.limits.max_queued_commands} queued, "
                          f"limits.max_queued_commands); retry later", ack)
+            return
+
+        if short:
+            job = _Job(journal_key, dedupe_key, topic, msg, handler, route,
+                       device_id=topic.device or self._device_id, pure=True, ack=ack)
+            if dedupe_key:
+                with self._lock:
+                    self._active[dedupe_key] = job
+            assert self._pool is not None
+            self._pool.submit(job)
             return
 
         def answer(record: Record) -> list[OutMessage]:
@@ -445,7 +522,8 @@ class Dispatcher:
     def _start(self, topic: CommandTopic, msg: Inbound, handler: Handler, route: ReplyRoute, journal_key: str,
                dedupe_key: str | None, claimed: bool, reserved: bool = False) -> None:
         job = _Job(journal_key, dedupe_key, topic, msg, handler, route,
-                   device_id=topic.device or self._device_id, claimed=claimed)
+                   device_id=topic.device or self._device_id, claimed=claimed,
+                   pure=getattr(handler, "pure", False) is True)
         if not self._accepting:
             if reserved:
                 with self._lock:
@@ -518,7 +596,7 @@ class Dispatcher:
 
     def _run(self, job: _Job) -> None:
         self.last_progress = self._clock()
-        if not self._accepting:
+        if not self._accepting and job.ack is None:  # (a short-path job is not journalled: it runs, briefly)
             with self._lock:
                 self._pending -= 1
                 if job.dedupe_key:
@@ -544,7 +622,7 @@ class Dispatcher:
         with self._lock:
             self._running += 1
             job.counted = True
-        if not job.claimed:
+        if not job.claimed and not job.pure:  # a pure handler may run again after a cut: no mark needed
             self._store.mark_running(job.journal_key)
         self._schedule_timeout(deadline + grace, job)
         self.observer.command_started(job.topic.command)
@@ -580,9 +658,10 @@ class Dispatcher:
     def _complete(self, job: _Job, response: Response) -> bool:
         """Record and send the outcome once; False if the job was already answered (timeout).
 
-        The worker is free at once; the response is stored (with its messages, one durable commit that
-        the writer shares with other commands) and published from the writer's callback, so a worker
-        never waits for an fsync and many responses share one."""
+        The response is stored (with its messages, one durable commit that the writer shares with other
+        commands; the worker leads that commit itself when the writer is idle) and published from the
+        commit's callback. A short-path (pure) command is journalled here for the first time, as done, and
+        acknowledged once that commit is on disk."""
         with job.lock:
             if job.done:
                 return False
@@ -598,24 +677,49 @@ class Dispatcher:
         self.observer.command_finished(job.topic.command, response.status, seconds)
         messages = response_messages(job.route, response)
 
-        def stored(outcome: Outcome[list[OutMessage]]) -> None:
-            # Writer thread: the response is on disk (or the disk failed: answer from memory rather than not at all).
-            if outcome.error is None and outcome.value is not None:
-                self._responder.adopt(outcome.value)
+        def settle(stored: list[OutMessage] | None, error: BaseException | None, answered: Response | None,
+                   duplicate: bool = False) -> None:
+            # The commit's thread: the response is on disk (or the disk failed: answer from memory rather
+            # than not at all). `answered`: what the waiters get (None: nothing to send yet).
+            if error is None:
+                if stored:
+                    # Published before the PUBACK is queued: both follow the commit, and the response need
+                    # not wait for the wake-up of the network thread that sends the PUBACK.
+                    self._responder.adopt(stored)
             else:
-                self._journal_failed(outcome.error, "store a response")
-                for m in messages:
+                self._journal_failed(error, "store a response" if job.ack is None else "record a command")
+                volatile = messages
+                if job.ack is not None:  # a short-path command was not journalled: as for any such command
+                    answered = Response.error(UNAVAILABLE, "the agent cannot record the command in its journal "
+                                                           "(agent.state_dir)")
+                    volatile = response_messages(job.route, answered, "rejection")
+                for m in volatile:
                     self._responder.put_volatile(m)
             with self._lock:
                 # Only now: a re-sent id that arrived meanwhile waited on the job, or finds the stored response.
-                if job.dedupe_key:
-                    self._active.pop(job.dedupe_key, None)
+                if job.dedupe_key and self._active.get(job.dedupe_key) is job:
+                    del self._active[job.dedupe_key]
                 waiters, job.waiters = job.waiters, []
+                waiter_acks, job.waiter_acks = job.waiter_acks, []
                 self._pending -= 1
                 self._committing -= 1
+                if job.ack is not None:
+                    self._unjournalled -= 1
+                    if error is not None:
+                        self.stats.rejected["journal_error"] += 1
+                if duplicate:
+                    self.stats.duplicates += 1
                 self._idle.notify_all()
-            for route in waiters:
-                self._reply_async(route, response, _no_ack, "response")
+            if job.ack is not None:
+                job.ack()  # durable (or answered without the disk): PUBACK now
+                for ack in waiter_acks:
+                    ack()
+                if error is not None:
+                    self.observer.command_rejected(job.topic.command, "journal_error",
+                                                   None if job.route.silent else UNAVAILABLE)
+            if answered is not None:
+                for route in waiters:
+                    self._reply_async(route, answered, _no_ack, "response")
             if response.status >= 500:
                 level = logging.WARNING
             elif getattr(job.handler, "quiet", False):
@@ -628,7 +732,38 @@ class Dispatcher:
                     extra={"COMMAND": job.topic.command, "REQ_ID": untrusted(job.topic.req_id),
                            "STATUS": response.status})
 
-        self._store.finish_async(job.journal_key, response, messages, then=stored)
+        if job.ack is None:
+            def finished(outcome: Outcome[list[OutMessage]]) -> None:
+                settle(outcome.value, outcome.error, response)
+
+            self._store.finish_async(job.journal_key, response, messages, then=finished, lead=True)
+            return True
+
+        def answer(record: Record) -> list[OutMessage]:
+            return response_messages(job.route, record.response) if record.response is not None else []
+
+        def journalled(outcome: Outcome[Added]) -> None:
+            added = outcome.value
+            if outcome.error is not None or added is None:
+                settle(None, outcome.error or RuntimeError("no outcome"), None)
+                return
+            if added.inserted:
+                settle(list(added.queued), None, response)
+                return
+            # Journalled already (a re-sent id whose first delivery was recorded before): its answer stands.
+            record = added.record
+            if record is not None and record.response is not None:
+                log.info("command %s req %s was already executed: re-sending its %d response",
+                         job.topic.command, untrusted(job.topic.req_id), record.response.status,
+                         extra={"COMMAND": job.topic.command, "REQ_ID": untrusted(job.topic.req_id)})
+                settle(list(added.queued), None, record.response, duplicate=True)
+            else:
+                log.info("command %s req %s is already journalled and will run at the next start",
+                         job.topic.command, untrusted(job.topic.req_id))
+                settle(None, None, None, duplicate=True)
+
+        self._store.add_done(job.journal_key, job.msg, response, messages, answer=answer, then=journalled,
+                             lead=True)
         return True
 
     # --- timeouts --------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ class Pump:
         self._clock = clock
         self._on_ack_delay = on_ack_delay  # seconds from a command's receipt to its PUBACK (a metric)
         self._acks: deque[tuple[object, int, int, float]] = deque()  # (connection, mid, qos, received)
+        self._ack_wake_pending = False  # a wake-up for queued acks is on its way: later acks need none
         self._io_lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -55,7 +56,9 @@ class Pump:
     def queue_ack(self, conn: object, mid: int, qos: int, received: float) -> None:
         """Any thread: acknowledge `mid` of `conn` from the network thread, soon."""
         self._acks.append((conn, mid, qos, received))
-        self.wake()
+        if not self._ack_wake_pending:  # a batch of commits acks many commands: one wake-up (a syscall) for all
+            self._ack_wake_pending = True
+            self.wake()
 
     def turn(self, timeout: float) -> int:
         """Network thread: send the PUBACKs that are due, wait up to `timeout` for the socket, let paho do
@@ -69,6 +72,7 @@ class Pump:
     def _send_acks(self) -> None:
         """PUBACK the commands that are durable now, in the order they became so."""
         observe = self._on_ack_delay
+        self._ack_wake_pending = False  # before draining: an ack queued after this line wakes the loop again
         while self._acks:
             owner, mid, qos, received = self._acks.popleft()
             if self._live(owner):

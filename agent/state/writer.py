@@ -11,15 +11,22 @@ Operations that need not be durable (deleting an acknowledged message, counting 
 committed with `synchronous=NORMAL` when a batch holds nothing else: their WAL frames are made
 durable by the next FULL commit, and losing them in a cut only means a message is sent once more.
 
-The callbacks run on the writer thread: they must be quick and must not wait for the writer.
+The callbacks run on the thread that committed the batch: they must be quick and must not wait for
+the writer.
+
+Leader commit (`lead`): a thread that may block (a worker, never the network thread) and finds no batch
+being committed commits its operation itself, together with whatever else waits, and runs the callbacks
+on its own thread: an isolated command then costs no wake-up of the writer thread and no hand-off back.
+If a batch is being committed, the operation waits for the next one like any other (the caller returns
+at once). Batches never overlap, and their callbacks run in commit order whoever commits them.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import sqlite3
 import threading
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
@@ -65,7 +72,10 @@ class GroupWriter:
         self._before_batch = before_batch
         self._on_idle = on_idle
         self._on_fsync = on_fsync
-        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._cond = threading.Condition(threading.Lock())  # guards _ops, _busy, _stopping
+        self._ops: deque[_Op] = deque()
+        self._busy = False  # a batch (or the idle check) is in progress, on the writer thread or a leader
+        self._stopping = False
         self._sync_mode = ""
         self._thread = threading.Thread(target=self._run, name="state-writer", daemon=True)
         self._closed = False
@@ -82,10 +92,37 @@ class GroupWriter:
             if then is not None:
                 then(Outcome(error=RuntimeError("the state store is closed")))
             return
-        self._queue.put(_Op(fn, durable, then))
+        with self._cond:
+            self._ops.append(_Op(fn, durable, then))
+            if not self._busy:
+                self._cond.notify()
 
-    def call(self, fn: Callable[[sqlite3.Connection], T], *, timeout: float = 60.0) -> T:
-        """Run `fn` durably and wait until it is on disk; raises what prevented that."""
+    def lead(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True,
+             then: Callable[[Outcome[T]], None] | None = None) -> bool:
+        """`submit`, but if no batch is being committed, commit it now on this thread (with what else
+        waits) and call the callbacks here. True if this thread committed it. Blocks for the commit (an
+        fsync): only for threads that may wait for the disk."""
+        if self._closed:
+            if then is not None:
+                then(Outcome(error=RuntimeError("the state store is closed")))
+            return False
+        op = _Op(fn, durable, then)
+        with self._cond:
+            if self._busy:
+                self._ops.append(op)
+                return False
+            self._busy = True
+            batch = self._take(first=None)
+            batch.append(op)
+        try:
+            self._commit(batch)
+        finally:
+            self._release()
+        return True
+
+    def call(self, fn: Callable[[sqlite3.Connection], T], *, timeout: float = 60.0, lead: bool = False) -> T:
+        """Run `fn` durably and wait until it is on disk; raises what prevented that. `lead`: commit on this
+        thread if no batch is being committed (see `lead`)."""
         done = threading.Event()
         box: list[Outcome[T]] = []
 
@@ -93,7 +130,10 @@ class GroupWriter:
             box.append(outcome)
             done.set()
 
-        self.submit(fn, then=then)
+        if lead:
+            self.lead(fn, then=then)
+        else:
+            self.submit(fn, then=then)
         if not done.wait(timeout):
             raise TimeoutError(f"the state store did not commit within {timeout:g} s")
         outcome = box[0]
@@ -104,35 +144,44 @@ class GroupWriter:
     def close(self, timeout: float = 10.0) -> None:
         """Commit what is queued, then end the thread."""
         self._closed = True
-        self._queue.put(None)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
         self._thread.join(timeout)
 
     # --- writer thread -------------------------------------------------------------------------
 
+    def _take(self, first: _Op | None) -> list[_Op]:
+        """Up to MAX_BATCH waiting operations, oldest first (condition held)."""
+        batch = [first] if first is not None else []
+        while self._ops and len(batch) < MAX_BATCH:
+            batch.append(self._ops.popleft())
+        return batch
+
+    def _release(self) -> None:
+        with self._cond:
+            self._busy = False
+            if self._ops or self._stopping:
+                self._cond.notify()
+
     def _run(self) -> None:
         while True:
+            with self._cond:
+                if not self._ops and not self._stopping:
+                    self._cond.wait(IDLE_TICK)
+                while self._busy:  # a leader is committing: its successor batch is ours
+                    self._cond.wait(IDLE_TICK)
+                if not self._ops and self._stopping:
+                    return
+                self._busy = True
+                batch = self._take(first=None)
             try:
-                first = self._queue.get(timeout=IDLE_TICK)
-            except queue.Empty:
-                self._safe(self._on_idle)
-                continue
-            batch: list[_Op] = []
-            stop = first is None
-            if first is not None:
-                batch.append(first)
-            while len(batch) < MAX_BATCH:
-                try:
-                    op = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if op is None:
-                    stop = True
-                    break
-                batch.append(op)
-            if batch:
-                self._commit(batch)
-            if stop:
-                return
+                if batch:
+                    self._commit(batch)
+                else:
+                    self._safe(self._on_idle)
+            finally:
+                self._release()
 
     def _commit(self, batch: Sequence[_Op]) -> None:
         outcomes: list[Outcome[Any]] = [Outcome() for _ in batch]

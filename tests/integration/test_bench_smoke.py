@@ -80,6 +80,52 @@ def test_publish_bench_quick_run_measures_both_paths_and_the_baseline(tmp_path: 
     assert "| bare paho publisher | 400 |" in md and "Smoke run" in md
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(200)
+def test_state_disk_quick_run_has_every_figure_for_agent_before_and_baseline(tmp_path: Path) -> None:
+    """bench/state_disk.py on tiny counts (one round, ~20 s): every figure measured, every command answered
+    200, durability visible in the counts (each isolated command fsynced), Markdown and JSON written."""
+    if shutil.which("strace") is None:
+        pytest.fail("strace is not installed; run ./scripts/test.sh, which installs it")
+    out = tmp_path / "state-disk"
+    proc = subprocess.run([sys.executable, "-m", "bench.state_disk", "--quick", "--before", "HEAD", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    md = out.with_suffix(".md").read_text()
+    assert data["judged"] is False and data["rounds"] == 1
+    assert 0 < data["fsync_latency_s"] < 10 and 0 < data["fsync_append_latency_s"] < 10
+    counts = data["counts"]
+    for who in ("agent", "before HEAD", "baseline"):
+        r = data[who]
+        assert r["errors"] == 0, who
+        assert r["ping_p50_ms"] > 0 and r["ping_p99_ms"] >= r["ping_p50_ms"] and r["throughput"] > 0, who
+    for who in ("agent", "before HEAD"):
+        r = data[who]
+        assert r["iso"]["answered"] == counts["iso"] and r["w64"]["answered"] == counts["w64"], who
+        assert r["iso"]["fsyncs"] >= counts["iso"], who  # a real count: every isolated command was fsynced
+        assert r["w64"]["fsyncs"] > 0 and r["iso"]["bytes"] > 0 and r["w64"]["bytes"] > 0, who
+        assert r["idle"]["seconds"] == counts["idle"] and r["idle"]["bytes"] >= 0 and r["idle"]["fsyncs"] >= 0
+    agent = data["agent"]
+    assert agent["iso"]["durable_commits"] >= counts["iso"] and agent["w64"]["durable_commits"] > 0
+    assert 0 < agent["iso"]["fsync_wall_s"] < 10 and 0 < agent["w64"]["fsync_wall_s"] < 10
+    for key in ("puback_seq_p50_ms", "puback_seq_p99_ms", "puback_w64_p50_ms", "puback_w64_p99_ms"):
+        assert isinstance(agent[key], (int, float)) and agent[key] > 0, key
+    assert set(data["targets"]) == {"bytes_iso", "bytes_w64", "fsyncs_iso", "fsyncs_w64", "idle", "ping_p50",
+                                    "throughput", "puback_seq", "puback_w64"}
+    assert all(t["met"] is None for t in data["targets"].values())
+    for row in ("| bytes written per command, 1 outstanding |", "| bytes written per command, 64 outstanding |",
+                "| fsyncs per command, 1 outstanding (strace -c) |",
+                "| fsyncs per command, 64 outstanding (strace -c) |",
+                "| durable commits per command", "| fsync wall time per call", "| idle 2 s: bytes written / fsyncs |",
+                "| `ping` p50 |",
+                "| throughput, 64 outstanding |", "| PUBACK delay p50 / p99, 1 outstanding",
+                "| PUBACK delay p50 / p99, 64 outstanding", "Disk fsync latency in the state dir's file system"):
+        assert row in md, row
+    assert "| figure | agent | before HEAD | baseline | target (agent) |" in md
+    assert md in proc.stdout
+
+
 def test_run_script_passes_shellcheck() -> None:
     if shutil.which("shellcheck") is None:
         pytest.fail("shellcheck is not installed; run ./scripts/test.sh, which installs it")

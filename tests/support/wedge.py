@@ -44,7 +44,11 @@ class PausableAgent(AgentProcess):
                 with self._cond:
                     self.lines.append(text)
                     self._cond.notify_all()
-            self._go.wait()
+            if self._synced.is_set():
+                # Paused only once the sync token is read: a line the agent logged just before the pause
+                # (e.g. its "started" line right after the first WATCHDOG=1) must not stop the reader short
+                # of the token (that was a race: "the output reader did not pause").
+                self._go.wait()
         with self._cond:
             self._cond.notify_all()
 
@@ -56,8 +60,8 @@ class PausableAgent(AgentProcess):
     def pause_and_fill(self, timeout: float = 10.0) -> int:
         """Stop reading the agent's output and fill its pipe: the next log write in the agent blocks.
         Returns the number of filler bytes written."""
+        self._synced.clear()  # first: the reader must not stop on an earlier pause's token
         self._go.clear()
-        self._synced.clear()
         self._sync_token = SYNC.format(os.urandom(4).hex())
         fd = self._writer()
         try:

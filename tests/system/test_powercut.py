@@ -4,6 +4,11 @@ Commands arrive at a steady rate while the gateway loses power at random moments
 them during the start-up recovery. The ledger (what the exec command did) is outside the mount, like the
 world a real command acts on. Outcome: nothing lost, nothing run twice, every command answered 200 or
 500 "interrupted", and ids re-sent after the cuts answered from the journal.
+
+A `ping` (a pure handler: journalled together with its answer, one durable point) goes with every
+command: a cut before its commit leaves no PUBACK, so the broker delivers it again and it runs again;
+every answer that reaches the broker for one ping id is the same (a second run would report another
+uptime): answered once, from one run, any repeat from the journal.
 """
 
 from __future__ import annotations
@@ -90,8 +95,9 @@ class Backend:
         self.client.disconnect()
         self.client.loop_stop()
 
-    def send(self, rid: str) -> None:
-        self.client.publish(f"command///req/{rid}/ledger", rid.encode() + b"\n", qos=1)
+    def send(self, rid: str, name: str = "ledger") -> None:
+        self.client.publish(f"command///req/{rid}/{name}", rid.encode() + b"\n" if name == "ledger" else b"",
+                            qos=1)
 
     def answered(self, rids: list[str]) -> int:
         with self.lock:
@@ -120,6 +126,7 @@ def test_power_cuts_lose_nothing_and_run_nothing_twice(broker: Mosquitto, make_c
     observer = make_config(broker, name="backend")
     rng = random.Random(SEED)
     rids = [f"p{n:03d}" for n in range(COMMANDS)]
+    pings = [f"q{n:03d}" for n in range(COMMANDS)]
     duration = COMMANDS / RATE
     cut_at = sorted(rng.uniform(1.0, duration) for _ in range(CUTS))
     recovery_cut = CUTS // 2  # after this cut, the next start is cut again while it recovers
@@ -135,7 +142,8 @@ def test_power_cuts_lose_nothing_and_run_nothing_twice(broker: Mosquitto, make_c
     backend = Backend(observer)
     agent = start_agent()
     backend.start()
-    sender = threading.Thread(target=lambda: [(backend.send(r), time.sleep(1 / RATE)) for r in rids], daemon=True)
+    sender = threading.Thread(target=lambda: [(backend.send(r), backend.send(q, "ping"), time.sleep(1 / RATE))
+                                              for r, q in zip(rids, pings)], daemon=True)
     started = time.monotonic()
     sender.start()
     recovery_cut_done = False
@@ -154,14 +162,16 @@ def test_power_cuts_lose_nothing_and_run_nothing_twice(broker: Mosquitto, make_c
                 print(f"recovery cut {'before' if 'subscribed to' not in early.output else 'after'} the subscription")
             agent = start_agent()
         sender.join(duration + 10)
-        assert _wait(lambda: backend.answered(rids) == len(rids), 60), (
-            f"unanswered: {[r for r in rids if not backend.responses.get(r)]}")
+        assert _wait(lambda: backend.answered(rids + pings) == len(rids) * 2, 60), (
+            f"unanswered: {[r for r in rids + pings if not backend.responses.get(r)]}")
         # Re-send ids answered before the cuts: the journal answers them; they do not run again.
         again = rng.sample(rids[: COMMANDS // 2], RESENT)
-        before = {r: len(backend.responses[r]) for r in again}
-        for r in again:
+        pings_again = rng.sample(pings[: COMMANDS // 2], RESENT)
+        before = {r: len(backend.responses[r]) for r in again + pings_again}
+        for r, q in zip(again, pings_again):
             backend.send(r)
-        assert _wait(lambda: all(len(backend.responses[r]) > before[r] for r in again), 30)
+            backend.send(q, "ping")
+        assert _wait(lambda: all(len(backend.responses[r]) > before[r] for r in again + pings_again), 30)
         time.sleep(1.0)  # any second execution would reach the ledger by now
     finally:
         backend.stop()
@@ -184,11 +194,17 @@ def test_power_cuts_lose_nothing_and_run_nothing_twice(broker: Mosquitto, make_c
             assert runs[r] == 1, f"{r} answered 200 but ran {runs[r]} times"
     for r in again:
         assert {s for s, _ in backend.responses[r]} == outcome[r]
+    for q in pings:  # a pure command: answered 200, every answer the same (one run; repeats from the journal)
+        answers = set(backend.responses[q])
+        assert len(answers) == 1, f"ping {q} answered from more than one run: {backend.responses[q]}"
+        assert next(iter(answers))[0] == 200, answers
     assert len(agents) >= CUTS + 2 and recovery_cut_done
     for a in agents:
         assert "Traceback" not in a.output, a.output[-3000:]  # handled, not crashed through
     # No cut left a store the agent had to set aside as corrupt.
     assert sorted(load_config(cfg).agent.state_dir.glob("*.corrupt-*")) == []
     interrupted = sum(1 for r in rids if outcome[r] == {500})
+    repeated = sum(1 for q in pings if len(backend.responses[q]) > 1)
     print(f"power cuts: {CUTS + 1}, commands {COMMANDS}, answered 200: {COMMANDS - interrupted}, "
-          f"interrupted: {interrupted}, re-sent and answered from the journal: {RESENT}")
+          f"interrupted: {interrupted}, re-sent and answered from the journal: {RESENT}; pings {COMMANDS}, "
+          f"answered more than once (the journal's copy): {repeated}")

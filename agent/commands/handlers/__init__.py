@@ -19,7 +19,13 @@ class Handler(Protocol):
 
     Optional attributes: `timeout` (seconds; default limits.command_timeout),
     `enforces_timeout` (True if the handler stops itself at `request.deadline`, as exec commands do) and
-    `quiet` (True for read-only probes such as ping: successful answers are logged at debug level only).
+    `quiet` (True for read-only probes such as ping: successful answers are logged at debug level only) and
+    `pure` (True only if handling a request has no effect but the answer, so that running it twice changes
+    nothing: `ping`, `info`, a plugin that only reads. A pure command is run before it is journalled and is
+    journalled as done together with its answer in one durable commit, before its PUBACK: one fsync instead
+    of two. A power cut before that commit leaves no PUBACK, so the broker delivers it again and it runs
+    again. Its PUBACK waits for the handler: a pure handler must answer within milliseconds, since Eclipse
+    Hono releases a command it has no PUBACK for after about 1 s).
     Raise `agent.protocol.CommandError` (or BadRequest) to answer with an error status.
     """
 

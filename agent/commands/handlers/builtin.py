@@ -16,6 +16,7 @@ class PingHandler:
 
     timeout = 5.0
     quiet = True  # a health probe: its answers are logged at debug level
+    pure = True  # no effect but its answer: journalled with it in one commit (see Handler)
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -41,6 +42,7 @@ class InfoHandler:
 
     timeout = 5.0
     quiet = True  # read-only: its answers are logged at debug level
+    pure = True  # no effect but its answer
 
     def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
         self._status = status
