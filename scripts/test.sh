@@ -3,10 +3,10 @@
 #   ./scripts/test.sh                 # lint, type-check, all tests
 #   ./scripts/test.sh -k tls -x       # extra arguments go to pytest
 # Installs (if missing): mosquitto, mosquitto-clients, prometheus (promtool), systemd (systemd-analyze),
-# libsystemd-dev + pkg-config (to build systemd-python), openssl, shellcheck, polkitd + dbus (the polkit
-# rule test runs a private polkitd), rabbitmq-server, debootstrap, nodejs + npm (other brokers), the
-# Debian packaging tools, systemd-container and qemu-user-static (the package's system tests); a
-# virtualenv in .venv.
+# libsystemd-dev + pkg-config + gcc + python3-dev (to build systemd-python), openssl, shellcheck, polkitd
+# + dbus (the polkit rule test runs a private polkitd), rabbitmq-server, debootstrap, nodejs + npm (other
+# brokers), the Debian packaging tools, systemd-container and qemu-user-static (the package's system
+# tests); a virtualenv in .venv. The cached roots and aedes are built in the background (see below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/setup-common.sh
@@ -23,6 +23,11 @@ command -v shellcheck >/dev/null || missing+=(shellcheck)
 command -v strace >/dev/null || missing+=(strace)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
 pkg-config --exists libsystemd 2>/dev/null || missing+=(libsystemd-dev)
+# systemd-python has no wheel on PyPI: pip compiles it (a fresh Debian 12 has no Python.h, and gcc only
+# through dpkg-dev's dependencies).
+command -v gcc >/dev/null || missing+=(gcc)
+python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' \
+    2>/dev/null || missing+=(python3-dev)
 # deploy/install.sh (and its test) builds the agent's venv with Debian's own python3 and its venv module.
 /usr/bin/python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
 # The polkit rule test runs the real polkitd on a private D-Bus.
@@ -99,6 +104,7 @@ fi
 # Never ignored: the tests passed, and the prebuild must have too (it may still be building a root no
 # selected test needed).
 prebuild_rc=0
+kill -0 "$prebuild_pid" 2>/dev/null && echo "== waiting for the background prebuild ($PREBUILD_DIR/prebuild.log)"
 wait "$prebuild_pid" || prebuild_rc=$?
 prebuild_pid=""
 sed -n 's/^prebuild: /== prebuild: /p' "$PREBUILD_DIR/prebuild.log"
