@@ -91,8 +91,9 @@ def prebuild(out: Path, jobs: int = 2, names: Iterable[str] = ORDER, *, npm: boo
         futures += [pool.submit(_build_one, name, held, out) for name, held in todo]
         for future in as_completed(futures):
             name, elapsed, error = future.result()
-            print(f"prebuild: {name} {'FAILED' if error else 'ready'} after {elapsed:.0f} s"
-                  f"{': ' + error.splitlines()[0] if error else ''}", flush=True)
+            print(f"prebuild: {name} {'FAILED' if error else 'ready'}: took {elapsed:.0f} s, "
+                  f"{time.monotonic() - started:.0f} s after the start{': ' + error.splitlines()[0] if error else ''}",
+                  flush=True)
             if error:
                 failed.append(name)
     print(f"prebuild: {'failed: ' + ' '.join(failed) if failed else 'ok'} after {time.monotonic() - started:.0f} s",

@@ -13,10 +13,14 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support.nspawn import VENV_SITE, agent_container, install_agent_from_checkout, systemd_root
 from tests.support.outcomes import wait_until
 from tests.support.renewal import DEVICE_ID, broker_subjects, short_lived
 from tests.support.roots import copy_root
+
+pytestmark = pytest.mark.roots("systemd")  # waited for (or built) before the timeout starts
 
 # Paths under the container root that a running system writes anyway (journal, systemd's own state, and the
 # log of the mosquitto the shared root ships, which its own unit may start: it changed in 2 of ~10 runs).
