@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
@@ -151,9 +152,51 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return rep
 
 
+TIERS = ("unit", "integration", "system")
+
+
+def _tier(item: pytest.Item) -> str:
+    parts = Path(str(item.fspath)).parts
+    return parts[parts.index("tests") + 1] if "tests" in parts[:-1] else ""
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The folder is the tier: tests/integration -> `integration`, tests/system -> `system` (select with -m)."""
+    """The folder is the tier: tests/integration -> `integration`, tests/system (and its subfolders) ->
+    `system` (select with -m). Tiers run fastest first, and last of all the tests that need a cached
+    root (marked `roots`): on a fresh machine scripts/test.sh builds those in the background meanwhile.
+    The sort is stable, so tests keep their order (and module fixtures their grouping) otherwise."""
     for item in items:
-        tier = Path(str(item.fspath)).parent.name
+        tier = _tier(item)
         if tier in ("integration", "system"):
             item.add_marker(getattr(pytest.mark, tier))
+    rank = {tier: i for i, tier in enumerate(TIERS)}
+    items.sort(key=lambda item: (rank.get(_tier(item), 0), item.get_closest_marker("roots") is not None))
+
+
+_ROOT_ERROR = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    """A test marked roots("trixie", ...) first waits for those cached roots (tests/support/roots.py):
+    for the background prebuild to finish them, or builds them here. Outside the test's timeout (this
+    wrapper runs before pytest-timeout's), so a fresh build is not a hung test; a failed build fails
+    the test at setup with the build's log."""
+    marker = item.get_closest_marker("roots")
+    if marker is not None:
+        from tests.support import prebuild, roots
+
+        try:
+            prebuild.wait_for(marker.args)
+        except (roots.RootError, OSError, subprocess.SubprocessError) as exc:
+            item.stash[_ROOT_ERROR] = str(exc)
+    return (yield)
+
+
+
+@pytest.fixture(autouse=True)
+def _roots_ready(request: pytest.FixtureRequest) -> None:
+    """Fails a test whose roots could not be built (see pytest_runtest_protocol)."""
+    error = request.node.stash.get(_ROOT_ERROR, None)
+    if error is not None:
+        pytest.fail(f"a cached root this test needs could not be built:\n{error}", pytrace=False)

@@ -30,6 +30,10 @@ from types import TracebackType
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_SITE = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+# Where agent_container binds them inside: fixed paths, not the host's. A checkout under /tmp or /var/tmp
+# (a CI clone) would be hidden from the service by the unit's PrivateTmp=yes.
+REPO_INSIDE = "/opt/mqtt-agent-test/checkout"
+VENV_SITE_INSIDE = "/opt/mqtt-agent-test/site-packages"
 
 
 class ContainerError(RuntimeError):
@@ -47,7 +51,7 @@ def nspawn_available() -> str | None:
 
 class Container:
     def __init__(self, root: Path, *, boot_timeout: float = 120.0, private_network: bool = True,
-                 bind_ro: Sequence[Path] = (), console: Path | None = None) -> None:
+                 bind_ro: Sequence[Path | tuple[Path, str]] = (), console: Path | None = None) -> None:
         self.root = root
         self.boot_timeout = boot_timeout
         self.private_network = private_network
@@ -66,7 +70,7 @@ class Container:
     def boot(self) -> None:
         machine = f"mqtt-agent-test-{os.getpid()}"
         options = [*(["--private-network"] if self.private_network else []),
-                   *(f"--bind-ro={path}" for path in self.bind_ro)]
+                   *(f"--bind-ro={b[0]}:{b[1]}" if isinstance(b, tuple) else f"--bind-ro={b}" for b in self.bind_ro)]
         with open(self.console, "wb") as log:
             self.proc = subprocess.Popen(
                 ["systemd-nspawn", "--quiet", "-D", str(self.root), "-b", "--register=no", "--keep-unit",
@@ -188,14 +192,14 @@ def systemd_root() -> Path:
 
 def install_agent_from_checkout(root: Path, config: str) -> None:
     """In a private copy of a root: the `mqtt-agent` user, /opt/mqtt-agent/bin/mqtt-agent running this
-    checkout with the venv's packages (boot with `bind_ro=(REPO, VENV_SITE)`), /etc/mqtt-agent/mqtt-agent.toml,
-    and the shipped unit, enabled."""
+    checkout with the venv's packages (bound at REPO_INSIDE and VENV_SITE_INSIDE: boot it with
+    agent_container), /etc/mqtt-agent/mqtt-agent.toml, and the shipped unit, enabled."""
     subprocess.run(["chroot", str(root), "useradd", "--system", "--no-create-home", "--shell",
                     "/usr/sbin/nologin", "mqtt-agent"], check=True)
     (root / "opt/mqtt-agent/bin").mkdir(parents=True)
     wrapper = root / "opt/mqtt-agent/bin/mqtt-agent"
-    wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={REPO}:{VENV_SITE} exec /usr/bin/python{sys.version_info.major}."
-                       f"{sys.version_info.minor} -m agent \"$@\"\n")
+    python = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+    wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={REPO_INSIDE}:{VENV_SITE_INSIDE} exec {python} -m agent \"$@\"\n")
     wrapper.chmod(0o755)
     etc = root / "etc/mqtt-agent"
     etc.mkdir(exist_ok=True)
@@ -209,4 +213,5 @@ def install_agent_from_checkout(root: Path, config: str) -> None:
 def agent_container(root: Path, console: Path) -> Container:
     """A Container for a root set up by install_agent_from_checkout: the host's network (its broker on the
     host loopback), this checkout and the venv bind-mounted read-only."""
-    return Container(root, private_network=False, bind_ro=(REPO, VENV_SITE), console=console)
+    return Container(root, private_network=False, bind_ro=((REPO, REPO_INSIDE), (VENV_SITE, VENV_SITE_INSIDE)),
+                     console=console)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +42,14 @@ class Repo:
     fingerprint: str
 
 
+def stop_gpg_agent(gnupghome: Path) -> None:
+    """gpg starts a gpg-agent (and on newer GnuPG a keyboxd) per GNUPGHOME that outlives it: stop them."""
+    subprocess.run(["gpgconf", "--kill", "all"], env={"GNUPGHOME": str(gnupghome), "PATH": "/usr/bin:/bin"},
+                   capture_output=True, timeout=30, check=False)
+
+
 @pytest.fixture(scope="session")
-def apt_repo(debs: Debs, tmp_path_factory: pytest.TempPathFactory) -> Repo:
+def apt_repo(debs: Debs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Repo]:
     """A signed repository made by deploy/apt-repo.sh (with a new key) holding both versions."""
     for tool in ("gpg", "apt-ftparchive"):
         if shutil.which(tool) is None:
@@ -50,9 +57,12 @@ def apt_repo(debs: Debs, tmp_path_factory: pytest.TempPathFactory) -> Repo:
     base = tmp_path_factory.mktemp("apt-repo")
     gnupghome, repo = base / "gnupg", base / "repo"
     script = str(Path(__file__).resolve().parents[2] / "deploy/apt-repo.sh")
-    made = subprocess.run([script, "--new-key", "mqtt-agent test fleet", "--gnupghome", str(gnupghome),
-                           "--out", str(repo), str(debs.current), str(debs.newer)],
-                          capture_output=True, text=True, timeout=120)
-    assert made.returncode == 0, made.stderr
-    fingerprint = next(w for w in made.stdout.split() if len(w) == 40 and w.isalnum())
-    return Repo(repo, repo / "mqtt-agent-archive-keyring.gpg", gnupghome, fingerprint)
+    try:
+        made = subprocess.run([script, "--new-key", "mqtt-agent test fleet", "--gnupghome", str(gnupghome),
+                               "--out", str(repo), str(debs.current), str(debs.newer)],
+                              capture_output=True, text=True, timeout=120)
+        assert made.returncode == 0, made.stderr
+        fingerprint = next(w for w in made.stdout.split() if len(w) == 40 and w.isalnum())
+        yield Repo(repo, repo / "mqtt-agent-archive-keyring.gpg", gnupghome, fingerprint)
+    finally:
+        stop_gpg_agent(gnupghome)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.system.conftest import Debs, Repo
+from tests.system.conftest import Debs, Repo, stop_gpg_agent
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(600)]  # the session builds the package twice
 
@@ -55,13 +55,15 @@ def test_apt_refuses_an_altered_repository_and_another_key(apt_repo: Repo, tmp_p
 
     other = tmp_path / "other-key"
     other.mkdir(mode=0o700)
-    subprocess.run(["gpg", "--batch", "--quiet", "--passphrase", "", "--quick-generate-key", "someone else",
-                    "ed25519", "sign", "never"], env={"GNUPGHOME": str(other), "PATH": "/usr/bin:/bin"},
-                   check=True, capture_output=True, timeout=60)
-    wrong = tmp_path / "wrong.gpg"
     gpg_env = {"GNUPGHOME": str(other), "PATH": "/usr/bin:/bin"}
-    wrong.write_bytes(subprocess.run(["gpg", "--batch", "--export"], env=gpg_env, capture_output=True,
-                                     check=True).stdout)
+    wrong = tmp_path / "wrong.gpg"
+    try:
+        subprocess.run(["gpg", "--batch", "--quiet", "--passphrase", "", "--quick-generate-key", "someone else",
+                        "ed25519", "sign", "never"], env=gpg_env, check=True, capture_output=True, timeout=60)
+        wrong.write_bytes(subprocess.run(["gpg", "--batch", "--export"], env=gpg_env, capture_output=True,
+                                         check=True, timeout=60).stdout)
+    finally:
+        stop_gpg_agent(other)
     update = apt(tmp_path / "s2", apt_repo.path, wrong, "apt-get", "update")
     policy = apt(tmp_path / "s2", apt_repo.path, wrong, "apt-cache", "policy", "mqtt-agent").stdout
     assert update.returncode == 100 and "NO_PUBKEY" in update.stderr and "is not signed" in update.stderr

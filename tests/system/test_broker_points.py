@@ -29,7 +29,7 @@ from tests.support.brokers.kinds import UNAVAILABLE, make
 from tests.support.mqttclient import TestClient
 from tests.support.outcomes import info
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.roots("trixie")]  # Debian 13's brokers
 
 MakeConfig = Callable[..., Path]
 RunAgent = Callable[..., AgentProcess]

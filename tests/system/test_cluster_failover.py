@@ -26,7 +26,7 @@ from tests.support.brokers.rabbitmq import RabbitMQCluster
 from tests.support.mqttclient import TestClient
 from tests.support.outcomes import info
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.roots("trixie")]  # RabbitMQ 4.0
 
 COMMANDS = 120
 INTERVAL = 0.05  # s between publishes: the kill lands while commands are in flight

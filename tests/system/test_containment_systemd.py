@@ -20,6 +20,8 @@ from tests.support.nspawn import Container, agent_container, install_agent_from_
 from tests.support.outcomes import wait_until
 from tests.support.roots import copy_root
 
+pytestmark = pytest.mark.roots("systemd")  # waited for (or built) before the timeout starts
+
 
 def agent_config(port: int) -> str:
     return f"""\

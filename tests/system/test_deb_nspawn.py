@@ -25,7 +25,7 @@ from tests.support.roots import bookworm_systemd_root, copy_root
 from tests.system.conftest import Debs, Repo
 
 # The first run debootstraps the root (1-2 min, more on a loaded machine), and the package is built.
-pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.system, pytest.mark.timeout(900), pytest.mark.roots("systemd")]
 
 CONF = "/etc/mqtt-agent/mqtt-agent.toml"
 UNIT = "mqtt-agent.service"

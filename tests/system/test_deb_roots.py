@@ -2,7 +2,7 @@
 and armhf (32-bit Raspberry Pi OS; no cryptography wheel on PyPI, no compiler on the image); and on
 Debian 13 (Python 3.13, python3-cryptography 43), natively.
 
-Each root is debootstrapped once under qemu-user-static and cached (tests/support/roots.py); the
+Each root is debootstrapped once (the ARM ones under qemu-user-static) and cached (tests/support/roots.py); the
 package is installed offline with dpkg, then `mqtt-agent --version`, `check-config` and an agent that
 answers a ping from a broker on the host's loopback all run as ARM binaries (the Python interpreter
 and Debian's compiled python3-cryptography for that architecture).
@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -22,18 +21,16 @@ import pytest
 from agent import __version__
 from tests.conftest import PKI
 from tests.support.mosquitto import Mosquitto
-from tests.support.roots import alive, copy_root, debian_root, host_arch, in_root, spawn_in_root, stop_in_root
+from tests.support.roots import HOST, ROOTS, alive, copy_root, ensure, in_root, spawn_in_root, stop_in_root
 from tests.system.conftest import Debs
 
-# Emulated roots take about 6 min to build the first time (11 min measured on a loaded 2-core machine).
-pytestmark = [pytest.mark.system, pytest.mark.timeout(2400)]
+# The roots are built (or waited for) before the timeout starts (the `roots` marker, tests/conftest.py).
+pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
 ARCHS = ["arm64", "armhf"]
-# (suite, architecture): the roots this file installs the package into.
-TARGETS = [pytest.param(("bookworm", arch), id=f"bookworm-{arch}", marks=pytest.mark.arm) for arch in ARCHS]
-TARGETS.append(pytest.param(("trixie", host_arch()), id=f"trixie-{host_arch()}"))
-
-# The package's dependencies, so that it installs offline.
-ROOT_PACKAGES = ["python3", "python3-cryptography", "python3-systemd", "python3-tomli-w", "adduser", "procps"]
+# (suite, architecture, the root's name in roots.ROOTS): the roots this file installs the package into.
+TARGETS = [pytest.param(("bookworm", arch, arch), id=f"bookworm-{arch}",
+                        marks=[pytest.mark.arm, pytest.mark.roots(arch)]) for arch in ARCHS]
+TARGETS.append(pytest.param(("trixie", HOST, "trixie"), id=f"trixie-{HOST}", marks=pytest.mark.roots("trixie")))
 MACHINE = {"arm64": "aarch64", "armhf": "armv7l", "amd64": "x86_64"}
 CONF = "/etc/mqtt-agent/mqtt-agent.toml"
 
@@ -56,32 +53,21 @@ listen = ""
 """
 
 
-_arm_roots: dict[str, Path] = {}
-
-
-def target_root(suite: str, arch: str) -> Path:
-    """The cached root. The emulated ones are built together the first time (about 5 min each under
-    emulation, mostly maintainer scripts; each build is one emulated process at a time, so two use both
-    cores)."""
+def target_root(name: str, arch: str) -> Path:
+    """The cached root (the trixie one also holds the other brokers; a copy of it changes nothing)."""
     if shutil.which("debootstrap") is None:
         pytest.fail("debootstrap is needed; run ./scripts/test.sh, which installs it")
-    if arch == host_arch():
-        return debian_root(f"{suite}-{arch}-deb", suite, arch, ROOT_PACKAGES)
-    if not Path("/usr/bin/qemu-arm-static").exists():
+    if arch != HOST and not Path("/usr/bin/qemu-arm-static").exists():
         pytest.fail("qemu-user-static is needed; run ./scripts/test.sh, which installs it")
-    if arch not in _arm_roots:
-        with ThreadPoolExecutor(len(ARCHS)) as pool:
-            futures = {a: pool.submit(debian_root, f"bookworm-{a}-deb", "bookworm", a, ROOT_PACKAGES) for a in ARCHS}
-            _arm_roots.update({a: f.result() for a, f in futures.items()})
-    return _arm_roots[arch]
+    return ensure(ROOTS[name])
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_package_installs_and_answers_a_ping(
-        target: tuple[str, str], debs: Debs, make_broker: Callable[..., Mosquitto], pki: PKI,
+        target: tuple[str, str, str], debs: Debs, make_broker: Callable[..., Mosquitto], pki: PKI,
         tmp_path_factory: pytest.TempPathFactory) -> None:
-    suite, arch = target
-    root = copy_root(target_root(suite, arch), tmp_path_factory.mktemp(f"root-{suite}-{arch}"))
+    suite, arch, name = target
+    root = copy_root(target_root(name, arch), tmp_path_factory.mktemp(f"root-{suite}-{arch}"))
     (root / "var/tmp" / debs.current.name).write_bytes(debs.current.read_bytes())
 
     def run(*argv: str, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:

@@ -13,10 +13,14 @@ import os
 import sys
 from pathlib import Path
 
-from tests.support.nspawn import VENV_SITE, agent_container, install_agent_from_checkout, systemd_root
+import pytest
+
+from tests.support.nspawn import VENV_SITE_INSIDE, agent_container, install_agent_from_checkout, systemd_root
 from tests.support.outcomes import wait_until
 from tests.support.renewal import DEVICE_ID, broker_subjects, short_lived
 from tests.support.roots import copy_root
+
+pytestmark = pytest.mark.roots("systemd")  # waited for (or built) before the timeout starts
 
 # Paths under the container root that a running system writes anyway (journal, systemd's own state, and the
 # log of the mosquitto the shared root ships, which its own unit may start: it changed in 2 of ~10 runs).
@@ -26,7 +30,7 @@ EXPECTED_WRITES = ("var/log/journal/", "var/lib/systemd/", "tmp/", "var/tmp/", "
 SIGNER = f"""#!/usr/bin/python3.{sys.version_info.minor}
 # Lab signer: the CSR on stdin, a certificate from the test CA on stdout (cryptography from the host venv).
 import datetime, sys
-sys.path[:0] = ["{VENV_SITE}"]
+sys.path[:0] = ["{VENV_SITE_INSIDE}"]
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 csr = x509.load_pem_x509_csr(sys.stdin.buffer.read())

@@ -1,6 +1,6 @@
 """What mosquitto does with a shared subscription member that dies while its session persists: the facts
 docs/connection.md ("Gateway pairs") states, measured on Debian 12's mosquitto 2.0.11 (the host) and on
-Debian 13's 2.0.21 (from the cached trixie root, when present). Raw paho clients, no agent: this pins
+Debian 13's 2.0.21 (from the cached trixie root, tests/support/brokers/trixie.py). Raw paho clients, no agent: this pins
 the broker's behaviour, so a broker update that changes it fails here and the documentation gets
 revisited.
 
@@ -10,7 +10,6 @@ closes without DISCONNECT; ten more commands follow; then A's client id connects
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -26,18 +25,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from tests.support.brokers import trixie
 from tests.support.mosquitto import free_port, wait_port
 
-CACHE = Path("/var/cache/mqtt-agent-tests")
-TRIXIE_ROOTS = "trixie-brokers-*"
 
-
-def _trixie_root() -> Path | None:
-    roots = sorted(p for p in CACHE.glob(TRIXIE_ROOTS) if (p / "usr/sbin/mosquitto").exists())
-    return roots[-1] if roots else None
-
-
-@pytest.fixture(params=["host", "trixie"])
+@pytest.fixture(params=["host", pytest.param("trixie", marks=pytest.mark.roots("trixie"))])
 def broker_port(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[int]:
     """A plain-TCP mosquitto on loopback, from the host or from Debian 13's root (chroot, own mount ns)."""
     port = free_port()
@@ -48,15 +40,13 @@ def broker_port(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[int]
         (tmp_path / "m.conf").write_text(conf)
         argv = ["mosquitto", "-c", str(tmp_path / "m.conf")]
     else:
-        root = _trixie_root()
-        if root is None:
-            pytest.skip(f"no Debian 13 root with mosquitto at {CACHE}/{TRIXIE_ROOTS} (built by the interop tests)")
-        if shutil.which("unshare") is None or os.geteuid() != 0:
-            pytest.skip("running Debian 13's mosquitto from its root needs root and unshare (util-linux)")
+        why = trixie.unavailable()
+        if why:  # scripts/test.sh provides all of it: a missing piece is a broken setup, not a skip
+            pytest.fail(why)
         (tmp_path / "m.conf").write_text(conf)
-        # The root is a shared cache: bind the test's directory over its /mnt in a private mount namespace.
-        argv = ["unshare", "-m", "sh", "-c",
-                f'mount --bind "{tmp_path}" "{root}/mnt" && exec chroot "{root}" mosquitto -c /mnt/m.conf']
+        # The root is a shared cache: the test's directory is bound over its /t in a private mount namespace.
+        argv = trixie.chroot_command(["/usr/sbin/mosquitto", "-c", "/t/m.conf"], {tmp_path: "/t"},
+                                     root=trixie.ensure_root())
     log = open(tmp_path / "broker.log", "wb")  # noqa: SIM115 - handed to the child process
     proc = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
     log.close()

@@ -22,7 +22,7 @@ from tests.support.agentproc import AgentProcess
 from tests.support.brokers import Broker
 from tests.support.mqttclient import TestClient
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.roots("trixie")]  # Debian 13's brokers
 
 MakeConfig = Callable[..., Path]
 RunAgent = Callable[..., AgentProcess]
