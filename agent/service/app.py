@@ -155,7 +155,7 @@ class Agent:
                                        else self.cfg.mqtt.max_message_bytes),
             max_batch=cfg.publish.max_batch, wall=time.time), self.api_status)
         if cfg.api.socket is not None:
-            self.api_server = ApiServer(cfg.api, self.api)
+            self.api_server = ApiServer(cfg.api, self.api, commit=self.api.commit)
         if cfg.forward_local.enabled:
             from agent.connection.forward import LocalForwarder
 
