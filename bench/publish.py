@@ -1,6 +1,6 @@
 """Benchmark of telemetry from local apps: app -> local API -> agent -> broker, beside a bare publisher.
 
-    python -m bench.publish            # full run (~1 minute); bench/results/publish.md and publish.json
+    python -m bench.publish            # full run, 3 rounds (~2-3 minutes); bench/results/publish.md and .json
     python -m bench.publish --quick    # smoke run with tiny counts; bench/work/publish-smoke
 
 In one run, on one mutual-TLS mosquitto, with one subscriber counting arrivals (QoS 1):
@@ -11,6 +11,8 @@ In one run, on one mutual-TLS mosquitto, with one subscriber counting arrivals (
   next one only after the previous 202 (every 202 waits for the durable write; concurrent requests share
   an fsync);
 - batch: one app POSTing batches of 100 to /v1/telemetry/batch.
+Each round runs the three in turn (one agent, one broker for the whole run); every figure is the median
+over the rounds (the raw rounds are in the JSON, each with the machine's load average).
 Throughput is messages / (first request -> last message at the subscriber). Latency is per request,
 to its 202. Bytes written to the state disk per message: the agent's write_bytes (/proc/PID/io) over
 the run divided by the messages (WAL frames, checkpoints and deletions after the PUBACK included).
@@ -216,6 +218,15 @@ def run_api(agent_pid: int, sock: Path, counter: Counter, n: int, *, batch: int,
             "agent_cpu_us_per_msg": round(cpu / total * 1e6, 1)}
 
 
+def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per figure, the median over rounds (the middle value; for an even count the lower middle)."""
+    out: dict[str, Any] = {}
+    for key in runs[0]:
+        values = sorted(r[key] for r in runs)
+        out[key] = values[(len(values) - 1) // 2]
+    return out
+
+
 def render(res: dict[str, Any]) -> str:
     bare, single, batch = res["bare"], res["single"], res["batch"]
     ratio = batch["msg_per_s"] / bare["msg_per_s"] if bare["msg_per_s"] else 0.0
@@ -223,7 +234,9 @@ def render(res: dict[str, Any]) -> str:
         "# Telemetry through the local API (bench/publish.py)",
         "",
         f"Run {res['when']} on {res['machine']}; payload {len(PAYLOAD)} bytes, QoS 1, mutual TLS, one mosquitto, "
-        "one subscriber counting arrivals. Bare = a paho publisher in its own process (no disk, 100 in flight).",
+        "one subscriber counting arrivals. Bare = a paho publisher in its own process (no disk, 100 in flight). "
+        f"Medians over {len(res['rounds'])} round(s) (bare, single, batch in turn each round); load average at "
+        f"the end of each round: {', '.join(str(r['load_average']) for r in res['rounds'])}.",
         "",
         "| path | messages | msg/s | vs bare | p50 to 202 | p99 to 202 | state disk bytes/msg | CPU us/msg |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -258,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run with tiny counts")
     p.add_argument("--out", type=Path, help="where publish.md/publish.json go (default bench/results, "
                    "or bench/work/publish-smoke with --quick)")
-    p.add_argument("--count", type=int, default=0, help="messages per path (default 20000; --quick 400)")
+    p.add_argument("--count", type=int, default=0, help="messages per path and round (default 20000; --quick 400)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds (bare, single, batch each); medians are "
+                   "reported (default 3; --quick 1)")
     p.add_argument("--clients", type=int, default=CLIENTS, help=f"concurrent apps posting single messages "
                    f"(default {CLIENTS})")
     p.add_argument("--bare-publisher", action="store_true", help=argparse.SUPPRESS)
@@ -283,8 +298,6 @@ def main(argv: list[str] | None = None) -> int:
         res: dict[str, Any] = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                "machine": f"{os.cpu_count()} CPUs, {os.uname().machine}",
                                "judged": not args.quick}
-        res["bare"] = run_bare(env, broker, counter, n)
-        print(f"bare: {res['bare']}", flush=True)
         sock = work / "api.sock"
         cfg = env.agent_config("bench-pub", broker, metrics=False, overrides={
             "api": {"socket": str(sock)}, "publish": {"max_batch": 1000}})
@@ -293,11 +306,19 @@ def main(argv: list[str] | None = None) -> int:
         agent.wait_for("subscribed to ", timeout=30)
         wait_socket(sock)
         assert agent.proc is not None
-        res["single"] = run_api(agent.proc.pid, sock, counter, n // 2 if args.quick else n, batch=1,
-                                clients=args.clients)
-        print(f"single: {res['single']}", flush=True)
-        res["batch"] = run_api(agent.proc.pid, sock, counter, n, batch=100, clients=1)
-        print(f"batch: {res['batch']}", flush=True)
+        rounds = 1 if args.quick else args.rounds
+        res["rounds"] = []
+        for r in range(rounds):
+            # Bare and agent take turns within a round, so each ratio compares the same minute of the machine.
+            one: dict[str, Any] = {"bare": run_bare(env, broker, counter, n)}
+            one["single"] = run_api(agent.proc.pid, sock, counter, n // 2 if args.quick else n, batch=1,
+                                    clients=args.clients)
+            one["batch"] = run_api(agent.proc.pid, sock, counter, n, batch=100, clients=1)
+            one["load_average"] = round(os.getloadavg()[0], 2)
+            print(f"round {r + 1}/{rounds}: {one}", flush=True)
+            res["rounds"].append(one)
+        for path in ("bare", "single", "batch"):
+            res[path] = _medians([one[path] for one in res["rounds"]])
         counter.close()
     finally:
         for a in procs:
