@@ -428,12 +428,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     agent = Agent(cfg, log_level_override=args.log_level)
 
+    # The handlers run in the main thread between two of its bytecodes, wherever it is: they take no lock
+    # (no logging, no Event.wait/clear partner): the agent logs the signal itself (Agent.note_signal).
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        if stop.is_set():
-            log.warning("received %s again while stopping; still waiting for running commands",
-                        signal.Signals(signum).name)
-        log.info("received %s", signal.Signals(signum).name)
-        stop.set()
+        agent.note_signal(signal.Signals(signum).name, again=stop.is_set())
+        stop.set()  # the main thread only reads this Event (is_set takes no lock)
         agent.wake()
 
     def on_hup(signum: int, frame: FrameType | None) -> None:

@@ -5,9 +5,10 @@
     POST /v1/telemetry/batch    NDJSON or a JSON array, one message per value; one answer
     GET  /v1/status             connected, queue depth/bytes/oldest age, broker, device
 
-202 only once the message is durable in the state store's outbound queue; 400 bad request, 413 over a
-size limit, 507 the queue is full under its policy, 503 while stopping or when the store cannot be
-written. Every error body names the limit (`limit`, `value`) where one applies.
+The server hands every publishing request of one round to `commit` together: one durable write (one
+fsync) for all of them. 202 only once the message is durable in the state store's outbound queue; 400
+bad request, 413 over a size limit, 507 the queue is full under its policy, 503 while stopping or when
+the store cannot be written. Every error body names the limit (`limit`, `value`) where one applies.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import sqlite3
 from typing import Any, Callable
 
-from agent.service.server import Reply, Request
+from agent.service.server import Deferred, HandlerResult, Reply, Request
 from agent.state.outbox import Outbox, QueueFull
 from agent.state.publish import ApiError, PublishContext, batch, single
 from agent.state.store import OutMessage
@@ -33,7 +34,8 @@ class PublishApi:
         self._status = status
         self.stopping = False
 
-    def __call__(self, req: Request) -> Reply:
+    def __call__(self, req: Request) -> HandlerResult:
+        """The reply now, or Deferred(messages) for `commit` (the server batches a round's)."""
         route = ROUTES.get(req.path)
         if route is None:
             return Reply(404, {"error": "not_found", "message": f"no such resource {req.path[:100]!r}; "
@@ -51,21 +53,33 @@ class PublishApi:
                 messages = batch(req.query, req.headers, req.body, self.ctx)
             else:
                 messages = [single(route, req.query, req.headers, req.body, self.ctx)]
-            return self._queue(messages)
         except ApiError as exc:
             return Reply(exc.status, exc.body())
+        return Deferred(messages)
 
-    def _queue(self, messages: list[OutMessage]) -> Reply:
+    def commit(self, works: list[Any], done: Callable[[list[Reply]], None]) -> None:
+        """Store the messages of several requests in one durable write; `done(replies)`, one per request,
+        once they are on disk (202) or refused (507 queue full, 503 the store failed: nothing accepted)."""
+        groups: list[list[OutMessage]] = works
+
+        def stored(results: list[list[OutMessage] | BaseException]) -> None:
+            done([self._reply(group, result) for group, result in zip(groups, results)])
+
         try:
-            stored = self.outbox.admit(messages)
-        except QueueFull as exc:
-            return Reply(507, {"error": "queue_full", "message": str(exc), "limit": exc.limit, "value": exc.value})
+            self.outbox.admit_many(groups, stored)
         except (OSError, sqlite3.Error, RuntimeError) as exc:
-            log.error("api: cannot store %d message(s): %s", len(messages), exc)
-            return Reply(503, {"error": "state_store", "message": f"the state store cannot be written ({exc}); "
+            stored([exc] * len(groups))
+
+    @staticmethod
+    def _reply(messages: list[OutMessage], result: list[OutMessage] | BaseException) -> Reply:
+        if isinstance(result, QueueFull):
+            return Reply(507, {"error": "queue_full", "message": str(result), "limit": result.limit,
+                               "value": result.value})
+        if isinstance(result, BaseException):
+            log.error("api: cannot store %d message(s): %s", len(messages), result)
+            return Reply(503, {"error": "state_store", "message": f"the state store cannot be written ({result}); "
                                "nothing was accepted; retry later"})
-        ids = [m.id for m in stored]
-        return Reply(202, {"accepted": len(stored), "ids": ids})
+        return Reply(202, {"accepted": len(result), "ids": [m.id for m in result]})
 
 
 def _method(req: Request, allowed: str) -> Reply:

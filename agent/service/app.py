@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import select
 import sqlite3
 import threading
 import time
@@ -49,6 +51,33 @@ FIRST_ATTEMPT_WAIT = 5.0
 STOP_MARGIN = 10.0
 
 
+class Waker:
+    """Wakes the main loop; safe to call from a signal handler: a byte down a pipe, no lock taken.
+
+    threading.Event is not: its set() takes the Event's own (non-reentrant) lock, which the main thread
+    holds for a moment inside wait() and clear(). A SIGTERM whose handler ran in that moment (it runs in
+    the main thread, between two of its bytecodes; on a loaded machine a thread waiting for the GIL there
+    widens the moment) deadlocked the main thread: the agent never stopped."""
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def set(self) -> None:
+        try:
+            os.write(self._w, b"x")
+        except OSError:
+            pass  # full: a wake-up is pending anyway
+
+    def wait(self, timeout: float) -> None:
+        """Until set() (since the last wait) or `timeout` s; then forget the wake-ups."""
+        try:
+            select.select([self._r], [], [], max(0.0, timeout))
+            while os.read(self._r, 65536):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+
 class Agent:
     """The running agent. `run()` blocks until `stop_event` is set, then shuts down cleanly."""
 
@@ -79,8 +108,9 @@ class Agent:
         self._ping = PingHandler(clock)
         self._files = fingerprint(secret_files(cfg))
         self._health_check: HealthCheck | None = None
-        self._wake = threading.Event()
-        self._reload_requested = threading.Event()
+        self._wake = Waker()
+        self._reload_requested = False  # set by SIGHUP's handler: a plain flag, no lock (see Waker)
+        self._signals: collections.deque[tuple[str, bool]] = collections.deque()  # appended by signal handlers
         self.outbox: Outbox | None = None
         self.monitor: ConnectionMonitor | None = None
         self.api: PublishApi | None = None
@@ -155,7 +185,7 @@ class Agent:
                                        else self.cfg.mqtt.max_message_bytes),
             max_batch=cfg.publish.max_batch, wall=time.time), self.api_status)
         if cfg.api.socket is not None:
-            self.api_server = ApiServer(cfg.api, self.api)
+            self.api_server = ApiServer(cfg.api, self.api, commit=self.api.commit)
         if cfg.forward_local.enabled:
             from agent.connection.forward import LocalForwarder
 
@@ -229,12 +259,24 @@ class Agent:
 
     def request_reload(self) -> None:
         """Re-read the configuration soon (SIGHUP). Safe to call from a signal handler."""
-        self._reload_requested.set()
+        self._reload_requested = True
         self._wake.set()
 
     def wake(self) -> None:
         """Make the main loop look at its stop event now (called from the signal handler)."""
         self._wake.set()
+
+    def note_signal(self, name: str, *, again: bool) -> None:
+        """A signal arrived (from its handler: no lock, no logging there); logged by the main thread."""
+        self._signals.append((name, again))
+
+    def _log_signals(self) -> None:
+        while self._signals:
+            name, again = self._signals.popleft()
+            if again:
+                log.warning("received %s again while stopping; still waiting for running commands", name)
+            else:
+                log.info("received %s", name)
 
     def status(self) -> dict[str, Any]:
         """Live facts for the `info` command."""
@@ -338,11 +380,11 @@ class Agent:
         while not stop_event.is_set():
             # Signal handlers set _wake; the timeout bounds the delay when only stop_event is set.
             self._wake.wait(min(max(next_housekeeping - self._clock(), 0.0), 1.0))
-            self._wake.clear()
+            self._log_signals()
             if stop_event.is_set():
                 break
-            if self._reload_requested.is_set():
-                self._reload_requested.clear()
+            if self._reload_requested:
+                self._reload_requested = False
                 answer_request(self.cfg.agent.state_dir, self.reload)
             if self._clock() >= next_housekeeping:
                 self.housekeeping()
@@ -426,6 +468,7 @@ class Agent:
 
     def shutdown(self) -> None:
         assert self.session and self.dispatcher and self.store and self.watchdog
+        self._log_signals()
         grace = self.cfg.agent.shutdown_grace
         end = self._clock() + grace
         status = f"stopping: waiting up to {grace:g} s for {self.dispatcher.in_flight} running command(s)"
@@ -440,6 +483,7 @@ class Agent:
         if not self.dispatcher.drain(grace):
             log.warning("%d command(s) still running after the %g s grace period; they are answered 500 at the "
                         "next start", self.dispatcher.in_flight, grace)
+        self._log_signals()  # one that came again while the commands ran
         if not self.session.flush(max(end - self._clock(), 1.0)):
             log.warning("%d response(s) not yet acknowledged by the broker at shutdown; the outbox keeps them "
                         "for the next start", self.session.unacknowledged())

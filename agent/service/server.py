@@ -5,21 +5,33 @@ so a process outside that group is refused by the kernel before the agent sees i
 socket can come from a socket unit (systemd/mqtt-agent.socket, `FileDescriptorName=api`), which creates
 it as root with the right group even though the service itself runs with PrivateUsers=yes.
 
-Bounded: at most `max_connections` connections at once (one thread each; one more is answered 503
-at once and closed), each request must arrive whole (headers and body) within `timeout` seconds, headers
-within MAX_HEADER_BYTES, the body within `max_body_bytes` (413 before it is read). A slow client only
-holds its own slot (no slowloris stalls the others), and an idle keep-alive connection is closed after
-`timeout`.
+One thread, non-blocking sockets, a selector. Each round it reads what every ready connection sent and
+answers the requests that can be answered at once (status, errors); the publishing ones of the round go
+to the handler's `commit` together, which writes them to the state store in one transaction (one fsync
+for all), and each is answered 202 only when that commit is on disk. While one round's commit is on its
+way the next round is read (the store's group commit takes it together with whatever else waits). A
+thread per connection was CPU-bound on 2 cores (a GIL hand-off and a thread switch for every request).
+
+Bounded: at most `max_connections` connections at once (one more is answered 503 and closed; at most
+REFUSE_QUEUE of those at a time), each request must arrive whole (headers and body) within `timeout`
+seconds, headers within MAX_HEADER_BYTES, the body within `max_body_bytes` (413 before it is read). A slow
+client only holds its own connection: nothing waits for one client's bytes (no slowloris stalls the
+others), and an idle keep-alive connection is closed after `timeout`. One request per connection at a
+time (a pipelined next request waits in the buffer until the previous one is answered).
+
+Stopping is bounded by `stop(timeout)`: the listener closes at once (new connections are refused by the
+kernel), requests waiting for their commit are answered when it lands, a request still arriving is
+answered 503, idle connections are closed; whatever is left when the time is up is closed.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import grp
 import json
 import logging
 import os
-import queue
 import selectors
 import socket
 import stat
@@ -28,7 +40,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 from agent.config import ApiConfig
 from agent.logtext import untrusted
@@ -39,7 +51,7 @@ log = logging.getLogger(__name__)
 MAX_HEADER_BYTES = 16 * 1024
 MAX_HEADERS = 64
 SD_LISTEN_FDS_START = 3
-# Connections over api.max_connections wait here for their 503 (one thread answers them, briefly each).
+# Connections over api.max_connections get a 503 (at most this many at a time, each within REFUSE_TIMEOUT s).
 REFUSE_QUEUE = 64
 REFUSE_TIMEOUT = 0.5
 REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
@@ -60,13 +72,6 @@ class Request:
 class Reply:
     status: int
     body: dict[str, Any]
-
-
-Handler = Callable[[Request], Reply]
-
-
-class _Closed(Exception):
-    """The client went away, or a request did not arrive in time (nothing more to answer)."""
 
 
 def inherited_socket(name: str = "api") -> socket.socket | None:
@@ -128,24 +133,61 @@ def bind_unix(path: Path, group: str) -> socket.socket:
     return sock
 
 
-class ApiServer:
-    """Accepts connections on its own thread; one thread per connection, at most `max_connections`."""
+@dataclass(frozen=True)
+class Deferred:
+    """A handler's answer to a request whose reply waits for the disk: `work` goes to `commit` with the
+    round's others, and the reply comes from there."""
 
-    def __init__(self, cfg: ApiConfig, handler: Handler, *, clock: Callable[[], float] = time.monotonic) -> None:
+    work: Any
+
+
+HandlerResult = Union[Reply, Deferred]
+Handler = Callable[[Request], HandlerResult]
+# commit(works, done): store every work of a round together; done(replies) (any thread), one per work, in order.
+Commit = Callable[[list[Any], Callable[[list[Reply]], None]], None]
+
+_READ, _WAIT, _WRITE, _REFUSE = 0, 1, 2, 3
+
+
+class _Conn:
+    __slots__ = ("buf", "close_after", "deadline", "events", "out", "sock", "state")
+
+    def __init__(self, sock: socket.socket, state: int, deadline: float) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.out = b""
+        self.state = state
+        self.deadline = deadline
+        self.close_after = False
+        self.events = 0  # what the selector watches for (0: not registered)
+
+
+class ApiServer:
+    """Serves the API on one thread; at most `max_connections` connections."""
+
+    def __init__(self, cfg: ApiConfig, handler: Handler, *,
+                 commit: Commit | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         self.handler = handler
+        self._commit = commit
         self._clock = clock
         self._sock: socket.socket | None = None
         self._owned_path: Path | None = None
         self._thread: threading.Thread | None = None
-        self._stop_r, self._stop_w = socket.socketpair()
-        self._lock = threading.Lock()
-        self._active = 0
-        self._conns: set[socket.socket] = set()
-        self._refusals: queue.Queue[socket.socket | None] = queue.Queue(REFUSE_QUEUE)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel = selectors.DefaultSelector()
+        self._conns: dict[int, _Conn] = {}  # fd -> connection (refused ones too)
+        self._active = 0  # connections that count against max_connections
+        self._refusing = 0
+        self._done: collections.deque[tuple[list[_Conn], list[Reply]]] = collections.deque()
+        self._waiting = 0  # connections whose request waits for a commit
+        self._stop_by: float | None = None
         self.stopping = False
         self.refused_busy = 0
         self.timed_out = 0
+        self.rounds = 0  # commits asked for (each covers the publishing requests of one round)
 
     @property
     def path(self) -> Path | None:
@@ -161,193 +203,328 @@ class ApiServer:
             self._owned_path = self.cfg.socket
         sock.setblocking(False)
         self._sock = sock
-        self._thread = threading.Thread(target=self._accept_loop, name="api-accept", daemon=True)
+        self._sel.register(sock, selectors.EVENT_READ)
+        self._sel.register(self._wake_r, selectors.EVENT_READ)
+        self._thread = threading.Thread(target=self._run, name="api", daemon=True)
         self._thread.start()
-        threading.Thread(target=self._refuse_loop, name="api-refuse", daemon=True).start()
 
     def stop(self, timeout: float = 2.0) -> None:
+        """Stop within about `timeout` s: no new connections; requests waiting for their commit are
+        answered if it lands in time, the rest 503 or closed."""
+        self._stop_by = self._clock() + timeout
         self.stopping = True
-        with contextlib.suppress(queue.Full):
-            self._refusals.put_nowait(None)
-        with contextlib.suppress(OSError):
-            self._stop_w.send(b"x")
+        self._wake()
         if self._thread is not None:
-            self._thread.join(timeout)
-        if self._sock is not None:
-            self._sock.close()
+            self._thread.join(timeout + 1.0)
+            if self._thread.is_alive():
+                log.warning("api: the server thread did not end within %g s of the stop", timeout + 1.0)
         if self._owned_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self._owned_path.unlink()
-        end = self._clock() + timeout
-        while self._active and self._clock() < end:
-            time.sleep(0.02)
-        with self._lock:
-            for conn in list(self._conns):
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
 
-    # --- accepting ------------------------------------------------------------------------------
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed
+            self._wake_w.send(b"x")
 
-    def _accept_loop(self) -> None:
-        assert self._sock is not None
-        sel = selectors.DefaultSelector()
-        sel.register(self._sock, selectors.EVENT_READ)
-        sel.register(self._stop_r, selectors.EVENT_READ)
+    # --- the loop ---------------------------------------------------------------------------------
+
+    def _run(self) -> None:
         try:
-            while not self.stopping:
-                for key, _ in sel.select(1.0):
-                    if key.fileobj is self._stop_r:
-                        return
-                    try:
-                        conn, _ = self._sock.accept()
-                    except (BlockingIOError, InterruptedError):
-                        continue
-                    except OSError as exc:
-                        log.error("api: accept failed: %s", exc.strerror or exc)
-                        time.sleep(0.1)
-                        continue
-                    self._admit(conn)
+            while True:
+                if self.stopping and self._stopped():
+                    break
+                now = self._clock()
+                timeout = min((c.deadline for c in self._conns.values() if c.state != _WAIT), default=now + 1.0)
+                if self._stop_by is not None:
+                    timeout = min(timeout, self._stop_by)
+                ready = self._sel.select(max(0.0, min(timeout - now, 1.0)))
+                publish: list[tuple[_Conn, Any]] = []
+                for key, mask in ready:
+                    if key.fileobj is self._sock:
+                        self._accept()
+                    elif key.fileobj is self._wake_r:
+                        with contextlib.suppress(OSError):
+                            self._wake_r.recv(4096)
+                    else:
+                        conn = key.data
+                        if mask & selectors.EVENT_WRITE:
+                            self._send(conn)
+                        if mask & selectors.EVENT_READ and conn.sock.fileno() >= 0:
+                            self._receive(conn, publish)
+                self._answer_committed()
+                if publish:
+                    self._start_commit(publish)
+                self._expire()
         except Exception:
-            log.exception("api: the accept loop failed; the local API is down until the agent restarts")
+            log.exception("api: the server loop failed; the local API is down until the agent restarts")
         finally:
-            sel.close()
+            for conn in list(self._conns.values()):
+                self._close(conn)
+            with contextlib.suppress(Exception):
+                self._sel.close()
+            if self._sock is not None:
+                self._sock.close()
+            self._wake_r.close()
+            self._wake_w.close()
 
-    def _admit(self, conn: socket.socket) -> None:
-        with self._lock:
-            busy = self._active >= self.cfg.max_connections
-            if not busy:
-                self._active += 1
-                self._conns.add(conn)
-        if busy:
-            self.refused_busy += 1
+    def _stopped(self) -> bool:
+        """While stopping (loop thread): True once nothing is left to answer, or the time is up."""
+        if self._sock is not None and self._sock.fileno() >= 0:
+            self._sel.unregister(self._sock)
+            self._sock.close()  # the kernel refuses new connections from here on
+        now = self._clock()
+        assert self._stop_by is not None
+        if now >= self._stop_by:
+            return True
+        for conn in list(self._conns.values()):
+            if conn.state in (_READ, _REFUSE) and not conn.out:
+                if conn.buf and conn.state == _READ:  # a request on its way: it will not be served
+                    self._reply(conn, Reply(503, {"error": "stopping",
+                                                  "message": "the agent is stopping; retry once it is back"}), True)
+                else:
+                    self._close(conn)
+        return not self._conns
+
+    def _accept(self) -> None:
+        assert self._sock is not None
+        for _ in range(64):  # bounded per round: the others get their turn
             try:
-                self._refusals.put_nowait(conn)
-            except queue.Full:
-                conn.close()  # even the refusals are bounded
-            return
-        threading.Thread(target=self._serve, args=(conn,), name="api-conn", daemon=True).start()
-
-    def _refuse_loop(self) -> None:
-        """Answer connections over api.max_connections with 503, one at a time, each within a short time:
-        its request is read (so the client sees the answer rather than a reset), never handled."""
-        while True:
-            conn = self._refusals.get()
-            if conn is None:
+                sock, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
                 return
-            try:
-                conn.settimeout(REFUSE_TIMEOUT)
-                with contextlib.suppress(OSError):
-                    conn.recv(MAX_HEADER_BYTES)
-                    conn.sendall(_encode(Reply(503, {
-                        "error": "busy", "message": f"{self.cfg.max_connections} connections are open already; "
-                        "retry", "limit": "api.max_connections", "value": self.cfg.max_connections}), close=True))
-                    conn.shutdown(socket.SHUT_WR)
-                    conn.recv(MAX_HEADER_BYTES)  # until the client closes (or the timeout)
-            finally:
-                conn.close()
+            except OSError as exc:
+                log.error("api: accept failed: %s", exc.strerror or exc)
+                return
+            sock.setblocking(False)
+            now = self._clock()
+            if self._active < self.cfg.max_connections:
+                self._active += 1
+                conn = _Conn(sock, _READ, now + self.cfg.timeout)
+                self._conns[sock.fileno()] = conn
+                self._watch(conn, selectors.EVENT_READ)
+            elif self._refusing < REFUSE_QUEUE:
+                # Its request is read (so the client sees the answer rather than a reset), never handled.
+                self.refused_busy += 1
+                self._refusing += 1
+                conn = _Conn(sock, _REFUSE, now + REFUSE_TIMEOUT)
+                self._conns[sock.fileno()] = conn
+                conn.out = _encode(Reply(503, {
+                    "error": "busy", "message": f"{self.cfg.max_connections} connections are open already; retry",
+                    "limit": "api.max_connections", "value": self.cfg.max_connections}), close=True)
+                self._watch(conn, selectors.EVENT_READ | selectors.EVENT_WRITE)
+            else:
+                self.refused_busy += 1
+                sock.close()  # even the refusals are bounded
 
-    # --- one connection ---------------------------------------------------------------------------
+    def _watch(self, conn: _Conn, events: int) -> None:
+        if events == conn.events:
+            return
+        if conn.events == 0:
+            self._sel.register(conn.sock, events, conn)
+        elif events == 0:
+            self._sel.unregister(conn.sock)
+        else:
+            self._sel.modify(conn.sock, events, conn)
+        conn.events = events
 
-    def _serve(self, conn: socket.socket) -> None:
-        buf = bytearray()
+    def _close(self, conn: _Conn) -> None:
+        fd = conn.sock.fileno()
+        if fd < 0:
+            return
+        if conn.events:
+            self._sel.unregister(conn.sock)
+            conn.events = 0
+        self._conns.pop(fd, None)
+        if conn.state == _REFUSE:
+            self._refusing -= 1
+        else:
+            self._active -= 1
+        with contextlib.suppress(OSError):
+            conn.sock.close()
+
+    # --- reading ----------------------------------------------------------------------------------
+
+    def _receive(self, conn: _Conn, publish: list[tuple[_Conn, Any]]) -> None:
         try:
-            while not self.stopping:
-                try:
-                    req = self._read_request(conn, buf)
-                except ApiError as exc:
-                    conn.settimeout(self.cfg.timeout)
-                    conn.sendall(_encode(Reply(exc.status, exc.body()), close=True))
-                    return
-                if req is None:
-                    return
-                try:
-                    reply = self.handler(req)
-                except Exception:
-                    log.exception("api: internal error answering %s %s", untrusted(req.method, 10),
-                                  untrusted(req.path, 100))
-                    reply = Reply(500, {"error": "internal", "message": "internal error; see the agent's log"})
-                close = (req.headers.get("connection", "").lower() == "close" or self.stopping
-                         or req.headers.get(":version") == "HTTP/1.0")
-                conn.settimeout(self.cfg.timeout)
-                conn.sendall(_encode(reply, close=close))
-                if close:
-                    return
-        except (_Closed, OSError):
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                conn.close()
-            with self._lock:
-                self._active -= 1
-                self._conns.discard(conn)
-
-    def _recv(self, conn: socket.socket, buf: bytearray, deadline: float) -> None:
-        left = deadline - self._clock()
-        if left <= 0:
-            self.timed_out += 1
-            raise ApiError(408, "timeout", f"the request did not arrive within api.timeout = {self.cfg.timeout:g} s",
-                           limit="api.timeout", value=self.cfg.timeout)
-        conn.settimeout(left)
-        try:
-            chunk = conn.recv(65536)
-        except socket.timeout:
-            self.timed_out += 1
-            raise ApiError(408, "timeout", f"the request did not arrive within api.timeout = {self.cfg.timeout:g} s",
-                           limit="api.timeout", value=self.cfg.timeout) from None
+            chunk = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
         if not chunk:
-            raise _Closed()
-        buf += chunk
+            if conn.state == _WAIT or conn.out:
+                # The client is done sending (perhaps only half-closed): its answer still goes out, then close.
+                if conn.state == _REFUSE:
+                    conn.state = _WRITE
+                conn.close_after = True
+                self._watch(conn, selectors.EVENT_WRITE if conn.out else 0)
+            else:
+                self._close(conn)  # the client went away (idle, or mid-request: nothing to answer)
+            return
+        if conn.state == _REFUSE:
+            return  # read and dropped
+        conn.buf += chunk
+        if conn.state == _READ:
+            self._next_request(conn, publish)
+        elif len(conn.buf) > MAX_HEADER_BYTES + self.cfg.max_body_bytes:
+            # A pipelining client waits for its answer: read no more from it until then.
+            self._watch(conn, conn.events & ~selectors.EVENT_READ)
 
-    def _read_request(self, conn: socket.socket, buf: bytearray) -> Request | None:
-        """The next request on `conn` (None: the client closed an idle connection). Raises ApiError."""
-        deadline = self._clock() + self.cfg.timeout
-        while b"\r\n\r\n" not in buf:
-            if len(buf) > MAX_HEADER_BYTES:
-                raise ApiError(400, "headers_too_large", f"request headers over {MAX_HEADER_BYTES} bytes")
-            try:
-                self._recv(conn, buf, deadline)
-            except ApiError:
-                if not buf:
-                    raise _Closed() from None  # an idle keep-alive connection: just close it
-                raise
-            except _Closed:
-                if buf:
-                    raise
-                return None
-        head, _, _rest = bytes(buf).partition(b"\r\n\r\n")
-        if len(head) > MAX_HEADER_BYTES:
+    def _next_request(self, conn: _Conn, publish: list[tuple[_Conn, Any]]) -> None:
+        """Handle the request complete in `conn.buf`, if there is one."""
+        try:
+            req = parse_request(conn.buf, self.cfg.max_body_bytes)
+        except ApiError as exc:
+            self._reply(conn, Reply(exc.status, exc.body()), True)
+            return
+        if req is None:
+            return
+        close = (req.headers.get("connection", "").lower() == "close" or self.stopping
+                 or req.headers.get(":version") == "HTTP/1.0")
+        try:
+            result = self.handler(req)
+        except Exception:
+            log.exception("api: internal error answering %s %s", untrusted(req.method, 10), untrusted(req.path, 100))
+            result = Reply(500, {"error": "internal", "message": "internal error; see the agent's log"})
+        if isinstance(result, Deferred):
+            conn.state, conn.close_after = _WAIT, close
+            self._watch(conn, selectors.EVENT_READ)  # a client that goes away is noticed (its answer is not)
+            publish.append((conn, result.work))
+        else:
+            self._reply(conn, result, close)
+
+    # --- committing -------------------------------------------------------------------------------
+
+    def _start_commit(self, publish: list[tuple[_Conn, Any]]) -> None:
+        conns = [c for c, _ in publish]
+        self._waiting += len(conns)
+        self.rounds += 1
+        answered = threading.Event()
+
+        def done(replies: list[Reply]) -> None:  # any thread (the store's writer): hand over, wake the loop
+            if answered.is_set():
+                return
+            answered.set()
+            self._done.append((conns, replies))
+            self._wake()
+
+        if self._commit is None:
+            done([Reply(500, {"error": "internal", "message": "this server cannot store messages"})] * len(conns))
+            return
+        try:
+            self._commit([w for _, w in publish], done)
+        except Exception:
+            log.exception("api: internal error storing %d request(s)", len(conns))
+            done([Reply(500, {"error": "internal", "message": "internal error; see the agent's log"})] * len(conns))
+
+    def _answer_committed(self) -> None:
+        while self._done:
+            conns, replies = self._done.popleft()
+            self._waiting -= len(conns)
+            for conn, reply in zip(conns, replies):
+                if conn.sock.fileno() < 0:
+                    continue  # the client went away meanwhile (the messages are stored all the same)
+                conn.state = _READ
+                self._reply(conn, reply, conn.close_after)
+
+    # --- writing ----------------------------------------------------------------------------------
+
+    def _reply(self, conn: _Conn, reply: Reply, close: bool) -> None:
+        conn.out = _encode(reply, close=close)
+        conn.close_after = close
+        conn.state = _WRITE
+        conn.deadline = self._clock() + self.cfg.timeout
+        self._send(conn)
+
+    def _send(self, conn: _Conn) -> None:
+        if conn.sock.fileno() < 0:
+            return
+        try:
+            sent = conn.sock.send(conn.out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._close(conn)
+            return
+        conn.out = conn.out[sent:]
+        if conn.out:
+            self._watch(conn, selectors.EVENT_WRITE | (selectors.EVENT_READ if conn.state == _REFUSE else 0))
+            return
+        if conn.state == _REFUSE:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_WR)  # then wait for the client's end (or the deadline)
+            self._watch(conn, selectors.EVENT_READ)
+            return
+        if conn.close_after or conn.state != _WRITE:
+            self._close(conn)
+            return
+        conn.state = _READ
+        conn.deadline = self._clock() + self.cfg.timeout
+        self._watch(conn, selectors.EVENT_READ)
+        if conn.buf:
+            pending: list[tuple[_Conn, Any]] = []
+            self._next_request(conn, pending)  # a pipelined request that was waiting
+            if pending:
+                self._start_commit(pending)
+
+    def _expire(self) -> None:
+        now = self._clock()
+        for conn in list(self._conns.values()):
+            if conn.state == _WAIT or now < conn.deadline:
+                continue
+            if conn.state == _READ and conn.buf:
+                self.timed_out += 1
+                err = ApiError(408, "timeout", f"the request did not arrive within api.timeout = "
+                                               f"{self.cfg.timeout:g} s", limit="api.timeout", value=self.cfg.timeout)
+                conn.buf.clear()
+                conn.out = _encode(Reply(err.status, err.body()), close=True)
+                conn.close_after, conn.state = True, _WRITE
+                conn.deadline = now + 1.0  # a client that does not read its 408 loses it
+                self._send(conn)
+            else:
+                self._close(conn)  # idle keep-alive, a refused client that does not go, an unread answer
+
+
+def parse_request(buf: bytearray, max_body_bytes: int) -> Request | None:
+    """Take the first complete request out of `buf` (None: not complete yet). Raises ApiError."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        if len(buf) > MAX_HEADER_BYTES:
             raise ApiError(400, "headers_too_large", f"request headers over {MAX_HEADER_BYTES} bytes")
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            raise ApiError(400, "bad_request", "not an HTTP/1.x request line")
-        method, target, version = parts
-        headers: dict[str, str] = {":version": version}
-        if len(lines) - 1 > MAX_HEADERS:
-            raise ApiError(400, "headers_too_large", f"more than {MAX_HEADERS} header lines")
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep or not name or name != name.strip():
-                raise ApiError(400, "bad_request", "a malformed header line")
-            headers[name.lower()] = value.strip()
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            raise ApiError(411, "length_required", "send the body with Content-Length (chunked transfer is not "
-                                                   "supported; curl: --data-binary @file)")
-        length_text = headers.get("content-length", "0")
-        if not length_text.isdigit():
-            raise ApiError(400, "bad_request", "Content-Length must be a number")
-        length = int(length_text)
-        if length > self.cfg.max_body_bytes:
-            raise ApiError(413, "body_too_large", f"a {length}-byte body is over api.max_body_bytes = "
-                                                  f"{self.cfg.max_body_bytes}", limit="api.max_body_bytes",
-                           value=self.cfg.max_body_bytes)
-        del buf[:len(head) + 4]
-        while len(buf) < length:
-            self._recv(conn, buf, deadline)
-        body = bytes(buf[:length])
-        del buf[:length]
-        path, _, query = target.partition("?")
-        return Request(method, path, query, headers, body)
+        return None
+    if end > MAX_HEADER_BYTES:
+        raise ApiError(400, "headers_too_large", f"request headers over {MAX_HEADER_BYTES} bytes")
+    lines = buf[:end].decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise ApiError(400, "bad_request", "not an HTTP/1.x request line")
+    method, target, version = parts
+    headers: dict[str, str] = {":version": version}
+    if len(lines) - 1 > MAX_HEADERS:
+        raise ApiError(400, "headers_too_large", f"more than {MAX_HEADERS} header lines")
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise ApiError(400, "bad_request", "a malformed header line")
+        headers[name.lower()] = value.strip()
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        raise ApiError(411, "length_required", "send the body with Content-Length (chunked transfer is not "
+                                               "supported; curl: --data-binary @file)")
+    length_text = headers.get("content-length", "0")
+    if not length_text.isdigit():
+        raise ApiError(400, "bad_request", "Content-Length must be a number")
+    length = int(length_text)
+    if length > max_body_bytes:
+        raise ApiError(413, "body_too_large", f"a {length}-byte body is over api.max_body_bytes = {max_body_bytes}",
+                       limit="api.max_body_bytes", value=max_body_bytes)
+    start = end + 4
+    if len(buf) < start + length:
+        return None
+    body = bytes(buf[start:start + length])
+    del buf[:start + length]
+    path, _, query = target.partition("?")
+    return Request(method, path, query, headers, body)
 
 
 def _encode(reply: Reply, *, close: bool) -> bytes:

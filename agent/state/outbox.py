@@ -24,7 +24,8 @@ makes room by dropping the oldest waiting telemetry (counted per reason); events
 make room (a new event is refused instead). Messages past their ttl or past max_age are dropped before
 they are handed to the client, counted. Responses keep their own bound (limits.max_outbox_messages).
 
-Threads: `put`/`adopt`/`admit` run on worker threads, everything else on the network thread. `acked` is called
+Threads: `put`/`adopt`/`admit` run on worker threads (`admit_many`'s callback and `adopt` also on the
+store's writer thread), everything else on the network thread. `acked` is called
 from inside paho's on_publish (paho holds its own locks there), so it only appends to a deque;
 `pump`, called by the network loop between paho calls, does the bookkeeping.
 """
@@ -42,6 +43,7 @@ from typing import Callable
 from agent.logtext import untrusted
 from agent.state import poison
 from agent.state.store import OutMessage, StateStore
+from agent.state.writer import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ DELETE_DELAY = 0.25
 DROP_LOG_INTERVAL = 60.0
 # While the size keeps changing, listeners hear of it at most this often (changes to/from 0 at once).
 REPORT_INTERVAL = 1.0
+ADMIT_TIMEOUT = 60.0  # s: `admit` waits this long for the store's commit
 LOG_EVERY = 10.0  # set-aside messages: at most one log line per this many seconds (the rest are counted)
 
 
@@ -229,30 +232,82 @@ class Outbox:
         they are on disk. Raises QueueFull (nothing written) or the store's error (nothing accepted).
 
         All or nothing: a batch that does not fit is refused whole."""
-        need_count = len(messages)
-        need_bytes = sum(message_bytes(m) for m in messages)
+        done = threading.Event()
+        box: list[list[OutMessage] | BaseException] = []
+
+        def then(results: list[list[OutMessage] | BaseException]) -> None:
+            box.extend(results)
+            done.set()
+
+        self.admit_many([messages], then)
+        if not done.wait(ADMIT_TIMEOUT):
+            raise TimeoutError(f"the state store did not commit within {ADMIT_TIMEOUT:g} s")
+        result = box[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def admit_many(self, groups: Sequence[Sequence[OutMessage]],
+                   then: Callable[[list[list[OutMessage] | BaseException]], None]) -> None:
+        """`admit` for several requests at once, without waiting: one durable write (one fsync) for all.
+
+        Each group is judged on its own, in order (all or nothing per group, as `admit`). `then(results)`
+        hears, per group, the messages with their ids once they are on disk, or why not (QueueFull: nothing
+        written; the store's error: nothing accepted). It runs on the store's writer thread (or at once
+        when nothing is to be written): it must be quick."""
+        results: list[list[OutMessage] | BaseException] = [[] for _ in groups]
+        taken: list[int] = []
+        victims: list[_Entry] = []
         with self._lock:
-            victims = self._make_room(need_count, need_bytes)
-            if victims is None:
-                raise self._full(need_count, need_bytes)
-            for m in messages:  # reserved: a concurrent caller sees them as taken
-                self._count[m.kind] += 1
-                self._bytes[m.kind] += message_bytes(m)
+            for i, messages in enumerate(groups):
+                need_count = len(messages)
+                need_bytes = sum(message_bytes(m) for m in messages)
+                made = self._make_room(need_count, need_bytes)
+                if made is None:
+                    results[i] = self._full(need_count, need_bytes)
+                    continue
+                victims += made
+                for m in messages:  # reserved: a concurrent caller sees them as taken
+                    self._count[m.kind] += 1
+                    self._bytes[m.kind] += message_bytes(m)
+                taken.append(i)
         if victims:
             self._account_drops(victims, "queue_full")
-        try:
-            stored = self.store.enqueue_wait(list(messages)) if self.store is not None else list(messages)
-        except BaseException:
+        flat = [m for i in taken for m in groups[i]]
+
+        def unreserve() -> None:
             with self._lock:
-                for m in messages:
+                for m in flat:
                     self._count[m.kind] -= 1
                     self._bytes[m.kind] -= message_bytes(m)
-            raise
-        with self._lock:
-            for m in stored:
-                self.accepted[m.kind] += 1
-        self.adopt(stored, reserved=True)
-        return stored
+
+        def stored(outcome: Outcome[list[OutMessage]]) -> None:
+            if outcome.error is not None or outcome.value is None:
+                unreserve()
+                error = outcome.error or RuntimeError("the state store returned nothing")
+                for i in taken:
+                    results[i] = error
+            else:
+                with self._lock:
+                    for m in outcome.value:
+                        self.accepted[m.kind] += 1
+                self.adopt(outcome.value, reserved=True)
+                at = 0
+                for i in taken:
+                    results[i] = outcome.value[at:at + len(groups[i])]
+                    at += len(groups[i])
+            then(results)
+
+        if not flat:
+            then(results)
+        elif self.store is None:
+            stored(Outcome(value=flat))
+        else:
+            try:
+                self.store.enqueue(flat, then=stored)
+            except BaseException:
+                unreserve()
+                raise
 
     def _over_publish_bounds(self, count: int = 0, size: int = 0) -> bool:
         lim = self.limits

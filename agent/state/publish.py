@@ -8,6 +8,7 @@ a person.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -138,7 +139,7 @@ def build_message(kind: str, payload: bytes, opts: _Options, content_type: str |
             bag.append(("content-type", content_type))
         if kind == "event" and opts.ttl is not None:
             bag.append(("hono-ttl", str(max(1, math.ceil(opts.ttl)))))
-    topic = publish_topic(kind, ctx.command_topic, opts.device, property_bag=tuple(bag))
+    topic = _topic(kind, ctx.command_topic, opts.device, tuple(bag))
     limit = ctx.max_message_bytes()
     if limit:
         props = _v5_properties_len(content_type, opts.ttl) if ctx.v5 else None
@@ -150,6 +151,13 @@ def build_message(kind: str, payload: bytes, opts: _Options, content_type: str |
                            limit="mqtt.max_message_bytes", value=limit)
     return OutMessage(topic, payload, opts.qos, content_type=content_type if ctx.v5 else None, kind=kind,
                       expires=now + opts.ttl if opts.ttl is not None else None)
+
+
+@functools.lru_cache(maxsize=256)
+def _topic(kind: str, command_topic: str, device: str | None, bag: tuple[tuple[str, str], ...]) -> str:
+    """publish_topic, remembered: an app sends the same few (device, content type, ttl) again and again,
+    and URL-encoding the property bag was a tenth of the API's CPU per message. Bounded (LRU)."""
+    return publish_topic(kind, command_topic, device, property_bag=bag)
 
 
 def single(kind: str, query: str, headers: Mapping[str, str], body: bytes, ctx: PublishContext) -> OutMessage:

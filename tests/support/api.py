@@ -54,3 +54,27 @@ def post_until_accepted(sock: Path, target: str, body: bytes, timeout: float = 6
 
 def ndjson(values: list[Any]) -> bytes:
     return b"".join(json.dumps(v).encode() + b"\n" for v in values)
+
+
+def post_as(uid: int, gid: int, groups: list[int], sock: Path, target: str = "/v1/telemetry",
+            body: bytes = b'{"from":"child"}') -> int:
+    """POST from a forked child running as uid/gid with these supplementary groups (needs root):
+    0 = 202, 13 = refused by the file system (EACCES), 98 = another answer, 97 = another error."""
+    import os
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 99
+        try:
+            os.setgroups(groups)
+            os.setgid(gid)
+            os.setuid(uid)
+            got, _ = post(sock, target, body)
+            code = 0 if got == 202 else 98
+        except PermissionError:
+            code = 13
+        except BaseException:  # noqa: BLE001 - the child must exit, whatever happened
+            code = 97
+        os._exit(code)
+    _, st = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(st)

@@ -15,6 +15,7 @@ import json
 import os
 import pwd
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -37,6 +38,12 @@ ANSIBLE_DIR = REPO / "deploy/ansible"
 BIN = Path(sys.executable).parent
 OWNER = "daemon"
 DEVICE = "gw-ansible-1"
+# The role creates the local API's group; a name of this run's own (removed at the end), so that parallel
+# runs and the machine's own groups are left alone.
+API_GROUP = f"mqtt-apps-t{os.getpid()}"
+# The API socket outside the staging root: an app user must be able to reach it, and pytest's own temporary
+# directories are private to root.
+API_SOCKET = Path(f"/tmp/mqtt-agent-ansible-{os.getpid()}/api.sock")
 
 if sys.version_info < (3, 11):  # ansible-core 2.19 (ansible 12) needs Python 3.11 on the control node
     pytest.skip("the ansible test extras need Python 3.11+", allow_module_level=True)
@@ -82,6 +89,8 @@ def write_inventory(tmp_path: Path, pki: Any, root: Path, broker_address: str, *
         "mqtt_agent_metrics_listen": "",
         "mqtt_agent_commands": {"uptime": {"argv": ["/usr/bin/uptime"], "timeout": 5}},
         "mqtt_agent_extra_config": "[reconnect]\nmin_delay = 0.2\nmax_delay = 2.0",
+        "mqtt_agent_api_group": API_GROUP,
+        "mqtt_agent_api_socket": str(API_SOCKET),
     }
     host_vars.update(extra)
     inventory = {"all": {"children": {"gateways": {"hosts": {DEVICE: host_vars}}}}}
@@ -143,6 +152,8 @@ def deployed(tmp_path_factory: pytest.TempPathFactory, pki: Any) -> Iterator[Dep
         yield Deployment(root, tmp, inventory, playbook(tmp, inventory), broker, pki)
     finally:
         broker.stop()
+        subprocess.run(["groupdel", API_GROUP], capture_output=True, timeout=30)
+        shutil.rmtree(API_SOCKET.parent, ignore_errors=True)
 
 
 @pytest.mark.integration
@@ -213,6 +224,61 @@ def test_deployed_agent_answers_over_mutual_tls(deployed: Deployment, run_agent:
     result = send_command(load_config(config), "ping", b"{}", timeout=10)
     assert result.status == 200
     assert json.loads(result.body)["device_id"] == DEVICE
+    assert agent.stop() == 0
+
+
+def _unit_values(text: str, section: str) -> dict[str, list[str]]:
+    """KEY -> values of `section` in a unit file, as systemd reads them (an empty value resets the list)."""
+    out: dict[str, list[str]] = {}
+    current = ""
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = line.strip("[]")
+            continue
+        if current == section:
+            key, _, value = line.partition("=")
+            out[key] = [] if value == "" else [*out.get(key, []), value]
+    return out
+
+
+@pytest.mark.integration
+def test_socket_unit_and_group_give_the_api_to_the_apps_group(deployed: Deployment, run_agent: Any) -> None:
+    import grp
+
+    from tests.support.api import api_path, post_as, status
+
+    root = deployed.root
+    units = root / "etc/systemd/system"
+    # The socket unit of the checkout (as the Debian package ships it) and a drop-in with [api]'s path and group.
+    assert (units / "mqtt-agent.socket").read_bytes() == (REPO / "systemd/mqtt-agent.socket").read_bytes()
+    sock = API_SOCKET
+    merged = _unit_values((units / "mqtt-agent.socket").read_text(), "Socket")
+    for key, values in _unit_values((units / "mqtt-agent.socket.d/api.conf").read_text(), "Socket").items():
+        merged[key] = values  # a drop-in key replaces the unit's (ListenStream= first resets the list)
+    assert merged["ListenStream"] == [str(sock)]
+    assert (merged["SocketUser"], merged["SocketGroup"], merged["SocketMode"]) == ([OWNER], [API_GROUP], ["0660"])
+    assert merged["FileDescriptorName"] == ["api"]
+    for rel in ("etc/systemd/system/mqtt-agent.socket", "etc/systemd/system/mqtt-agent.socket.d/api.conf"):
+        st = (root / rel).stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o644, 0, 0), rel
+    # The group exists (a system group), and the config's [api] names the same socket and group.
+    group = grp.getgrnam(API_GROUP)
+    assert group.gr_gid < 1000
+    config = deployed.conf / "mqtt-agent.toml"
+    cfg = load_config(config)
+    assert (cfg.api.socket, cfg.api.group) == (sock, API_GROUP)
+    # The deployed agent serves it: a member of the group may POST, anyone else is refused by the kernel.
+    agent = run_agent(config)
+    assert api_path(config) == sock
+    st = sock.stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, group.gr_gid)
+    nobody = pwd.getpwnam("nobody")
+    assert post_as(nobody.pw_uid, nobody.pw_gid, [], sock) == 13
+    assert post_as(nobody.pw_uid, nobody.pw_gid, [group.gr_gid], sock) == 0
+    assert status(sock)["queue"]["accepted"] == {"telemetry": 1}
     assert agent.stop() == 0
 
 

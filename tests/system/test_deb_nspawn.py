@@ -179,6 +179,61 @@ def test_configured_agent_starts_reports_ready_and_answers_ping(gateway: Gateway
     assert ct.run("stat", "-c", "%U %a", "/var/lib/mqtt-agent").stdout.split() == ["mqtt-agent", "700"]
 
 
+# Inside the container, as root: subscribe (the vendored paho, the device's certificate), then publish as
+# each user given, then print what the subscriber got and how each publish ended.
+WATCH_AND_PUBLISH = """\
+import json, ssl, subprocess, sys, threading
+sys.path.insert(0, "/usr/lib/mqtt-agent/vendor")
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+got, ready, arrived = [], threading.Event(), threading.Event()
+client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="app-watcher")
+ctx = ssl.create_default_context(cafile="/etc/mqtt-agent/ca.pem")
+ctx.load_cert_chain("/etc/mqtt-agent/device.pem", "/etc/mqtt-agent/device.key")
+client.tls_set_context(ctx)
+client.on_connect = lambda c, *a: c.subscribe("telemetry/#", 1)
+client.on_subscribe = lambda *a: ready.set()
+def on_message(c, u, m):
+    got.append([m.topic, m.payload.decode()])
+    arrived.set()
+client.on_message = on_message
+client.connect("localhost", 8883)
+client.loop_start()
+assert ready.wait(30), "the watcher could not subscribe"
+runs = {}
+for user in sys.argv[1:]:
+    p = subprocess.run(["runuser", "-u", user, "--", "mqtt-agent", "publish", "telemetry", "--payload",
+                        json.dumps({"from": user})], capture_output=True, text=True, timeout=60)
+    runs[user] = [p.returncode, p.stdout + p.stderr]
+arrived.wait(20)
+print(json.dumps({"runs": runs, "got": got}))
+"""
+
+
+def test_an_app_in_mqtt_agent_apps_publishes_through_the_packaged_socket(gateway: Gateway) -> None:
+    """The package's mqtt-agent.socket under real systemd: systemd makes the socket with the apps' group,
+    hands it to the agent; a member's message reaches the broker, anyone else is refused by the kernel."""
+    import json
+
+    ct = gateway.ct
+    assert ct.run("systemctl", "is-enabled", "mqtt-agent.socket").stdout.strip() == "enabled"
+    assert ct.show("mqtt-agent.socket", "ActiveState")["ActiveState"] == "active"
+    assert ct.run("stat", "-c", "%F %a %U:%G", "/run/mqtt-agent/api.sock").stdout.strip() == \
+        "socket 660 mqtt-agent:mqtt-agent-apps"
+    ct.run("useradd", "--system", "--no-create-home", "--groups", "mqtt-agent-apps", "sensor-app")
+    ct.run("useradd", "--system", "--no-create-home", "outsider")
+    gateway.write("/var/tmp/watch_and_publish.py", WATCH_AND_PUBLISH)
+    out = ct.run("python3", "/var/tmp/watch_and_publish.py", "sensor-app", "outsider", timeout=120).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    member, outsider = result["runs"]["sensor-app"], result["runs"]["outsider"]
+    assert member[0] == 0 and member[1].startswith("accepted"), member  # 202: durable in the agent's queue
+    assert outsider[0] == 2 and "Permission denied" in outsider[1], outsider  # refused by the file system
+    assert result["got"] == [["telemetry/?content-type=application%2Fjson", '{"from": "sensor-app"}']], \
+        f"{result}\n{gateway.journal()}"
+    assert "local API on the socket systemd passed" in gateway.journal(200)
+
+
 def test_reload_applies_a_valid_change_and_keeps_the_process(gateway: Gateway) -> None:
     ct = gateway.ct
     pid = ct.show(UNIT, "MainPID")["MainPID"]

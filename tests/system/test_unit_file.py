@@ -90,7 +90,8 @@ def test_service_contract():
     # The reload waits for the agent's verdict (through RuntimeDirectory=), so a rejected file fails it.
     assert service("ExecReload") == ["/opt/mqtt-agent/bin/mqtt-agent reload --config "
                                      "/etc/mqtt-agent/mqtt-agent.toml --pid $MAINPID"]
-    assert service("RuntimeDirectory") == ["mqtt-agent"]
+    # A subdirectory: /run/mqtt-agent holds mqtt-agent.socket's api.sock (0755, kept across restarts).
+    assert service("RuntimeDirectory") == ["mqtt-agent/service"]
     assert service("RuntimeDirectoryMode") == ["0700"]
     assert service("KillMode") in ([], ["control-group"])  # what commands left running dies with the service
     assert (service("User"), service("Group")) == (["mqtt-agent"], ["mqtt-agent"])

@@ -211,3 +211,49 @@ def test_an_unsendable_telemetry_message_is_set_aside_and_leaves_the_bounds(tmp_
     assert box.dropped == {}
     box.close()
     box.store.close()  # type: ignore[union-attr]
+
+
+def test_admit_many_judges_each_request_on_its_own_and_stores_the_rest_in_one_commit(tmp_path):
+    import threading
+
+    box, link = make(tmp_path, PublishLimits(max_messages=3))
+    store = box.store
+    assert store is not None
+    box.admit([event(0)])
+    fsyncs = store.fsyncs
+    done = threading.Event()
+    got: list = []
+
+    def then(results):
+        got.extend(results)
+        done.set()
+
+    # The second request (3 events) does not fit next to the first; the third (1 event) still does.
+    box.admit_many([[event(1)], [event(2), event(3), event(4)], [event(5)]], then)
+    assert done.wait(10)
+    first, refused, third = got
+    assert [m.payload for m in first] == [b"1"] and [m.payload for m in third] == [b"5"]
+    assert isinstance(refused, QueueFull) and refused.limit == "publish.max_messages"
+    assert first[0].id is not None and third[0].id == first[0].id + 1  # ids in request order
+    assert store.fsyncs == fsyncs + 1  # one durable commit for both accepted requests
+    assert box.accepted == {"event": 3} and box.publish_stats()[0] == 3
+    box.link_up()
+    box.pump()
+    assert [m.payload for m in link.sent] == [b"0", b"1", b"5"]
+    box.close()
+    store.close()
+
+
+def test_admit_many_with_a_failing_store_accepts_nothing_and_gives_the_room_back(tmp_path):
+    import threading
+
+    box, _ = make(tmp_path, PublishLimits(max_messages=2))
+    store = box.store
+    assert store is not None
+    store.close()  # every write fails from here on
+    done = threading.Event()
+    got: list = []
+    box.admit_many([[event(1)], [event(2)]], lambda results: (got.extend(results), done.set()))
+    assert done.wait(10)
+    assert all(isinstance(r, RuntimeError) for r in got)
+    assert box.publish_stats()[0] == 0 and box.accepted == {}
