@@ -17,7 +17,7 @@ from typing import Any, Callable
 import pytest
 
 from agent.config import load_config
-from tests.support.api import api_path, ndjson, post, status, wait_socket
+from tests.support.api import api_path, ndjson, post, post_as, status, wait_socket
 from tests.support.mosquitto import free_port
 from tests.support.mqttclient import TestClient
 from tests.support.outcomes import info
@@ -140,26 +140,6 @@ def test_bad_requests_get_400_with_a_reason_and_a_slow_client_blocks_nobody(
     assert agent.proc.poll() is None
 
 
-def _client_as(uid: int, gid: int, groups: list[int], sock: Path) -> int:
-    """Fork a child that drops to uid/gid and POSTs; 0 accepted, 13 EACCES, other: something else."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 99
-        try:
-            os.setgroups(groups)
-            os.setgid(gid)
-            os.setuid(uid)
-            got, _ = post(sock, "/v1/telemetry", b'{"from":"child"}')
-            code = 0 if got == 202 else 98
-        except PermissionError:
-            code = 13
-        except BaseException:  # noqa: BLE001 - the child must exit, whatever happened
-            code = 97
-        os._exit(code)
-    _, st = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(st)
-
-
 def test_only_the_socket_group_may_publish(broker: Any, make_config: Callable[..., Path],
                                            run_agent: Callable[..., Any]) -> None:
     if os.geteuid() != 0:
@@ -171,8 +151,8 @@ def test_only_the_socket_group_may_publish(broker: Any, make_config: Callable[..
     sock = api_path(cfg)
     st = sock.stat()
     assert (oct(st.st_mode & 0o777), st.st_gid) == ("0o660", group.gr_gid)
-    assert _client_as(nobody.pw_uid, nobody.pw_gid, [], sock) == 13  # refused by the file system
-    assert _client_as(nobody.pw_uid, nobody.pw_gid, [group.gr_gid], sock) == 0
+    assert post_as(nobody.pw_uid, nobody.pw_gid, [], sock) == 13  # refused by the file system
+    assert post_as(nobody.pw_uid, nobody.pw_gid, [group.gr_gid], sock) == 0
     assert status(sock)["queue"]["accepted"] == {"telemetry": 1}
 
 
