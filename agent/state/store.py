@@ -47,10 +47,10 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from agent.protocol import Inbound, Response
 from agent.state.files import fsync_dir, remove_stale_temps
@@ -150,8 +150,8 @@ def ensure_private_dir(path: Path) -> None:
 
 
 
-def _props_json(msg: OutMessage) -> str | None:
-    """The message's MQTT properties as the `props` column stores them (None when it has none)."""
+def _props_to_json(msg: OutMessage | Inbound) -> dict[str, object]:
+    """The MQTT properties both tables keep (outbox `props`, commands `meta`), as JSON values; only those set."""
     props: dict[str, object] = {}
     if msg.correlation_data is not None:
         props["correlation_data"] = msg.correlation_data.hex()
@@ -159,6 +159,20 @@ def _props_json(msg: OutMessage) -> str | None:
         props["user_properties"] = [list(p) for p in msg.user_properties]
     if msg.content_type is not None:
         props["content_type"] = msg.content_type
+    return props
+
+
+def _props_from_json(props: Mapping[str, Any]) -> dict[str, Any]:
+    """`_props_to_json` read back: keyword arguments for OutMessage and Inbound alike."""
+    corr = props.get("correlation_data")
+    return {"correlation_data": bytes.fromhex(corr) if corr is not None else None,
+            "user_properties": tuple((str(k), str(v)) for k, v in props.get("user_properties", [])),
+            "content_type": props.get("content_type")}
+
+
+def _props_json(msg: OutMessage) -> str | None:
+    """The message's MQTT properties as the `props` column stores them (None when it has none)."""
+    props = _props_to_json(msg)
     return json.dumps(props) if props else None
 
 class StateStore:
@@ -620,12 +634,9 @@ class StateStore:
                 self.expired_at_load[str(kind_)] += 1
                 continue
             props = json.loads(str(props_text)) if props_text else {}
-            corr = props.get("correlation_data")
             out.append(OutMessage(
-                topic=str(topic), payload=bytes(payload), qos=int(qos), kind=str(kind_),
-                correlation_data=bytes.fromhex(corr) if corr is not None else None,
-                user_properties=tuple((str(k), str(v)) for k, v in props.get("user_properties", [])),
-                content_type=props.get("content_type"), expires=float(expires) if expires is not None else None,
+                topic=str(topic), payload=bytes(payload), qos=int(qos), kind=str(kind_), **_props_from_json(props),
+                expires=float(expires) if expires is not None else None,
                 id=int(msg_id), attempts=int(attempts), created=float(created)))
         if expired:
             log.info("%d queued message(s) expired before they could be sent; dropped", len(expired))
@@ -653,31 +664,23 @@ def _meta(msg: Inbound) -> str:
     # Only what a request carries beyond the usual: most (MQTT 3.1.1) commands store "{}".
     if msg.response_topic is not None:
         meta["response_topic"] = msg.response_topic
-    if msg.correlation_data is not None:
-        meta["correlation_data"] = msg.correlation_data.hex()
-    if msg.user_properties:
-        meta["user_properties"] = [list(p) for p in msg.user_properties]
     if msg.message_expiry is not None:
         meta["message_expiry"] = msg.message_expiry
-    if msg.content_type is not None:
-        meta["content_type"] = msg.content_type
+    meta.update(_props_to_json(msg))
     return json.dumps(meta) if meta else "{}"
 
 
 def _record(row: tuple[object, ...]) -> Record:
     key, state, received, topic, payload, meta_text, status, body, content_type = row
     meta = json.loads(str(meta_text))
-    corr = meta.get("correlation_data")
     inbound = Inbound(
         topic=str(topic),
         payload=_as_bytes(payload),
         qos=int(meta.get("qos", 1)),
         received_wall=float(received),  # type: ignore[arg-type]
         response_topic=meta.get("response_topic"),
-        correlation_data=bytes.fromhex(corr) if corr is not None else None,
-        user_properties=tuple((str(k), str(v)) for k, v in meta.get("user_properties", [])),
         message_expiry=meta.get("message_expiry"),
-        content_type=meta.get("content_type"),
+        **_props_from_json(meta),
     )
     response = None
     if state == DONE and status is not None:
