@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import select
-import socket
 import ssl
 import threading
 import time
@@ -24,6 +23,8 @@ from collections import deque
 from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
+
+from agent.wakeup import WakeUp
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +42,12 @@ class Pump:
         self._acks: deque[tuple[object, int, int, float]] = deque()  # (connection, mid, qos, received)
         self._ack_wake_pending = False  # a wake-up for queued acks is on its way: later acks need none
         self._io_lock = threading.Lock()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._wakeup = WakeUp()
         client.on_socket_register_write = self._write_now
 
     def wake(self) -> None:
         """Any thread: make the network thread's select() return now."""
-        try:
-            self._wake_w.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass  # a wake-up is pending already (or the session is closing)
+        self._wakeup.set()
 
     def queue_ack(self, conn: object, mid: int, qos: int, received: float) -> None:
         """Any thread: acknowledge `mid` of `conn` from the network thread, soon."""
@@ -89,15 +85,13 @@ class Pump:
             return int(mqtt.MQTT_ERR_NO_CONN)
         pending = sock.pending() if isinstance(sock, ssl.SSLSocket) else 0  # decrypted bytes select() cannot see
         try:
-            readable, _, _ = select.select([sock, self._wake_r], [sock] if client.want_write() else [], [],
+            watched: list[Any] = [sock, self._wakeup]  # anything with fileno()
+            readable, _, _ = select.select(watched, [sock] if client.want_write() else [], [],
                                            0.0 if pending else timeout)
         except (OSError, ValueError):
             readable = [sock]  # closed under us: the read below reports it
-        if self._wake_r in readable:
-            try:
-                self._wake_r.recv(4096)
-            except BlockingIOError:
-                pass
+        if self._wakeup in readable:
+            self._wakeup.drain()
         with self._io_lock:
             if sock in readable or pending:
                 rc = client.loop_read()

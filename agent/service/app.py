@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import select
 import sqlite3
 import threading
 import time
@@ -38,6 +37,7 @@ from agent.state.publish import PublishContext
 from agent.state.store import StateStore, ensure_private_dir
 from agent.tls.context import build_context
 from agent.topics import error_filter
+from agent.wakeup import WakeUp
 
 if TYPE_CHECKING:
     from agent.renewal.rollover import Renewer
@@ -49,33 +49,6 @@ HOUSEKEEPING_INTERVAL = 60.0
 FIRST_ATTEMPT_WAIT = 5.0
 # Time after agent.shutdown_grace to deliver responses and disconnect (systemd's stop timeout follows).
 STOP_MARGIN = 10.0
-
-
-class Waker:
-    """Wakes the main loop; safe to call from a signal handler: a byte down a pipe, no lock taken.
-
-    threading.Event is not: its set() takes the Event's own (non-reentrant) lock, which the main thread
-    holds for a moment inside wait() and clear(). A SIGTERM whose handler ran in that moment (it runs in
-    the main thread, between two of its bytecodes; on a loaded machine a thread waiting for the GIL there
-    widens the moment) deadlocked the main thread: the agent never stopped."""
-
-    def __init__(self) -> None:
-        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-
-    def set(self) -> None:
-        try:
-            os.write(self._w, b"x")
-        except OSError:
-            pass  # full: a wake-up is pending anyway
-
-    def wait(self, timeout: float) -> None:
-        """Until set() (since the last wait) or `timeout` s; then forget the wake-ups."""
-        try:
-            select.select([self._r], [], [], max(0.0, timeout))
-            while os.read(self._r, 65536):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
 
 
 class Agent:
@@ -108,8 +81,8 @@ class Agent:
         self._ping = PingHandler(clock)
         self._files = fingerprint(secret_files(cfg))
         self._health_check: HealthCheck | None = None
-        self._wake = Waker()
-        self._reload_requested = False  # set by SIGHUP's handler: a plain flag, no lock (see Waker)
+        self._wake = WakeUp()
+        self._reload_requested = False  # set by SIGHUP's handler: a plain flag, no lock (see agent/wakeup.py)
         self._signals: collections.deque[tuple[str, bool]] = collections.deque()  # appended by signal handlers
         self.outbox: Outbox | None = None
         self.monitor: ConnectionMonitor | None = None

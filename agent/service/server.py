@@ -45,6 +45,7 @@ from typing import Any, Callable, Union
 from agent.config import ApiConfig
 from agent.logtext import untrusted
 from agent.state.publish import ApiError
+from agent.wakeup import WakeUp
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +175,7 @@ class ApiServer:
         self._sock: socket.socket | None = None
         self._owned_path: Path | None = None
         self._thread: threading.Thread | None = None
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._wakeup = WakeUp()
         self._sel = selectors.DefaultSelector()
         self._conns: dict[int, _Conn] = {}  # fd -> connection (refused ones too)
         self._active = 0  # connections that count against max_connections
@@ -204,7 +203,7 @@ class ApiServer:
         sock.setblocking(False)
         self._sock = sock
         self._sel.register(sock, selectors.EVENT_READ)
-        self._sel.register(self._wake_r, selectors.EVENT_READ)
+        self._sel.register(self._wakeup, selectors.EVENT_READ)
         self._thread = threading.Thread(target=self._run, name="api", daemon=True)
         self._thread.start()
 
@@ -223,8 +222,7 @@ class ApiServer:
                 self._owned_path.unlink()
 
     def _wake(self) -> None:
-        with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed
-            self._wake_w.send(b"x")
+        self._wakeup.set()
 
     # --- the loop ---------------------------------------------------------------------------------
 
@@ -242,9 +240,8 @@ class ApiServer:
                 for key, mask in ready:
                     if key.fileobj is self._sock:
                         self._accept()
-                    elif key.fileobj is self._wake_r:
-                        with contextlib.suppress(OSError):
-                            self._wake_r.recv(4096)
+                    elif key.fileobj is self._wakeup:
+                        self._wakeup.drain()
                     else:
                         conn = key.data
                         if mask & selectors.EVENT_WRITE:
@@ -264,8 +261,7 @@ class ApiServer:
                 self._sel.close()
             if self._sock is not None:
                 self._sock.close()
-            self._wake_r.close()
-            self._wake_w.close()
+            self._wakeup.close()
 
     def _stopped(self) -> bool:
         """While stopping (loop thread): True once nothing is left to answer, or the time is up."""

@@ -17,7 +17,7 @@ AGENT = Path(__file__).resolve().parents[2] / "agent"
 
 # group -> rank; a module's group is its first package below agent/ (or its own name for top-level modules).
 RANKS = {
-    "errors": 0, "protocol": 0, "topics": 0, "logtext": 0, "environment": 0, "__init__": 0,
+    "errors": 0, "protocol": 0, "topics": 0, "logtext": 0, "environment": 0, "wakeup": 0, "__init__": 0,
     "config": 1,
     "tls": 2, "state": 2,
     "connection": 3, "commands": 3,

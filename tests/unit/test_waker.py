@@ -1,15 +1,16 @@
-"""agent.service.app.Waker: the main loop's wake-up, set from signal handlers (no lock taken)."""
+"""agent.wakeup.WakeUp: the main loop's (and the pump's and the API server's) wake-up, set from signal
+handlers and other threads (no lock taken)."""
 
 from __future__ import annotations
 
 import signal
 import time
 
-from agent.service.app import Waker
+from agent.wakeup import WakeUp
 
 
 def test_a_wake_up_before_the_wait_ends_it_at_once_and_is_then_forgotten() -> None:
-    w = Waker()
+    w = WakeUp()
     w.set()
     w.set()
     t0 = time.monotonic()
@@ -21,7 +22,7 @@ def test_a_wake_up_before_the_wait_ends_it_at_once_and_is_then_forgotten() -> No
 
 
 def test_a_signal_handler_wakes_a_waiting_main_thread() -> None:
-    w = Waker()
+    w = WakeUp()
     old = signal.signal(signal.SIGALRM, lambda *_: w.set())
     try:
         signal.setitimer(signal.ITIMER_REAL, 0.05)
@@ -34,7 +35,7 @@ def test_a_signal_handler_wakes_a_waiting_main_thread() -> None:
 
 
 def test_set_never_blocks_even_when_nobody_waits() -> None:
-    w = Waker()
+    w = WakeUp()
     for _ in range(100_000):  # far more than a pipe holds
         w.set()
     w.wait(0.0)
