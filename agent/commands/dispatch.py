@@ -14,7 +14,13 @@ the writer is idle); only then is it acknowledged and the response published. A 
 leaves no PUBACK: the broker delivers the command again and it runs again, which for a pure handler
 changes nothing. The short path is taken only by a command that finds nothing else in flight, so a
 PUBACK never waits in a queue; otherwise a pure command is journalled and acknowledged first, as any
-other, but starts without a durable running mark.
+other, but starts without a durable running mark. An inline handler (`inline = True` as well: `ping`,
+which answers from memory at once) always takes the short path, without a worker: it runs on the
+writer's thread inside the transaction that journals it with its answer, so under load one commit
+covers many pings and each costs one row, no thread hand-off and no second commit.
+
+PUBACKs (and responses) are sent by the thread that committed, straight onto the socket when the
+network thread is not using it (agent/connection/pump.py): no wake-up of the network thread either.
 
 PUBACKs go out in the order the commands arrived (MQTT 3.1.1, 4.6), whichever becomes durable first.
 """
@@ -162,6 +168,8 @@ class _Job:
     done: bool = False
     counted: bool = False  # included in Dispatcher._running
     started: float = 0.0
+    seconds: float = 0.0  # how long the handler took
+    answer: tuple[Response, list[OutMessage]] | None = None  # inline: what the handler answered (kept for a retry)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -429,6 +437,7 @@ class Dispatcher:
         journal_key = dedupe_key or f"one-way:{uuid.uuid4().hex}"
         capacity = self.limits.max_concurrent_commands + self.limits.max_queued_commands
         pure = getattr(handler, "pure", False) is True
+        inline = pure and getattr(handler, "inline", False) is True
         with self._lock:
             full = self._pending >= capacity
             # A pure command runs first and is journalled with its answer (one durable point) when nothing
@@ -436,7 +445,9 @@ class Dispatcher:
             # meanwhile wait for it (they go out in order), so it must not wait for a worker or a batch.
             # Otherwise it takes the ordinary path: journalled and acknowledged at once, no running mark,
             # the answer in a second commit that the group commit shares with the other commands.
-            short = pure and self._accepting and self._pending == 0
+            # An inline handler (ping) always takes the short path: it runs inside the writer's transaction,
+            # so its PUBACK waits for nothing but the commit it shares with the commands around it.
+            short = pure and self._accepting and (inline or self._pending == 0)
             # With a worker free the command starts at once: journal it as running in the same write
             # (one commit instead of two on the hot path). Should the agent die in the moment before the
             # handler starts, the command is answered "interrupted", never run twice.
@@ -464,6 +475,9 @@ class Dispatcher:
             if dedupe_key:
                 with self._lock:
                     self._active[dedupe_key] = job
+            if inline:
+                self._run_inline(job)
+                return
             assert self._pool is not None
             self._pool.submit(job)
             return
@@ -606,26 +620,71 @@ class Dispatcher:
             return  # stays queued in the journal; runs at the next start
         expired = self._expired(job)
         if expired:
-            with self._lock:
-                self._running += 1
-                job.counted = True
-            job.started = self._clock()
-            with self._lock:
-                self.stats.rejected["expired"] += 1
-            self.observer.command_rejected(job.topic.command, "expired")
-            self._complete(job, Response.error(GONE, expired))
+            self._begin(job)
+            self._complete(job, self._expired_response(job, expired))
             return
         timeout = getattr(job.handler, "timeout", None) or self.limits.command_timeout
-        job.started = self._clock()
+        self._begin(job)
         deadline = job.started + timeout
         grace = ENFORCED_TIMEOUT_GRACE if getattr(job.handler, "enforces_timeout", False) else 0.0
-        with self._lock:
-            self._running += 1
-            job.counted = True
         if not job.claimed and not job.pure:  # a pure handler may run again after a cut: no mark needed
             self._store.mark_running(job.journal_key)
         self._schedule_timeout(deadline + grace, job)
         self.observer.command_started(job.topic.command)
+        if not self._complete(job, self._call(job, deadline)):
+            log.warning("command %s req %s finished after it had been answered 504; its result is discarded",
+                        job.topic.command, untrusted(job.topic.req_id or "-"))
+
+    def _run_inline(self, job: _Job) -> None:
+        """An inline handler (ping: it answers from memory at once) runs on the state writer's thread, inside
+        the transaction that journals it as done with its answer: no worker, no second commit, and its
+        PUBACK goes out with those of the other commands of that commit, in arrival order."""
+        def produce() -> tuple[Response, list[OutMessage]]:
+            if job.answer is None:  # (a batch retried one operation at a time asks again: same answer)
+                if not job.counted:
+                    self._begin(job)
+                try:
+                    expired = self._expired(job)
+                    if expired:
+                        response = self._expired_response(job, expired)
+                    else:
+                        self.observer.command_started(job.topic.command)
+                        timeout = getattr(job.handler, "timeout", None) or self.limits.command_timeout
+                        response = self._call(job, job.started + timeout)
+                except Exception:  # never fail the transaction the other commands share
+                    error_id = uuid.uuid4().hex[:12]
+                    log.exception("internal error while running command %s req %s (error id %s)",
+                                  job.topic.command, untrusted(job.topic.req_id or "-"), error_id)
+                    response = Response.error(INTERNAL_ERROR, "internal error in the agent", error_id=error_id)
+                self._finish(job, response)
+                job.answer = (response, response_messages(job.route, response))
+            return job.answer
+
+        def journalled(outcome: Outcome[Added]) -> None:
+            if job.answer is None:  # the store failed before the handler ran (closed, or being reopened)
+                with self._lock:
+                    self._committing += 1
+                self._settle(job, Response.error(UNAVAILABLE, "not run"), [], None,
+                             outcome.error or RuntimeError("the state store did not run the command"), None)
+                return
+            self._journalled(job, *job.answer, outcome)
+
+        self._store.add_done(job.journal_key, job.msg, produce, answer=self._answer_for(job), then=journalled)
+
+    def _begin(self, job: _Job) -> None:
+        job.started = self._clock()
+        with self._lock:
+            self._running += 1
+            job.counted = True
+
+    def _expired_response(self, job: _Job, reason: str) -> Response:
+        with self._lock:
+            self.stats.rejected["expired"] += 1
+        self.observer.command_rejected(job.topic.command, "expired")
+        return Response.error(GONE, reason)
+
+    def _call(self, job: _Job, deadline: float) -> Response:
+        """Run the handler; what it answered, or the error response for how it failed."""
         request = Request(
             command=job.topic.command,
             req_id=job.topic.req_id,
@@ -651,9 +710,25 @@ class Dispatcher:
                       extra={"COMMAND": job.topic.command, "REQ_ID": untrusted(job.topic.req_id), "ERROR_ID": error_id})
             response = Response.error(INTERNAL_ERROR, f"internal error in command {job.topic.command!r}",
                                       error_id=error_id)
-        if not self._complete(job, response):
-            log.warning("command %s req %s finished after it had been answered 504; its result is discarded",
-                        job.topic.command, untrusted(job.topic.req_id or "-"))
+        return response
+
+    def _finish(self, job: _Job, response: Response) -> bool:
+        """The handler's outcome is in (or a timeout answers for it): count it, once. False if the job was
+        answered already (timeout)."""
+        with job.lock:
+            if job.done:
+                return False
+            job.done = True
+        self._unschedule_timeout(job)
+        job.seconds = self._clock() - job.started
+        with self._lock:
+            self._running -= 1
+            self._committing += 1
+            self.stats.executed += 1
+            self.stats.by_status[response.status] += 1
+        self.last_progress = self._clock()
+        self.observer.command_finished(job.topic.command, response.status, job.seconds)
+        return True
 
     def _complete(self, job: _Job, response: Response) -> bool:
         """Record and send the outcome once; False if the job was already answered (timeout).
@@ -662,109 +737,103 @@ class Dispatcher:
         commands; the worker leads that commit itself when the writer is idle) and published from the
         commit's callback. A short-path (pure) command is journalled here for the first time, as done, and
         acknowledged once that commit is on disk."""
-        with job.lock:
-            if job.done:
-                return False
-            job.done = True
-        self._unschedule_timeout(job)
-        seconds = self._clock() - job.started
-        with self._lock:
-            self._running -= 1
-            self._committing += 1
-            self.stats.executed += 1
-            self.stats.by_status[response.status] += 1
-        self.last_progress = self._clock()
-        self.observer.command_finished(job.topic.command, response.status, seconds)
+        if not self._finish(job, response):
+            return False
         messages = response_messages(job.route, response)
-
-        def settle(stored: list[OutMessage] | None, error: BaseException | None, answered: Response | None,
-                   duplicate: bool = False) -> None:
-            # The commit's thread: the response is on disk (or the disk failed: answer from memory rather
-            # than not at all). `answered`: what the waiters get (None: nothing to send yet).
-            if error is None:
-                if stored:
-                    # Published before the PUBACK is queued: both follow the commit, and the response need
-                    # not wait for the wake-up of the network thread that sends the PUBACK.
-                    self._responder.adopt(stored)
-            else:
-                self._journal_failed(error, "store a response" if job.ack is None else "record a command")
-                volatile = messages
-                if job.ack is not None:  # a short-path command was not journalled: as for any such command
-                    answered = Response.error(UNAVAILABLE, "the agent cannot record the command in its journal "
-                                                           "(agent.state_dir)")
-                    volatile = response_messages(job.route, answered, "rejection")
-                for m in volatile:
-                    self._responder.put_volatile(m)
-            with self._lock:
-                # Only now: a re-sent id that arrived meanwhile waited on the job, or finds the stored response.
-                if job.dedupe_key and self._active.get(job.dedupe_key) is job:
-                    del self._active[job.dedupe_key]
-                waiters, job.waiters = job.waiters, []
-                waiter_acks, job.waiter_acks = job.waiter_acks, []
-                self._pending -= 1
-                self._committing -= 1
-                if job.ack is not None:
-                    self._unjournalled -= 1
-                    if error is not None:
-                        self.stats.rejected["journal_error"] += 1
-                if duplicate:
-                    self.stats.duplicates += 1
-                self._idle.notify_all()
-            if job.ack is not None:
-                job.ack()  # durable (or answered without the disk): PUBACK now
-                for ack in waiter_acks:
-                    ack()
-                if error is not None:
-                    self.observer.command_rejected(job.topic.command, "journal_error",
-                                                   None if job.route.silent else UNAVAILABLE)
-            if answered is not None:
-                for route in waiters:
-                    self._reply_async(route, answered, _no_ack, "response")
-            if response.status >= 500:
-                level = logging.WARNING
-            elif getattr(job.handler, "quiet", False):
-                level = logging.DEBUG  # health probes (ping, info) every minute from a fleet monitor: no log flood
-            else:
-                level = logging.INFO
-            log.log(level, "command %s req %s -> %d in %.1f ms%s", job.topic.command,
-                    untrusted(job.topic.req_id or "-"), response.status, seconds * 1000,
-                    f" (+{len(waiters)} duplicate)" if waiters else "",
-                    extra={"COMMAND": job.topic.command, "REQ_ID": untrusted(job.topic.req_id),
-                           "STATUS": response.status})
-
         if job.ack is None:
             def finished(outcome: Outcome[list[OutMessage]]) -> None:
-                settle(outcome.value, outcome.error, response)
+                self._settle(job, response, messages, outcome.value, outcome.error, response)
 
             self._store.finish_async(job.journal_key, response, messages, then=finished, lead=True)
             return True
+        self._store.add_done(job.journal_key, job.msg, lambda: (response, messages), answer=self._answer_for(job),
+                             then=lambda outcome: self._journalled(job, response, messages, outcome), lead=True)
+        return True
 
+    @staticmethod
+    def _answer_for(job: _Job) -> Callable[[Record], list[OutMessage]]:
+        """What a re-sent id is answered with: its journalled response."""
         def answer(record: Record) -> list[OutMessage]:
             return response_messages(job.route, record.response) if record.response is not None else []
 
-        def journalled(outcome: Outcome[Added]) -> None:
-            added = outcome.value
-            if outcome.error is not None or added is None:
-                settle(None, outcome.error or RuntimeError("no outcome"), None)
-                return
-            if added.inserted:
-                settle(list(added.queued), None, response)
-                return
-            # Journalled already (a re-sent id whose first delivery was recorded before): its answer stands.
-            record = added.record
-            if record is not None and record.response is not None:
-                log.info("command %s req %s was already executed: re-sending its %d response",
-                         job.topic.command, untrusted(job.topic.req_id), record.response.status,
-                         extra={"COMMAND": job.topic.command, "REQ_ID": untrusted(job.topic.req_id)})
-                settle(list(added.queued), None, record.response, duplicate=True)
-            else:
-                log.info("command %s req %s is already journalled and will run at the next start",
-                         job.topic.command, untrusted(job.topic.req_id))
-                settle(None, None, None, duplicate=True)
+        return answer
 
-        self._store.add_done(job.journal_key, job.msg, response, messages, answer=answer, then=journalled,
-                             lead=True)
-        return True
+    def _journalled(self, job: _Job, response: Response, messages: list[OutMessage],
+                    outcome: Outcome[Added]) -> None:
+        """A short-path command's row (done, with its answer) is on disk, or could not be written."""
+        added = outcome.value
+        if outcome.error is not None or added is None:
+            self._settle(job, response, messages, None, outcome.error or RuntimeError("no outcome"), None)
+            return
+        if added.inserted:
+            self._settle(job, response, messages, list(added.queued), None, response)
+            return
+        # Journalled already (a re-sent id whose first delivery was recorded before): its answer stands.
+        record = added.record
+        if record is not None and record.response is not None:
+            log.info("command %s req %s was already executed: re-sending its %d response",
+                     job.topic.command, untrusted(job.topic.req_id), record.response.status,
+                     extra={"COMMAND": job.topic.command, "REQ_ID": untrusted(job.topic.req_id)})
+            self._settle(job, response, messages, list(added.queued), None, record.response, duplicate=True)
+        else:
+            log.info("command %s req %s is already journalled and will run at the next start",
+                     job.topic.command, untrusted(job.topic.req_id))
+            self._settle(job, response, messages, None, None, None, duplicate=True)
+
+    def _settle(self, job: _Job, response: Response, messages: list[OutMessage], stored: list[OutMessage] | None,
+                error: BaseException | None, answered: Response | None, duplicate: bool = False) -> None:
+        """The commit's thread: the response is on disk (or the disk failed: answer from memory rather than
+        not at all). `answered`: what the waiters get (None: nothing to send yet)."""
+        if error is None:
+            if stored:
+                # Published before the PUBACK: both follow the commit, and the response need not wait for it.
+                self._responder.adopt(stored)
+        else:
+            self._journal_failed(error, "store a response" if job.ack is None else "record a command")
+            volatile = messages
+            if job.ack is not None:  # a short-path command was not journalled: as for any such command
+                answered = Response.error(UNAVAILABLE, "the agent cannot record the command in its journal "
+                                                       "(agent.state_dir)")
+                volatile = response_messages(job.route, answered, "rejection")
+            for m in volatile:
+                self._responder.put_volatile(m)
+        with self._lock:
+            # Only now: a re-sent id that arrived meanwhile waited on the job, or finds the stored response.
+            if job.dedupe_key and self._active.get(job.dedupe_key) is job:
+                del self._active[job.dedupe_key]
+            waiters, job.waiters = job.waiters, []
+            waiter_acks, job.waiter_acks = job.waiter_acks, []
+            self._pending -= 1
+            self._committing -= 1
+            if job.ack is not None:
+                self._unjournalled -= 1
+                if error is not None:
+                    self.stats.rejected["journal_error"] += 1
+            if duplicate:
+                self.stats.duplicates += 1
+            self._idle.notify_all()
+        if job.ack is not None:
+            job.ack()  # durable (or answered without the disk): PUBACK now
+            for ack in waiter_acks:
+                ack()
+            if error is not None:
+                self.observer.command_rejected(job.topic.command, "journal_error",
+                                               None if job.route.silent else UNAVAILABLE)
+        if answered is not None:
+            for route in waiters:
+                self._reply_async(route, answered, _no_ack, "response")
+        if response.status >= 500:
+            level = logging.WARNING
+        elif getattr(job.handler, "quiet", False):
+            level = logging.DEBUG  # health probes (ping, info) every minute from a fleet monitor: no log flood
+        else:
+            level = logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level, "command %s req %s -> %d in %.1f ms%s", job.topic.command,
+                    untrusted(job.topic.req_id or "-"), response.status, job.seconds * 1000,
+                    f" (+{len(waiters)} duplicate)" if waiters else "",
+                    extra={"COMMAND": job.topic.command, "REQ_ID": untrusted(job.topic.req_id),
+                           "STATUS": response.status})
 
     # --- timeouts --------------------------------------------------------------------------------
 

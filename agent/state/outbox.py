@@ -291,11 +291,15 @@ class Outbox:
                 with self._lock:
                     for m in outcome.value:
                         self.accepted[m.kind] += 1
-                self.adopt(outcome.value, reserved=True)
                 at = 0
                 for i in taken:
                     results[i] = outcome.value[at:at + len(groups[i])]
                     at += len(groups[i])
+                # The callers hear first (their 202 need not wait while the messages are handed to the client:
+                # they are durable already), then the messages go into the send window.
+                then(results)
+                self.adopt(outcome.value, reserved=True)
+                return
             then(results)
 
         if not flat:

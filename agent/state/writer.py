@@ -12,7 +12,8 @@ committed with `synchronous=NORMAL` when a batch holds nothing else: their WAL f
 durable by the next FULL commit, and losing them in a cut only means a message is sent once more.
 
 The callbacks run on the thread that committed the batch: they must be quick and must not wait for
-the writer.
+the writer. They run inside `callback_scope()` (set by the owner: the session's `writes_together`, so
+that the PUBACKs and responses a batch releases leave in one write to the socket, not one each).
 
 Leader commit (`lead`): a thread that may block (a worker, never the network thread) and finds no batch
 being committed commits its operation itself, together with whatever else waits, and runs the callbacks
@@ -23,6 +24,7 @@ at once). Batches never overlap, and their callbacks run in commit order whoever
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -77,6 +79,7 @@ class GroupWriter:
         self._busy = False  # a batch (or the idle check) is in progress, on the writer thread or a leader
         self._stopping = False
         self._sync_mode = ""
+        self.callback_scope: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
         self._thread = threading.Thread(target=self._run, name="state-writer", daemon=True)
         self._closed = False
         self.batches = 0
@@ -205,12 +208,16 @@ class GroupWriter:
             if durable:
                 self.durable_batches += 1
                 self._safe(lambda: self._on_fsync(len(batch)))
-        for op, outcome in zip(batch, outcomes):
-            if op.then is not None:
-                try:
-                    op.then(outcome)
-                except Exception:
-                    log.exception("internal error in a state store callback")
+        try:
+            with self.callback_scope():
+                for op, outcome in zip(batch, outcomes):
+                    if op.then is not None:
+                        try:
+                            op.then(outcome)
+                        except Exception:
+                            log.exception("internal error in a state store callback")
+        except Exception:
+            log.exception("internal error around the state store's callbacks")
 
     def _transaction(self, batch: Sequence[_Op], outcomes: list[Outcome[Any]], durable: bool) -> bool:
         """Run `batch` in one transaction and commit it (lock held). True if an operation raised: then

@@ -255,8 +255,9 @@ def test_every_published_response_is_counted_by_status(broker, make_config, run_
     watcher.wait(3)
     watcher.publish("command///req/d/slow")  # 200, holds the only worker for 1.2 s
     time.sleep(0.3)
-    watcher.publish("command///req/e/ping")  # queued, too old when it runs: 410
-    watcher.publish("command///req/f/ping")  # no room left: 429
+    # (info, not ping: an inline handler needs no worker, so it is never queued behind a busy one)
+    watcher.publish("command///req/e/info")  # queued, too old when it runs: 410
+    watcher.publish("command///req/f/info")  # no room left: 429
     watcher.publish("command///req/g")  # no command name: malformed, no response possible
     watcher.publish("command///req//no-such-command")  # one-way: rejected, nothing published
     msgs = watcher.wait(6)
@@ -271,8 +272,8 @@ def test_every_published_response_is_counted_by_status(broker, make_config, run_
     assert s['mqtt_agent_commands_total{command="ping",status="413"}'] == 1
     assert s['mqtt_agent_commands_total{command="fail",status="500"}'] == 1
     assert s['mqtt_agent_commands_total{command="slow",status="200"}'] == 1
-    assert s['mqtt_agent_commands_total{command="ping",status="410"}'] == 1
-    assert s['mqtt_agent_commands_total{command="ping",status="429"}'] == 1
+    assert s['mqtt_agent_commands_total{command="info",status="410"}'] == 1
+    assert s['mqtt_agent_commands_total{command="info",status="429"}'] == 1
     published = {k: v for k, v in s.items() if k.startswith("mqtt_agent_commands_total{")}
     assert sum(published.values()) == len(msgs)  # every response published, and nothing else
     for reason, count in (("unknown_command", 2), ("payload_too_large", 1), ("expired", 1), ("queue_full", 1),

@@ -144,7 +144,7 @@ def test_a_pure_command_that_cannot_be_journalled_is_answered_503_and_acknowledg
     d, rec = parts["make"]()
     store: StateStore = parts["store"]
 
-    def failing(key: str, m: Inbound, response: Response, messages: Any, *, answer: Any, then: Any,
+    def failing(key: str, m: Inbound, produce: Any, *, answer: Any, then: Any,
                 lead: bool = False) -> None:
         then(Outcome(error=OSError(28, "No space left on device")))
 
@@ -188,3 +188,77 @@ def test_a_plugin_declares_itself_pure_with_an_attribute(parts: dict[str, Any]) 
     wait_for(lambda: store.fsyncs > commits)
     time.sleep(0.05)
     assert store.fsyncs - commits == 1
+
+
+class InlineCounter(PureCounter):
+    inline = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[str] = []
+
+    def handle(self, request: Request) -> Response:
+        self.threads.append(threading.current_thread().name)
+        return super().handle(request)
+
+
+def test_an_inline_command_runs_in_the_commit_that_journals_it_even_with_every_worker_busy(
+        parts: dict[str, Any]) -> None:
+    """`ping` under load: no worker, no second commit; journalled as done with its answer before its PUBACK."""
+    gate = Gate()
+    inline = InlineCounter()
+    d, rec = parts["make"](LimitsConfig(max_concurrent_commands=1), handlers={"slow": gate, "quick": inline})
+    store: StateStore = parts["store"]
+    d.accept(msg("command///req/s1/slow"))
+    assert gate.entered.wait(5)
+    wait_for(lambda: d.in_flight == 1)
+    commits = store.fsyncs
+    seen: list[Any] = []
+    acked = threading.Event()
+
+    def ack() -> None:
+        seen.append(store.lookup("//q1/quick"))
+        acked.set()
+
+    d.accept(msg("command///req/q1/quick"), ack)
+    assert acked.wait(5)  # answered while the only worker is still held by the slow command
+    topic, body, meta = rec.wait(1)[0]
+    assert topic == "command///res/q1/200" and meta["id"] is not None
+    assert seen[0] is not None and seen[0].state == DONE and seen[0].response.body == body
+    assert inline.threads == ["state-writer"] and store.fsyncs - commits == 1
+    gate.release.set()
+    assert {t for t, _, _ in rec.wait(2)} == {"command///res/q1/200", "command///res/s1/200"}
+
+
+def test_inline_commands_share_a_commit_and_are_acknowledged_in_arrival_order(parts: dict[str, Any]) -> None:
+    inline = InlineCounter()
+    counter = Counter()
+    d, rec = parts["make"](handlers={"quick": inline, "count": counter})
+    store: StateStore = parts["store"]
+    store.enqueue_wait([])
+    commits = store.fsyncs
+    acks: list[str] = []
+    names = [f"q{n}" if n % 3 else f"c{n}" for n in range(60)]
+    for name in names:
+        d.accept(msg(f"command///req/{name}/{'quick' if name[0] == 'q' else 'count'}"),
+                 lambda name=name: acks.append(name))
+    wait_for(lambda: len(acks) == len(names))
+    assert acks == names
+    rec.wait(len(names))
+    assert inline.runs == 40 and counter.runs == 20
+    assert store.fsyncs - commits < len(names)  # group commit: far fewer fsyncs than commands
+
+
+def test_an_inline_handler_that_raises_is_answered_500_and_the_others_of_its_commit_still_land(
+        parts: dict[str, Any]) -> None:
+    class Broken(InlineCounter):
+        def handle(self, request: Request) -> Response:
+            raise RuntimeError("boom")
+
+    d, rec = parts["make"](handlers={"broken": Broken()})
+    d.accept(msg("command///req/b1/broken"))
+    d.accept(msg("command///req/p1/ping"))
+    sent = {t: json.loads(b) for t, b, _ in rec.wait(2)}
+    assert set(sent) == {"command///res/b1/500", "command///res/p1/200"}
+    assert parts["store"].lookup("//b1/broken").response.status == 500
+    wait_for(lambda: d.queued == 0 and d.in_flight == 0)

@@ -25,7 +25,10 @@ class Handler(Protocol):
     journalled as done together with its answer in one durable commit, before its PUBACK: one fsync instead
     of two. A power cut before that commit leaves no PUBACK, so the broker delivers it again and it runs
     again. Its PUBACK waits for the handler: a pure handler must answer within milliseconds, since Eclipse
-    Hono releases a command it has no PUBACK for after about 1 s).
+    Hono releases a command it has no PUBACK for after about 1 s), and `inline` (with `pure`: the handler
+    answers from memory in microseconds, as `ping` does; it then runs on the state store's writer thread,
+    inside the transaction that journals it, whatever else is in flight: no worker and no second commit.
+    It must never block or do I/O: every command waiting for that commit waits for it).
     Raise `agent.protocol.CommandError` (or BadRequest) to answer with an error status.
     """
 

@@ -17,6 +17,7 @@ class PingHandler:
     timeout = 5.0
     quiet = True  # a health probe: its answers are logged at debug level
     pure = True  # no effect but its answer: journalled with it in one commit (see Handler)
+    inline = True  # answers from memory at once: runs inside that commit, on the state writer (see Handler)
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
