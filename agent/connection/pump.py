@@ -6,20 +6,27 @@ at a time touches the TLS socket (an SSL object is not safe for concurrent use):
 while the network thread sleeps in select() writes the packet itself, under the same lock, which saves
 waking that thread (a cross-CPU wake-up) for every response.
 
-PUBACKs are sent from here too, on the network thread: `queue_ack` (any thread) hands over
-(connection, mid); `turn` sends, in the order they became durable, those of a connection that `live`
-says is still the current one, and drops the rest (a message id belongs to one connection: after a reconnect the broker
-redelivers, and the journal answers the redelivery).
+PUBACKs go through here too: `send_ack` (any thread; in practice the thread that made the command
+durable, the state writer) hands paho the PUBACK of a connection that `live` says is still the current
+one and writes it at once if the network thread is not using the socket, as a publish does; the rest are
+dropped (a message id belongs to one connection: after a reconnect the broker redelivers, and the journal
+answers the redelivery). Calls are serialised, so PUBACKs leave in the order they were sent; no wake-up
+of the network thread is needed for them.
+
+`batched()` (a context, per thread): what the thread queues inside it is written when it ends, together
+(the client writes waiting packets in one send: TrackedClient._packet_write). The state writer runs a
+commit's callbacks inside it, so the PUBACKs and responses of a group commit leave in one TLS record.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
 import ssl
 import threading
 import time
-from collections import deque
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
@@ -39,9 +46,9 @@ class Pump:
         self._live = live  # is this connection (an Ack's owner) the current one, and not ended?
         self._clock = clock
         self._on_ack_delay = on_ack_delay  # seconds from a command's receipt to its PUBACK (a metric)
-        self._acks: deque[tuple[object, int, int, float]] = deque()  # (connection, mid, qos, received)
-        self._ack_wake_pending = False  # a wake-up for queued acks is on its way: later acks need none
+        self._ack_lock = threading.Lock()  # PUBACKs enter paho's queue in the order they were sent
         self._io_lock = threading.Lock()
+        self._batching = threading.local()  # .depth: inside batched() on this thread
         self._wakeup = WakeUp()
         client.on_socket_register_write = self._write_now
 
@@ -49,32 +56,20 @@ class Pump:
         """Any thread: make the network thread's select() return now."""
         self._wakeup.set()
 
-    def queue_ack(self, conn: object, mid: int, qos: int, received: float) -> None:
-        """Any thread: acknowledge `mid` of `conn` from the network thread, soon."""
-        self._acks.append((conn, mid, qos, received))
-        if not self._ack_wake_pending:  # a batch of commits acks many commands: one wake-up (a syscall) for all
-            self._ack_wake_pending = True
-            self.wake()
+    def send_ack(self, conn: object, mid: int, qos: int, received: float) -> None:
+        """Any thread: acknowledge `mid` of `conn` now (written by this thread if the socket is free, else by
+        the network thread before it sleeps again); nothing if `conn` is no longer the live connection."""
+        with self._ack_lock:
+            if not self._live(conn):
+                return
+            self._client.ack(mid, qos)
+        if self._on_ack_delay is not None:
+            self._on_ack_delay(self._clock() - received)
 
     def turn(self, timeout: float) -> int:
-        """Network thread: send the PUBACKs that are due, wait up to `timeout` for the socket, let paho do
-        its part, and send what became durable meanwhile. paho's result code of the turn (MQTT_ERR_SUCCESS,
-        or why the socket is gone)."""
-        self._send_acks()
-        rc = self._loop_once(timeout)
-        self._send_acks()
-        return rc
-
-    def _send_acks(self) -> None:
-        """PUBACK the commands that are durable now, in the order they became so."""
-        observe = self._on_ack_delay
-        self._ack_wake_pending = False  # before draining: an ack queued after this line wakes the loop again
-        while self._acks:
-            owner, mid, qos, received = self._acks.popleft()
-            if self._live(owner):
-                self._client.ack(mid, qos)
-                if observe is not None:
-                    observe(self._clock() - received)
+        """Network thread: wait up to `timeout` for the socket (or a wake-up), let paho do its part. paho's
+        result code of the turn (MQTT_ERR_SUCCESS, or why the socket is gone)."""
+        return self._loop_once(timeout)
 
     def _loop_once(self, timeout: float) -> int:
         """Wait for the socket (or a wake-up), then let paho read, write and keep time, under the I/O
@@ -103,9 +98,27 @@ class Pump:
                     return int(rc)
             return int(client.loop_misc())
 
+    @contextlib.contextmanager
+    def batched(self) -> Iterator[None]:
+        """Any thread: packets queued inside are written when the (outermost) block ends, in one send."""
+        depth = getattr(self._batching, "depth", 0)
+        self._batching.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._batching.depth = depth
+            if depth == 0 and self._client.want_write():
+                self._write(self._client)
+
     def _write_now(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         """paho has a packet to write (called in the publishing thread): write it now if the network
-        thread is not using the socket; otherwise that thread writes it before it sleeps again."""
+        thread is not using the socket; otherwise that thread writes it before it sleeps again. Inside
+        `batched()`, when the block ends."""
+        if getattr(self._batching, "depth", 0):
+            return
+        self._write(client)
+
+    def _write(self, client: mqtt.Client) -> None:
         if self._io_lock.acquire(blocking=False):
             try:
                 client.loop_write()

@@ -17,6 +17,7 @@ redelivers, and the journal answers the redelivery).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 import threading
@@ -476,9 +477,13 @@ class Session:
         conn = self._conn
         return owner is conn and conn is not None and conn.ended is None
 
-    def _queue_ack(self, conn: _Conn, mid: int, qos: int, received: float) -> None:
-        """Any thread: acknowledge `mid` of `conn` from the network thread, soon."""
-        self._pump.queue_ack(conn, mid, qos, received)
+    def writes_together(self) -> contextlib.AbstractContextManager[None]:
+        """Any thread: what this thread publishes and acknowledges inside goes out in one write when it ends."""
+        return self._pump.batched()
+
+    def _send_ack(self, conn: _Conn, mid: int, qos: int, received: float) -> None:
+        """Any thread: acknowledge `mid` of `conn` now (see Pump.send_ack)."""
+        self._pump.send_ack(conn, mid, qos, received)
 
     def _check_link(self, conn: _Conn, now: float) -> bool:
         """Close a link that stopped answering (True if it did); once a second, note the uptime and
@@ -637,7 +642,7 @@ class Session:
 
 
 class Ack:
-    """The PUBACK of one received message, sent at most once, from the network thread, on its connection."""
+    """The PUBACK of one received message, sent at most once, on its connection."""
 
     __slots__ = ("_conn", "_session", "done", "mid", "qos", "received")
 
@@ -655,7 +660,7 @@ class Ack:
             return
         self.done = True
         if self._session is not None and self._conn is not None:
-            self._session._queue_ack(self._conn, self.mid, self.qos, self.received)
+            self._session._send_ack(self._conn, self.mid, self.qos, self.received)
 
 
 def no_ack() -> Ack:

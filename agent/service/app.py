@@ -152,6 +152,7 @@ class Agent:
                                               else [])],
             on_ack_delay=self.metrics.ack_delay.observe,
         )
+        self.store.set_callback_scope(self.session.writes_together)  # a commit's PUBACKs and responses: one write
         self.api = PublishApi(self.outbox, PublishContext(
             command_topic=cfg.mqtt.command_topic, v5=cfg.mqtt.is_v5,
             max_message_bytes=lambda: (self.session.max_message_bytes() if self.session is not None

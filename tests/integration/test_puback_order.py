@@ -24,8 +24,26 @@ from tests.support.agentproc import AgentProcess
 pytestmark = pytest.mark.integration
 
 PUBLISH_TOPIC = "command///req/"
-PUBACK = '"\x40\x02'  # the first bytes of the string sendto sends: a PUBACK packet
+PUBACK = 0x40  # the packet type of a PUBACK
 _HEX = re.compile(r"\\x([0-9a-f]{2})")
+_SENT = re.compile(r'sendto\(\d+<[^>]*>, "((?:\\x[0-9a-f]{2})*)"')
+
+
+def _packet_types(data: bytes) -> list[int]:
+    """The MQTT packets in what one sendto wrote (the agent writes waiting packets together)."""
+    types, at = [], 0
+    while at < len(data):
+        types.append(data[at] & 0xF0)
+        length, shift, at = 0, 0, at + 1
+        while at < len(data):
+            byte = data[at]
+            at += 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        at += length
+    return types
 
 
 def _decoded(line: str) -> str:
@@ -53,9 +71,11 @@ def check_order(trace: str) -> tuple[int, int, int]:
                 durable, fsyncs = max(durable, publishes), fsyncs + 1
         elif re.search(r"<\.\.\. f(?:data)?sync resumed>\)\s*= 0$", line) and pid in started:
             durable, fsyncs = max(durable, started.pop(pid)), fsyncs + 1
-        elif "sendto(" in line and line.split("sendto(", 1)[1].split(">, ", 1)[-1].startswith(PUBACK):
-            pubacks += 1
-            assert pubacks <= durable, f"PUBACK before the command was durable, trace line {n}: {line}"
+        elif "sendto(" in line and (sent := _SENT.search(raw)):
+            for kind in _packet_types(bytes.fromhex(sent.group(1).replace("\\x", ""))):
+                if kind == PUBACK:
+                    pubacks += 1
+                    assert pubacks <= durable, f"PUBACK before the command was durable, trace line {n}: {line}"
     return publishes, fsyncs, pubacks
 
 
@@ -71,7 +91,7 @@ def test_every_puback_follows_the_fsync_of_its_command(make_broker: Callable[...
     # -y names the file behind each descriptor; fsyncs of state.sqlite3-wal are the commits.
     # The fds of fsync are resolved per line, so "resumed" lines carry the path only with -y too.
     agent = AgentProcess(cfg, new_session=True, wrapper=(
-        strace, "-f", "-qq", "-y", "-xx", "-s", "256", "-e", "trace=recvfrom,sendto,fsync,fdatasync",
+        strace, "-f", "-qq", "-y", "-xx", "-s", "65536", "-e", "trace=recvfrom,sendto,fsync,fdatasync",
         "-o", str(log))).start()
     try:
         agent.wait_for(r"subscribed to ", timeout=30)
@@ -128,3 +148,18 @@ def test_the_checker_catches_an_early_puback() -> None:
         check_order(early)
     ok = "\n".join([early.splitlines()[0], early.splitlines()[2], early.splitlines()[1]])
     assert check_order(ok) == (1, 1, 1)
+
+
+def test_the_checker_finds_a_puback_written_together_with_a_response() -> None:
+    """The agent writes a commit's responses and PUBACKs in one send: the PUBACK inside it still counts."""
+    publish = bytes([0x32, 8]) + b"\x00\x04res/\x00\x07"  # a QoS 1 PUBLISH (topic "res/", mid 7)
+    both = "".join(f"\\x{b:02x}" for b in publish + b"\x40\x02\x00\x01")
+    lines = [
+        '1 recvfrom(5<TCP:[1]>, "\\x00\\x0f' + "".join(f"\\x{b:02x}" for b in b"command///req/1/p") + '", 2048, 0,'
+        ' NULL, NULL) = 20',
+        f'1 sendto(5<TCP:[1]>, "{both}", 14, 0, NULL, 0) = 14',
+        "2 fdatasync(7<" + "".join(f"\\x{b:02x}" for b in b"/s/state.sqlite3-wal") + ">) = 0",
+    ]
+    with pytest.raises(AssertionError, match="PUBACK before the command was durable"):
+        check_order("\n".join(lines))
+    assert check_order("\n".join([lines[0], lines[2], lines[1]])) == (1, 1, 1)
