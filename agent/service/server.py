@@ -8,7 +8,8 @@ it as root with the right group even though the service itself runs with Private
 One thread, non-blocking sockets, a selector. Each round it reads what every ready connection sent and
 answers the requests that can be answered at once (status, errors); the publishing ones of the round go
 to the handler's `commit` together, which writes them to the state store in one transaction (one fsync
-for all), and each is answered 202 only when that commit is on disk. While one round's commit is on its
+for all; this thread commits it itself when the store's writer is idle), and each is answered 202 only
+when that commit is on disk. While one round's commit is on its
 way the next round is read (the store's group commit takes it together with whatever else waits). A
 thread per connection was CPU-bound on 2 cores (a GIL hand-off and a thread switch for every request).
 
@@ -235,7 +236,8 @@ class ApiServer:
                 timeout = min((c.deadline for c in self._conns.values() if c.state != _WAIT), default=now + 1.0)
                 if self._stop_by is not None:
                     timeout = min(timeout, self._stop_by)
-                ready = self._sel.select(max(0.0, min(timeout - now, 1.0)))
+                # (answers this thread queued itself, e.g. for a pipelined request: no wake-up was sent)
+                ready = self._sel.select(0.0 if self._done else max(0.0, min(timeout - now, 1.0)))
                 publish: list[tuple[_Conn, Any]] = []
                 for key, mask in ready:
                     if key.fileobj is self._sock:
@@ -251,6 +253,7 @@ class ApiServer:
                 self._answer_committed()
                 if publish:
                     self._start_commit(publish)
+                    self._answer_committed()  # a commit this thread led itself is on disk already
                 self._expire()
         except Exception:
             log.exception("api: the server loop failed; the local API is down until the agent restarts")
@@ -403,7 +406,8 @@ class ApiServer:
                 return
             answered.set()
             self._done.append((conns, replies))
-            self._wake()
+            if threading.current_thread() is not self._thread:  # (this thread answers them after the commit)
+                self._wake()
 
         if self._commit is None:
             done([Reply(500, {"error": "internal", "message": "this server cannot store messages"})] * len(conns))

@@ -248,13 +248,14 @@ class Outbox:
         return result
 
     def admit_many(self, groups: Sequence[Sequence[OutMessage]],
-                   then: Callable[[list[list[OutMessage] | BaseException]], None]) -> None:
+                   then: Callable[[list[list[OutMessage] | BaseException]], None], *, lead: bool = False) -> None:
         """`admit` for several requests at once, without waiting: one durable write (one fsync) for all.
 
         Each group is judged on its own, in order (all or nothing per group, as `admit`). `then(results)`
         hears, per group, the messages with their ids once they are on disk, or why not (QueueFull: nothing
         written; the store's error: nothing accepted). It runs on the store's writer thread (or at once
-        when nothing is to be written): it must be quick."""
+        when nothing is to be written; or, with `lead`, on the calling thread when the writer was idle and
+        this thread committed itself: StateStore.enqueue): it must be quick."""
         results: list[list[OutMessage] | BaseException] = [[] for _ in groups]
         taken: list[int] = []
         victims: list[_Entry] = []
@@ -308,7 +309,7 @@ class Outbox:
             stored(Outcome(value=flat))
         else:
             try:
-                self.store.enqueue(flat, then=stored)
+                self.store.enqueue(flat, then=stored, lead=lead)
             except BaseException:
                 unreserve()
                 raise

@@ -562,9 +562,16 @@ class StateStore:
         self._writer.call(lambda db: db.execute("DELETE FROM commands WHERE key = ?", (key,)))
 
     def enqueue(self, messages: Sequence[OutMessage],
-                then: Callable[[Outcome[list[OutMessage]]], None] | None = None) -> None:
-        """Queue `messages`; `then` hears (with their ids) once they are on disk."""
-        self._writer.submit(lambda db: [self._insert(db, m) for m in messages], then=then)
+                then: Callable[[Outcome[list[OutMessage]]], None] | None = None, *, lead: bool = False) -> None:
+        """Queue `messages`; `then` hears (with their ids) once they are on disk. `lead`: commit on the calling
+        thread if the writer is idle (GroupWriter.lead; the caller may block for the fsync)."""
+        def op(db: sqlite3.Connection) -> list[OutMessage]:
+            return [self._insert(db, m) for m in messages]
+
+        if lead:
+            self._writer.lead(op, then=then)
+        else:
+            self._writer.submit(op, then=then)
 
     def enqueue_wait(self, messages: Sequence[OutMessage]) -> list[OutMessage]:
         return self._writer.call(lambda db: [self._insert(db, m) for m in messages])
