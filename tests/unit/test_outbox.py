@@ -247,3 +247,26 @@ def test_size_reports_are_throttled_while_busy_but_never_lost(tmp_path):
     assert sizes == [0, 1, 5]  # the held-back latest value, once the interval has passed
     ack_all(box, link)
     assert sizes == [0, 1, 5, 0]  # back to empty at once
+
+
+def test_admit_many_with_lead_commits_on_the_calling_thread_when_the_writer_is_idle(tmp_path):
+    """The local API's thread: no hand-off to the writer and back; the caller hears before it returns."""
+    import threading
+
+    box, link, _, _ = make(tmp_path)
+    box.link_up()
+    assert box.store is not None
+    box.store.enqueue_wait([])  # a quiet writer
+    heard: list[tuple[str, list[int]]] = []
+
+    def then(results):
+        heard.append((threading.current_thread().name, [len(r) for r in results]))
+
+    box.admit_many([[msg(1, kind="telemetry")], [msg(2, kind="telemetry"), msg(3, kind="telemetry")]], then,
+                   lead=True)
+    assert heard == [(threading.current_thread().name, [1, 2])]  # on disk, answered, before the call returned
+    assert [m.topic for m in link.sent] == [msg(n).topic for n in (1, 2, 3)]
+    box.admit_many([[msg(4, kind="telemetry")]], then)  # without lead: the writer's thread
+    box.store.enqueue_wait([])
+    assert heard[1] == ("state-writer", [1])
+    box.close()
