@@ -406,7 +406,11 @@ class ApiServer:
                 return
             answered.set()
             self._done.append((conns, replies))
-            if threading.current_thread() is not self._thread:  # (this thread answers them after the commit)
+            if threading.current_thread() is self._thread:
+                # This thread committed the round itself: answer now, before the messages are handed to the
+                # client (they are on disk; the apps need not wait for that write).
+                self._answer_committed()
+            else:
                 self._wake()
 
         if self._commit is None:
