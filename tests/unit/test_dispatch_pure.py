@@ -32,6 +32,15 @@ def wait_for(cond: Any, timeout: float = 5.0) -> None:
         time.sleep(0.005)
 
 
+def with_the_only_worker_busy(parts: dict[str, Any], name: str, handler: Any) -> tuple[Any, Any, StateStore, Gate]:
+    """A dispatcher with one worker, held by a `slow` command (released through the returned Gate)."""
+    gate = Gate()
+    d, rec = parts["make"](LimitsConfig(max_concurrent_commands=1), handlers={"slow": gate, name: handler})
+    d.accept(msg("command///req/s1/slow"))
+    assert gate.entered.wait(5)
+    return d, rec, parts["store"], gate
+
+
 def test_a_pure_command_costs_one_durable_commit_and_is_acknowledged_after_it(parts: dict[str, Any]) -> None:
     d, rec = parts["make"]()
     store: StateStore = parts["store"]
@@ -72,12 +81,8 @@ def test_an_effectful_command_keeps_two_durable_points(parts: dict[str, Any]) ->
 def test_a_pure_handler_needs_no_running_mark(parts: dict[str, Any]) -> None:
     """Queued behind busy workers, a pure command is journalled first (the ordinary path) but starts without
     a durable running mark: running it again after a cut is harmless."""
-    gate = Gate()
     pure = PureCounter()
-    d, rec = parts["make"](LimitsConfig(max_concurrent_commands=1), handlers={"slow": gate, "look": pure})
-    store: StateStore = parts["store"]
-    d.accept(msg("command///req/s1/slow"))
-    assert gate.entered.wait(5)
+    d, rec, store, gate = with_the_only_worker_busy(parts, "look", pure)
 
     def failing(key: str) -> None:
         raise AssertionError("a pure command was marked running")
@@ -205,12 +210,8 @@ class InlineCounter(PureCounter):
 def test_an_inline_command_runs_in_the_commit_that_journals_it_even_with_every_worker_busy(
         parts: dict[str, Any]) -> None:
     """`ping` under load: no worker, no second commit; journalled as done with its answer before its PUBACK."""
-    gate = Gate()
     inline = InlineCounter()
-    d, rec = parts["make"](LimitsConfig(max_concurrent_commands=1), handlers={"slow": gate, "quick": inline})
-    store: StateStore = parts["store"]
-    d.accept(msg("command///req/s1/slow"))
-    assert gate.entered.wait(5)
+    d, rec, store, gate = with_the_only_worker_busy(parts, "quick", inline)
     wait_for(lambda: d.in_flight == 1)
     commits = store.fsyncs
     seen: list[Any] = []
