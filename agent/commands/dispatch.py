@@ -482,9 +482,6 @@ class Dispatcher:
             self._pool.submit(job)
             return
 
-        def answer(record: Record) -> list[OutMessage]:
-            return response_messages(route, record.response) if record.response is not None else []
-
         def added(outcome: Outcome[Added]) -> None:
             # Writer thread, in commit order: the row (or the re-sent id's answer) is on disk.
             try:
@@ -492,7 +489,7 @@ class Dispatcher:
             finally:
                 ack()
 
-        self._store.add_command(journal_key, msg, running=claimed, answer=answer, then=added)
+        self._store.add_command(journal_key, msg, running=claimed, answer=self._answer_for(route), then=added)
 
     def _added(self, outcome: Outcome[Added], topic: CommandTopic, msg: Inbound, handler: Handler,
                route: ReplyRoute, journal_key: str, dedupe_key: str | None, claimed: bool, ack: AckFn) -> None:
@@ -589,15 +586,21 @@ class Dispatcher:
         slot: a worker that died here would leave the in-flight count up forever."""
         try:
             self._run(job)
-        except Exception:
-            error_id = uuid.uuid4().hex[:12]
-            log.exception("internal error while running command %s req %s (error id %s); it is answered 500 "
-                          "without running", job.topic.command, untrusted(job.topic.req_id or "-"), error_id)
+        except Exception:  # noqa: BLE001 - logged with its traceback (_internal_error)
+            response = self._internal_error(job, "; it is answered 500 without running")
             with self._lock:
                 if not job.counted:
                     self._running += 1
                     job.counted = True
-            self._complete(job, Response.error(INTERNAL_ERROR, "internal error in the agent", error_id=error_id))
+            self._complete(job, response)
+
+    @staticmethod
+    def _internal_error(job: _Job, note: str = "") -> Response:
+        """A failure of the agent's own around a command (logged with its traceback): the 500 it answers."""
+        error_id = uuid.uuid4().hex[:12]
+        log.exception("internal error while running command %s req %s (error id %s)%s", job.topic.command,
+                      untrusted(job.topic.req_id or "-"), error_id, note)
+        return Response.error(INTERNAL_ERROR, "internal error in the agent", error_id=error_id)
 
     def _expired(self, job: _Job) -> str | None:
         now = self._wall()
@@ -623,9 +626,8 @@ class Dispatcher:
             self._begin(job)
             self._complete(job, self._expired_response(job, expired))
             return
-        timeout = getattr(job.handler, "timeout", None) or self.limits.command_timeout
         self._begin(job)
-        deadline = job.started + timeout
+        deadline = job.started + self._timeout(job)
         grace = ENFORCED_TIMEOUT_GRACE if getattr(job.handler, "enforces_timeout", False) else 0.0
         if not job.claimed and not job.pure:  # a pure handler may run again after a cut: no mark needed
             self._store.mark_running(job.journal_key)
@@ -649,13 +651,9 @@ class Dispatcher:
                         response = self._expired_response(job, expired)
                     else:
                         self.observer.command_started(job.topic.command)
-                        timeout = getattr(job.handler, "timeout", None) or self.limits.command_timeout
-                        response = self._call(job, job.started + timeout)
-                except Exception:  # never fail the transaction the other commands share
-                    error_id = uuid.uuid4().hex[:12]
-                    log.exception("internal error while running command %s req %s (error id %s)",
-                                  job.topic.command, untrusted(job.topic.req_id or "-"), error_id)
-                    response = Response.error(INTERNAL_ERROR, "internal error in the agent", error_id=error_id)
+                        response = self._call(job, job.started + self._timeout(job))
+                except Exception:  # noqa: BLE001 - logged (_internal_error); never fail the shared transaction
+                    response = self._internal_error(job)
                 self._finish(job, response)
                 job.answer = (response, response_messages(job.route, response))
             return job.answer
@@ -669,7 +667,11 @@ class Dispatcher:
                 return
             self._journalled(job, *job.answer, outcome)
 
-        self._store.add_done(job.journal_key, job.msg, produce, answer=self._answer_for(job), then=journalled)
+        self._store.add_done(job.journal_key, job.msg, produce, answer=self._answer_for(job.route), then=journalled)
+
+    def _timeout(self, job: _Job) -> float:
+        """The handler's own timeout, or limits.command_timeout."""
+        return float(getattr(job.handler, "timeout", None) or self.limits.command_timeout)
 
     def _begin(self, job: _Job) -> None:
         job.started = self._clock()
@@ -746,15 +748,15 @@ class Dispatcher:
 
             self._store.finish_async(job.journal_key, response, messages, then=finished, lead=True)
             return True
-        self._store.add_done(job.journal_key, job.msg, lambda: (response, messages), answer=self._answer_for(job),
+        self._store.add_done(job.journal_key, job.msg, lambda: (response, messages), answer=self._answer_for(job.route),
                              then=lambda outcome: self._journalled(job, response, messages, outcome), lead=True)
         return True
 
     @staticmethod
-    def _answer_for(job: _Job) -> Callable[[Record], list[OutMessage]]:
-        """What a re-sent id is answered with: its journalled response."""
+    def _answer_for(route: ReplyRoute) -> Callable[[Record], list[OutMessage]]:
+        """What a re-sent id is answered with on `route`: its journalled response."""
         def answer(record: Record) -> list[OutMessage]:
-            return response_messages(job.route, record.response) if record.response is not None else []
+            return response_messages(route, record.response) if record.response is not None else []
 
         return answer
 
@@ -869,7 +871,7 @@ class Dispatcher:
     def _time_out(self, job: _Job) -> None:
         if job.done:
             return
-        timeout = getattr(job.handler, "timeout", None) or self.limits.command_timeout
+        timeout = self._timeout(job)
         if self._complete(job, Response.error(TIMEOUT, f"command {job.topic.command!r} did not finish "
                                                        f"within {timeout:g} s")):
             log.error("command %s req %s is still running past its %g s timeout: answered 504; "
