@@ -236,8 +236,7 @@ class ApiServer:
                 timeout = min((c.deadline for c in self._conns.values() if c.state != _WAIT), default=now + 1.0)
                 if self._stop_by is not None:
                     timeout = min(timeout, self._stop_by)
-                # (answers this thread queued itself, e.g. for a pipelined request: no wake-up was sent)
-                ready = self._sel.select(0.0 if self._done else max(0.0, min(timeout - now, 1.0)))
+                ready = self._sel.select(max(0.0, min(timeout - now, 1.0)))
                 publish: list[tuple[_Conn, Any]] = []
                 for key, mask in ready:
                     if key.fileobj is self._sock:
@@ -252,8 +251,7 @@ class ApiServer:
                             self._receive(conn, publish)
                 self._answer_committed()
                 if publish:
-                    self._start_commit(publish)
-                    self._answer_committed()  # a commit this thread led itself is on disk already
+                    self._start_commit(publish)  # (a round this thread commits itself is answered in it)
                 self._expire()
         except Exception:
             log.exception("api: the server loop failed; the local API is down until the agent restarts")

@@ -525,10 +525,7 @@ class StateStore:
                 return Added(False)
             return Added(False, record, tuple(self._insert(db, m) for m in answer(record)))
 
-        if lead:
-            self._writer.lead(op, then=then)
-        else:
-            self._writer.submit(op, then=then)
+        self._writer.submit(op, then=then, lead=lead)
 
     def mark_running(self, key: str) -> None:
         """Durable before the handler starts (a cut after this answers 500 "interrupted", never re-runs).
@@ -562,10 +559,7 @@ class StateStore:
                        (DONE, response.status, response.body, response.content_type, self._wall(), key))
             return [self._insert(db, m) for m in messages]
 
-        if lead:
-            self._writer.lead(op, then=then)
-        else:
-            self._writer.submit(op, then=then)
+        self._writer.submit(op, then=then, lead=lead)
 
     def discard(self, key: str) -> None:
         self._writer.call(lambda db: db.execute("DELETE FROM commands WHERE key = ?", (key,)))
@@ -577,10 +571,7 @@ class StateStore:
         def op(db: sqlite3.Connection) -> list[OutMessage]:
             return [self._insert(db, m) for m in messages]
 
-        if lead:
-            self._writer.lead(op, then=then)
-        else:
-            self._writer.submit(op, then=then)
+        self._writer.submit(op, then=then, lead=lead)
 
     def enqueue_wait(self, messages: Sequence[OutMessage]) -> list[OutMessage]:
         return self._writer.call(lambda db: [self._insert(db, m) for m in messages])

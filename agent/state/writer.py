@@ -15,9 +15,10 @@ The callbacks run on the thread that committed the batch: they must be quick and
 the writer. They run inside `callback_scope()` (set by the owner: the session's `writes_together`, so
 that the PUBACKs and responses a batch releases leave in one write to the socket, not one each).
 
-Leader commit (`lead`): a thread that may block (a worker, never the network thread) and finds no batch
-being committed commits its operation itself, together with whatever else waits, and runs the callbacks
-on its own thread: an isolated command then costs no wake-up of the writer thread and no hand-off back.
+Leader commit (`lead`): a thread that may block (a worker or the local API's thread, never the network
+thread) and finds no batch being committed commits its operation itself, together with whatever else
+waits, and runs the callbacks on its own thread: an isolated command then costs no wake-up of the writer
+thread and no hand-off back.
 If a batch is being committed, the operation waits for the next one like any other (the caller returns
 at once). Batches never overlap, and their callbacks run in commit order whoever commits them.
 """
@@ -89,8 +90,12 @@ class GroupWriter:
     # --- any thread ----------------------------------------------------------------------------
 
     def submit(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True,
-               then: Callable[[Outcome[T]], None] | None = None) -> None:
-        """Run `fn` in the next batch; `then(outcome)` once that batch is committed (or failed)."""
+               then: Callable[[Outcome[T]], None] | None = None, lead: bool = False) -> None:
+        """Run `fn` in the next batch; `then(outcome)` once that batch is committed (or failed). `lead`: commit
+        it on this thread if no batch is being committed (see `lead`)."""
+        if lead:
+            self.lead(fn, durable=durable, then=then)
+            return
         if self._closed:
             if then is not None:
                 then(Outcome(error=RuntimeError("the state store is closed")))
@@ -115,7 +120,7 @@ class GroupWriter:
                 self._ops.append(op)
                 return False
             self._busy = True
-            batch = self._take(first=None)
+            batch = self._take()
             batch.append(op)
         try:
             self._commit(batch)
@@ -133,10 +138,7 @@ class GroupWriter:
             box.append(outcome)
             done.set()
 
-        if lead:
-            self.lead(fn, then=then)
-        else:
-            self.submit(fn, then=then)
+        self.submit(fn, then=then, lead=lead)
         if not done.wait(timeout):
             raise TimeoutError(f"the state store did not commit within {timeout:g} s")
         outcome = box[0]
@@ -154,9 +156,9 @@ class GroupWriter:
 
     # --- writer thread -------------------------------------------------------------------------
 
-    def _take(self, first: _Op | None) -> list[_Op]:
+    def _take(self) -> list[_Op]:
         """Up to MAX_BATCH waiting operations, oldest first (condition held)."""
-        batch = [first] if first is not None else []
+        batch: list[_Op] = []
         while self._ops and len(batch) < MAX_BATCH:
             batch.append(self._ops.popleft())
         return batch
@@ -177,7 +179,7 @@ class GroupWriter:
                 if not self._ops and self._stopping:
                     return
                 self._busy = True
-                batch = self._take(first=None)
+                batch = self._take()
             try:
                 if batch:
                     self._commit(batch)
