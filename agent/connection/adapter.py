@@ -38,6 +38,8 @@ RC_CONNECTION_LOST = 0x80  # paho: "Unspecified error", the socket closed withou
 QUIET_RESOLUTION = 1.0
 # Packets waiting together are written with one send of at most this many bytes (see _packet_write).
 COALESCE_BYTES = 64 * 1024
+# With `buffer_reads`, one receive takes up to this many bytes (a whole TLS record's plaintext is at most 16 KiB).
+RECV_CHUNK = 16 * 1024
 
 
 def _plain(packet: Any) -> bool:
@@ -72,6 +74,15 @@ class TrackedClient(mqtt.Client):
     link_error = ""
     _since = 0.0
     _unconfirmed_quiet = 0.0
+    # Read ahead (set by the owner of an external loop that asks `buffered()` before it waits in select():
+    # the network pump). paho reads a packet in three or more receives (the command byte, each byte of the
+    # remaining length, the body): each a call into the TLS layer that drops and retakes the GIL, which the
+    # state writer holds much of the time under load. One receive of up to RECV_CHUNK serves them all.
+    # Off by default: paho's own loop (loop_forever, used by `mqtt-agent send`) cannot see this buffer.
+    buffer_reads = False
+    _rbuf = b""
+    _rpos = 0
+    _rsock: Any = None  # the socket _rbuf came from (a reconnect must not see the old link's bytes)
 
     def begin_connection(self) -> None:
         self._since = time.monotonic()
@@ -82,7 +93,29 @@ class TrackedClient(mqtt.Client):
     def _quiet(self, now: float) -> float:
         return now - max(self.last_in, self.last_out, self._since)
 
+    def buffered(self) -> int:
+        """Bytes read ahead from the current socket and not yet taken by paho (select() cannot see them)."""
+        if self._rsock is not self._sock:
+            return 0
+        return len(self._rbuf) - self._rpos
+
     def _sock_recv(self, bufsize: int) -> bytes:
+        if not self.buffer_reads:
+            return self._recv(bufsize)
+        pos = self._rpos
+        buf = self._rbuf
+        if pos < len(buf) and self._rsock is self._sock:
+            end = pos + bufsize
+            self._rpos = end
+            return buf[pos:end]
+        self._rbuf, self._rpos, self._rsock = b"", 0, None
+        data = self._recv(max(bufsize, RECV_CHUNK))
+        if len(data) <= bufsize:
+            return data
+        self._rbuf, self._rpos, self._rsock = data, bufsize, self._sock
+        return data[:bufsize]
+
+    def _recv(self, bufsize: int) -> bytes:
         try:
             data: bytes = super()._sock_recv(bufsize)
         except ConnectionError as exc:

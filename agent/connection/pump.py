@@ -51,6 +51,10 @@ class Pump:
         self._batching = threading.local()  # .depth: inside batched() on this thread
         self._wakeup = WakeUp()
         client.on_socket_register_write = self._write_now
+        # A client that can read ahead (TrackedClient) does so: this loop asks it what it holds before select().
+        self._buffered: Callable[[], int] = getattr(client, "buffered", lambda: 0)
+        if hasattr(client, "buffer_reads"):
+            client.buffer_reads = True
 
     def wake(self) -> None:
         """Any thread: make the network thread's select() return now."""
@@ -78,7 +82,8 @@ class Pump:
         sock = client.socket()
         if sock is None:
             return int(mqtt.MQTT_ERR_NO_CONN)
-        pending = sock.pending() if isinstance(sock, ssl.SSLSocket) else 0  # decrypted bytes select() cannot see
+        # Bytes select() cannot see: read ahead by the client, or decrypted and held by the TLS layer.
+        pending = self._buffered() or (sock.pending() if isinstance(sock, ssl.SSLSocket) else 0)
         try:
             watched: list[Any] = [sock, self._wakeup]  # anything with fileno()
             readable, _, _ = select.select(watched, [sock] if client.want_write() else [], [],
