@@ -20,6 +20,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import MqttConfig, read_secret
 from agent.protocol import Inbound
@@ -40,6 +41,11 @@ QUIET_RESOLUTION = 1.0
 COALESCE_BYTES = 64 * 1024
 # With `buffer_reads`, one receive takes up to this many bytes (a whole TLS record's plaintext is at most 16 KiB).
 RECV_CHUNK = 16 * 1024
+
+
+# What an MQTT 3.1.1 PUBACK tells on_publish (it carries nothing but the message id): made once, not per PUBACK.
+_PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
+_NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
 
 
 def _plain(packet: Any) -> bool:
@@ -172,6 +178,22 @@ class TrackedClient(mqtt.Client):
                 packet["pos"] += packet["to_process"]
                 packet["to_process"] = 0
         return super()._packet_write()
+
+    def _handle_pubackcomp(self, cmd: Any) -> MQTTErrorCode:
+        """paho's, without a fresh ReasonCode and Properties for every MQTT 3.1.1 PUBACK (28 us of the network
+        thread's time per response on a Pi-class core, which the state writer waits for under load): such a
+        PUBACK is its message id only, and always means success. MQTT 5, PUBCOMP and malformed packets: paho."""
+        packet = self._in_packet["packet"]
+        if cmd != "PUBACK" or self._protocol == mqtt.MQTTv5 or len(packet) != 2:
+            result: MQTTErrorCode = super()._handle_pubackcomp(cmd)
+            return result
+        mid = int.from_bytes(packet, "big")
+        self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received %s (Mid: %d)", cmd, mid)
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                rc: MQTTErrorCode = self._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
+                return rc
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _sock_send(self, buf: bytes | bytearray) -> int:
         sent: int = super()._sock_send(buf)
