@@ -49,7 +49,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -132,6 +132,13 @@ class OutMessage:
     attempts: int = 0
     created: float | None = None  # wall clock when it was queued (set when read back from the store)
 
+    def stored_as(self, msg_id: int) -> OutMessage:
+        """This message with its row id (dataclasses.replace, without its per-call introspection: every
+        stored message takes this step on the state writer)."""
+        new = object.__new__(OutMessage)
+        new.__dict__.update(self.__dict__, id=msg_id)
+        return new
+
 
 @dataclass(frozen=True)
 class Record:
@@ -196,6 +203,7 @@ class StateStore:
                  wall: Callable[[], float] = time.time, clock: Callable[[], float] = time.monotonic) -> None:
         self.state_dir = state_dir
         self.path = state_dir / STATE_FILE
+        self._path_str = str(self.path)  # os.stat of a str: the identity check runs before every durable commit
         self.max_bytes = max_bytes
         self._wall = wall
         self._clock = clock
@@ -396,9 +404,9 @@ class StateStore:
     # --- health of the file (writer thread) -------------------------------------------------------
 
     def _check_identity(self) -> None:
-        """Before a batch: is state.sqlite3 still the file we opened? If not, open a fresh one first."""
+        """Before a durable batch: is state.sqlite3 still the file we opened? If not, open a fresh one first."""
         try:
-            st = self.path.stat()
+            st = os.stat(self._path_str)  # noqa: PTH116 - a str: no pathlib work per commit
             same = (st.st_dev, st.st_ino) == self._identity
         except FileNotFoundError:
             same = False
@@ -473,7 +481,7 @@ class StateStore:
                    (msg_id, msg.kind, self._wall(), msg.topic, msg.payload, msg.qos,
                     _props_json(msg), msg.expires))
         self._next_id += 1
-        return replace(msg, id=msg_id)
+        return msg.stored_as(msg_id)
 
     def add_command(self, key: str, msg: Inbound, *, running: bool,
                     answer: Callable[[Record], Sequence[OutMessage]],

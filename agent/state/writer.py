@@ -192,7 +192,8 @@ class GroupWriter:
         outcomes: list[Outcome[Any]] = [Outcome() for _ in batch]
         durable = any(op.durable for op in batch)
         try:
-            self._before_batch()
+            if durable:  # (what a batch that acknowledges nothing writes may go to a replaced file: it is lost)
+                self._before_batch()
             with self._lock:
                 failed = self._transaction(batch, outcomes, durable)
                 if failed:

@@ -195,3 +195,15 @@ def test_a_second_agent_on_the_same_state_dir_is_refused_not_treated_as_corrupt(
     assert list(tmp_path.glob("*.corrupt-*")) == []
     store.close()
     assert [r.key for r in StateStore(tmp_path).pending()] == ["k"]
+
+
+def test_stored_as_is_the_message_with_its_row_id() -> None:
+    import dataclasses
+
+    msg = OutMessage("t/1", b"p", 1, correlation_data=b"c", user_properties=(("k", "v"),), content_type="a/b",
+                     kind="event", expires=5.0, attempts=2, created=1.0)
+    stored = msg.stored_as(42)
+    assert stored == dataclasses.replace(msg, id=42)
+    assert msg.id is None  # the original is unchanged
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stored.id = 1  # type: ignore[misc]
