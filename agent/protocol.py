@@ -85,6 +85,10 @@ class Request:
             raise BadRequest(f"payload is not valid JSON: {exc}") from exc
 
 
+# json.dumps(obj, separators=(",", ":"), sort_keys=True), without building an encoder for every response.
+_COMPACT = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+
+
 @dataclass(frozen=True)
 class Response:
     status: int
@@ -94,7 +98,7 @@ class Response:
 
     @classmethod
     def ok(cls, obj: Any, status: int = OK) -> Response:
-        return cls(status, json.dumps(obj, separators=(",", ":"), sort_keys=True).encode(), JSON)
+        return cls(status, _COMPACT.encode(obj).encode(), JSON)
 
     @classmethod
     def error(cls, status: int, message: str, **extra: Any) -> Response:
