@@ -111,7 +111,7 @@ class TrackedClient(mqtt.Client):
         pos = self._rpos
         buf = self._rbuf
         if pos < len(buf) and self._rsock is self._sock:
-            end = pos + bufsize
+            end = min(pos + bufsize, len(buf))  # (a body that goes on past the buffer: paho asks again)
             self._rpos = end
             return buf[pos:end]
         self._rbuf, self._rpos, self._rsock = b"", 0, None
