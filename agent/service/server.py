@@ -148,11 +148,15 @@ Handler = Callable[[Request], HandlerResult]
 # commit(works, done): store every work of a round together; done(replies) (any thread), one per work, in order.
 Commit = Callable[[list[Any], Callable[[list[Reply]], None]], None]
 
-_READ, _WAIT, _WRITE, _REFUSE = 0, 1, 2, 3
+_READ, _WAIT, _WRITE, _REFUSE, _LINGER = 0, 1, 2, 3, 4
+# After an error answered before the request was read whole (413: the body is still on its way), the server
+# stops writing and reads and drops what the client still sends, up to this long, before it closes: closing
+# at once would make the client's send fail (EPIPE, ECONNRESET) before it reads the answer that says why.
+LINGER_SECONDS = 2.0
 
 
 class _Conn:
-    __slots__ = ("buf", "close_after", "deadline", "events", "out", "sock", "state")
+    __slots__ = ("buf", "close_after", "deadline", "events", "linger", "out", "sock", "state")
 
     def __init__(self, sock: socket.socket, state: int, deadline: float) -> None:
         self.sock = sock
@@ -161,6 +165,7 @@ class _Conn:
         self.state = state
         self.deadline = deadline
         self.close_after = False
+        self.linger = False  # answered before its request was read whole: drain the rest before closing
         self.events = 0  # what the selector watches for (0: not registered)
 
 
@@ -274,7 +279,7 @@ class ApiServer:
         if now >= self._stop_by:
             return True
         for conn in list(self._conns.values()):
-            if conn.state in (_READ, _REFUSE) and not conn.out:
+            if conn.state in (_READ, _REFUSE, _LINGER) and not conn.out:
                 if conn.buf and conn.state == _READ:  # a request on its way: it will not be served
                     self._reply(conn, Reply(503, {"error": "stopping",
                                                   "message": "the agent is stopping; retry once it is back"}), True)
@@ -359,7 +364,7 @@ class ApiServer:
             else:
                 self._close(conn)  # the client went away (idle, or mid-request: nothing to answer)
             return
-        if conn.state == _REFUSE:
+        if conn.state in (_REFUSE, _LINGER):
             return  # read and dropped
         conn.buf += chunk
         if conn.state == _READ:
@@ -373,6 +378,8 @@ class ApiServer:
         try:
             req = parse_request(conn.buf, self.cfg.max_body_bytes)
         except ApiError as exc:
+            conn.buf.clear()
+            conn.linger = True  # the rest of this request may still be on its way
             self._reply(conn, Reply(exc.status, exc.body()), True)
             return
         if req is None:
@@ -456,6 +463,13 @@ class ApiServer:
         if conn.state == _REFUSE:
             with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_WR)  # then wait for the client's end (or the deadline)
+            self._watch(conn, selectors.EVENT_READ)
+            return
+        if conn.linger and conn.state == _WRITE:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_WR)  # the answer is complete; what the client still sends is dropped
+            conn.state = _LINGER
+            conn.deadline = self._clock() + min(LINGER_SECONDS, self.cfg.timeout)
             self._watch(conn, selectors.EVENT_READ)
             return
         if conn.close_after or conn.state != _WRITE:

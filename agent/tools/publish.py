@@ -58,7 +58,13 @@ def request(path: Path, method: str, target: str, body: bytes = b"", content_typ
     conn = _UnixConnection(str(path), timeout)
     try:
         headers = {"Content-Type": content_type} if content_type else {}
-        conn.request(method, target, body=body, headers=headers)
+        try:
+            conn.request(method, target, body=body, headers=headers)
+        except (BrokenPipeError, ConnectionResetError):
+            # The agent answered before it read the whole body (413: too large) and stopped reading: its
+            # answer, which says why, is waiting to be read.
+            if conn.sock is None:
+                raise
         resp = conn.getresponse()
         raw = resp.read()
     except http.client.HTTPException as exc:
