@@ -20,7 +20,9 @@ own `mqtt_agent_command_ack_delay_seconds` histogram (bucket upper bounds, over 
 the median over rounds.
 
 The disk's own fsync latency is measured in the same run, in the state directory's file system (4 KiB
-write + fdatasync, median of 200; rewriting in place, as SQLite reuses its WAL, and appending).
+write + fdatasync, median of 200; rewriting in place, as SQLite reuses its WAL, and appending). So is the
+state store alone (`store_commit_latency`: one ping journalled as done with its response, committed on the
+calling thread, no network): the floor under what durability adds to a `ping`.
 """
 
 from __future__ import annotations
@@ -66,6 +68,46 @@ def fsync_latency(directory: Path, n: int = 200, append: bool = False) -> float:
     finally:
         os.close(fd)
         path.unlink()
+    return percentile(times, 50)
+
+
+def store_commit_latency(directory: Path, n: int = 500, warmup: int = 200) -> float:
+    """Median seconds for the state store alone (this process; no network, no dispatcher, no other thread) to
+    journal one `ping` as done with its response, durably: the same StateStore, rows and fsync as the agent's
+    short path, committed on the calling thread. The floor under the agent's `ping` p50 minus the baseline's,
+    next to the target's allowance (one fsync + 0.15 ms)."""
+    import threading
+
+    from agent.protocol import Inbound, Response
+    from agent.state.store import OutMessage, StateStore
+
+    store = StateStore(directory / "store-floor")
+    response = Response.ok({"device_id": "bench", "uptime_s": 1.0, "version": "bench", "echo": "bench"})
+    times: list[float] = []
+    errors: list[BaseException] = []
+    try:
+        for i in range(warmup + n):
+            done = threading.Event()
+            msg = Inbound(f"command///req/f{i}/ping", PAYLOAD, received_wall=time.time())
+            reply = [OutMessage(f"command///res/f{i}/200", response.body)]
+            def produce(reply: list[OutMessage] = reply) -> tuple[Response, list[OutMessage]]:
+                return response, reply
+
+            def committed(outcome: Any, done: threading.Event = done) -> None:
+                if outcome.error is not None:
+                    errors.append(outcome.error)
+                done.set()
+
+            t0 = time.perf_counter()
+            store.add_done(f"f{i}", msg, produce, answer=lambda record: [], then=committed, lead=True)
+            if not done.wait(10.0) or errors:
+                raise RuntimeError(f"the state store did not commit within 10 s: {errors[:1]}")
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+            time.sleep(0.0005)  # commands one at a time, as the sequential pings are
+    finally:
+        store.close()
+        shutil.rmtree(directory / "store-floor", ignore_errors=True)
     return percentile(times, 50)
 
 
@@ -277,12 +319,17 @@ def targets(results: dict[str, Any], fsync_s: float) -> dict[str, tuple[str, boo
 
 
 def table(results: dict[str, Any], fsync_s: float, fsync_append_s: float, counts: dict[str, int],
-          judged: bool = True) -> str:
+          judged: bool = True, store_s: float | None = None) -> str:
     whos = [w for w in results if w != "baseline"]
     goals = targets(results, fsync_s)
     lines = [f"Disk fsync latency in the state dir's file system (4 KiB + fdatasync, median of 200): "
-             f"{fsync_s * 1000:.3f} ms rewriting in place, {fsync_append_s * 1000:.3f} ms appending",
-             "", "| figure | " + " | ".join(whos) + " | baseline | target (agent) |",
+             f"{fsync_s * 1000:.3f} ms rewriting in place, {fsync_append_s * 1000:.3f} ms appending"]
+    if store_s is not None:
+        lines.append("")
+        lines.append(f"The state store alone (no network, no dispatcher, one thread: one `ping` journalled as done "
+                     f"with its response, durably; median of {counts['store']}): {store_s * 1000:.3f} ms, against "
+                     f"the `ping` target's allowance over the baseline of {fsync_s * 1000 + 0.15:.3f} ms")
+    lines += ["", "| figure | " + " | ".join(whos) + " | baseline | target (agent) |",
              "| --- |" + " ---: |" * (len(whos) + 1) + " --- |"]
 
     def row(name: str, fn: Callable[[dict[str, Any]], str], base: str = "", goal: str = "") -> None:
@@ -352,8 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     befores = [b for b in (args.before if args.before is not None else [BEFORE_REF]) if b]
     rounds = args.rounds or (1 if args.quick else 3)
-    counts = ({"warmup": 20, "iso": 30, "w64": 200, "idle": 2, "pings": 50, "throughput": 300} if args.quick else
-              {"warmup": 200, "iso": 300, "w64": 3000, "idle": 10, "pings": 1000, "throughput": 5000})
+    counts = ({"warmup": 20, "iso": 30, "w64": 200, "idle": 2, "pings": 50, "throughput": 300, "store": 50}
+              if args.quick else {"warmup": 200, "iso": 300, "w64": 3000, "idle": 10, "pings": 1000, "throughput": 5000,
+               "store": 500})
     workdir = Path(tempfile.mkdtemp(prefix="bench-state-"))  # on the same file system as /tmp here
     env = BenchEnv(workdir)
     results: dict[str, Any] = {}
@@ -364,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         loader.connect()
         fsync_s = fsync_latency(workdir)
         fsync_append_s = fsync_latency(workdir, append=True)
+        store_s = store_commit_latency(workdir, n=counts["store"])
         quiet = {"agent": {"log_level": "warning"}}
         cfg = env.agent_config("agent", broker, overrides=quiet)
         port = int(next(line for line in cfg.read_text().splitlines() if line.startswith("listen")).split(":")[-1]
@@ -401,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     judged = not args.quick
     text = (f"State-disk figures ({'quick' if args.quick else 'short'} run, {when}, "
             f"{time.monotonic() - started:.0f} s; `before REF` = the agent of that commit)\n\n"
-            + table(results, fsync_s, fsync_append_s, counts, judged))
+            + table(results, fsync_s, fsync_append_s, counts, judged, store_s))
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -409,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     goals = targets(results, fsync_s)
     out.with_suffix(".json").write_text(json.dumps({
         "counts": counts, "rounds": rounds, "judged": judged, "fsync_latency_s": fsync_s,
-        "fsync_append_latency_s": fsync_append_s,
+        "fsync_append_latency_s": fsync_append_s, "store_commit_latency_s": store_s,
         "targets": {k: {"target": t, "met": (m if judged else None)} for k, (t, m) in goals.items()},
         **results}, indent=1) + "\n")
     shutil.rmtree(workdir, ignore_errors=True)

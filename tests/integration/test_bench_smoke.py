@@ -95,6 +95,7 @@ def test_state_disk_quick_run_has_every_figure_for_agent_before_and_baseline(tmp
     md = out.with_suffix(".md").read_text()
     assert data["judged"] is False and data["rounds"] == 1
     assert 0 < data["fsync_latency_s"] < 10 and 0 < data["fsync_append_latency_s"] < 10
+    assert 0 < data["store_commit_latency_s"] < 10 and "The state store alone" in md  # the floor under ping's cost
     counts = data["counts"]
     for who in ("agent", "before HEAD", "baseline"):
         r = data[who]
